@@ -1,0 +1,27 @@
+# The two commands of the README. Each creates .venv on first use and installs gitseg into it.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The main job on the embedded default: synthetic data, prepared cache, data summary.
+demo: $(STAMP)
+	$(VENV)/bin/gitseg synth --out runs/demo/data --cases 10 --days 3 --size 128 --overwrite
+	$(VENV)/bin/gitseg prepare --data runs/demo/data --out runs/demo/cache --size 128 --folds 3
+	$(VENV)/bin/gitseg summary --cache runs/demo/cache
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_hausdorff.py
+	$(VENV)/bin/python benchmarks/bench_loader.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from gitseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""The `gitseg` command line: thin handlers over library functions.
+
+Heavy imports (torch, ray) happen inside the subcommand that needs them, so `gitseg --help` and
+the data commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _progress(label: str):
+    """A progress callback: one updating line on a terminal, about ten lines in a log file."""
+    tty = sys.stderr.isatty()
+
+    def report(done: int, total: int) -> None:
+        if tty:
+            print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+    return report
+
+
+def cmd_synth(args) -> None:
+    from gitseg.data.synth import write_dataset
+
+    summary = write_dataset(args.out, cases=args.cases, days=args.days, slices=args.slices, size=args.size,
+                            seed=args.seed, test_cases=args.test_cases, workers=args.workers,
+                            overwrite=args.overwrite, progress=_progress("synth: case-days"))
+    print(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
+          f"case-days ({summary['train_slices']} labelled slices; sizes {', '.join(summary['sizes'])}) to {args.out}")
+
+
+def cmd_prepare(args) -> None:
+    from gitseg.data.cache import prepare, split_summary
+    from gitseg.tables import format_table
+
+    manifest = prepare(args.data, args.out, size=args.size, folds=args.folds, holdout=args.holdout,
+                       seed=args.seed, skip_bad=args.skip_bad, workers=args.workers,
+                       progress=_progress("prepare: case-days"))
+    print(format_table(split_summary(manifest)))
+    print(f"prepare: cache ready in {args.out}")
+
+
+def cmd_summary(args) -> None:
+    from gitseg.data.cache import split_summary
+    from gitseg.data.dataset import Cache
+    from gitseg.tables import format_table
+
+    cache = Cache(args.cache)
+    print(f"cache {args.cache}: {cache.size} px, {cache.manifest['folds']} folds, source {cache.manifest['source']}")
+    print(format_table(split_summary(cache.manifest)))
+    if cache.manifest.get("skipped"):
+        print(f"skipped case-days: {', '.join(cache.manifest['skipped'])}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gitseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic data set in the UWMGI format")
+    p.add_argument("--out", required=True, help="folder to write (train.csv, train/, test/)")
+    p.add_argument("--cases", type=int, default=8, help="labelled cases (default 8)")
+    p.add_argument("--days", type=int, default=3, help="scan days per case (default 3)")
+    p.add_argument("--slices", type=int, default=None, help="slices per scan (default: 144, or 80 for 276 px scans)")
+    p.add_argument("--size", type=int, default=None, help="longer image side in px (default: the real sizes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-cases", type=int, default=1, help="unlabelled cases under test/ (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="build the volume cache, folds and holdout from a UWMGI root")
+    p.add_argument("--data", required=True, help="UWMGI root: the folder holding train.csv and train/")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--size", type=int, default=256, help="square network input size in px (default 256)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--holdout", type=float, default=0.15, help="fraction of cases held out (default 0.15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="leave out case-days with bad files instead of stopping")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("summary", help="print the splits and class frequencies of a cache")
+    p.add_argument("--cache", required=True)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from gitseg.data.uwmgi import DataFormatError
+
+    try:
+        args.func(args)
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"gitseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

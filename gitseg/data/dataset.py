@@ -1,0 +1,147 @@
+"""Reading the volume cache: 2.5D training samples and whole validation volumes.
+
+A 2.5D sample stacks `channels` slices around slice z, `stride` apart, as input channels
+(stride 2 is common: neighbouring 3 mm slices are nearly identical). At the volume ends the
+window is clamped, so every slice of a volume yields exactly one sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gitseg.data.cache import MANIFEST, unpack_masks
+
+
+def window_indices(depth: int, channels: int, stride: int) -> np.ndarray:
+    """Slice indices `(depth, channels)` of the 2.5D window around every slice, clamped to the volume."""
+    if channels < 1 or channels % 2 == 0:
+        raise ValueError(f"2.5D channels must be odd and at least 1 (got {channels}): the window is centred on a slice")
+    if stride < 1:
+        raise ValueError(f"2.5D stride must be at least 1 (got {stride})")
+    offsets = (np.arange(channels) - channels // 2) * stride
+    return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
+
+
+class Cache:
+    """A prepared cache folder: its manifest and memory-mapped arrays."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {MANIFEST} in {self.root}; build the cache with `gitseg prepare --data ROOT --out {self.root}`")
+        self.manifest = json.loads(path.read_text())
+        self.size = int(self.manifest["size"])
+        self.entries = {e["case_day"]: e for e in self.manifest["entries"]}
+        self._open: dict[str, tuple] = {}
+
+    def case_days(self, folds=None, holdout: bool = False) -> list[str]:
+        """Case-days of the given folds (all folds when None), or of the holdout."""
+        if holdout:
+            return [cd for cd, e in self.entries.items() if e["holdout"]]
+        return [cd for cd, e in self.entries.items()
+                if not e["holdout"] and (folds is None or e["fold"] in set(folds))]
+
+    def _arrays(self, case_day: str):
+        # Opened lazily per process: memmaps do not survive pickling into DataLoader workers.
+        if case_day not in self._open:
+            files = self.entries[case_day]["files"]
+            volumes = self.root / "volumes"
+            self._open[case_day] = (np.load(volumes / files["image"], mmap_mode="r"),
+                                    np.load(volumes / files["masks"], mmap_mode="r"))
+        return self._open[case_day]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def image(self, case_day: str) -> np.ndarray:
+        """float16 `(D, S, S)` memmap."""
+        return self._arrays(case_day)[0]
+
+    def masks(self, case_day: str, z=None) -> np.ndarray:
+        """bool `(3, D, S, S)`, or `(3, S, S)` for one slice z, at the cache size."""
+        packed = self._arrays(case_day)[1]
+        return unpack_masks(packed if z is None else packed[:, z], self.size)
+
+    def original_masks(self, case_day: str) -> np.ndarray:
+        """bool `(3, D, H, W)` at the original image size (for scoring at full resolution)."""
+        e = self.entries[case_day]
+        packed = np.load(self.root / "volumes" / e["files"]["orig"])
+        return unpack_masks(packed, e["width"])
+
+
+class SliceDataset(Dataset):
+    """2.5D training samples: image float32 `(C, S, S)`, masks float32 `(3, S, S)`.
+
+    `augment` is an albumentations transform applied identically to every channel and mask.
+    """
+
+    def __init__(self, cache: Cache, case_days: list[str], channels: int = 3, stride: int = 1, augment=None):
+        if not case_days:
+            raise ValueError("SliceDataset needs at least one case-day")
+        self.cache, self.augment = cache, augment
+        self.windows = {cd: window_indices(cache.entries[cd]["slices"], channels, stride) for cd in case_days}
+        self.items = [(cd, z) for cd in case_days for z in range(cache.entries[cd]["slices"])]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        case_day, z = self.items[index]
+        image = np.asarray(self.cache.image(case_day)[self.windows[case_day][z]], dtype=np.float32)  # (C, S, S)
+        masks = self.cache.masks(case_day, z)  # (3, S, S)
+        if self.augment is not None:
+            out = self.augment(image=image.transpose(1, 2, 0), mask=masks.transpose(1, 2, 0).astype(np.uint8))
+            image = np.ascontiguousarray(out["image"].transpose(2, 0, 1))
+            masks = out["mask"].transpose(2, 0, 1)
+        return torch.from_numpy(image), torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))
+
+
+class VolumeDataset(Dataset):
+    """Whole volumes in slice order for validation: one item per case-day.
+
+    Yields `case_day`, image float32 `(D, C, S, S)` and masks bool `(3, D, S, S)`.
+    """
+
+    def __init__(self, cache: Cache, case_days: list[str], channels: int = 3, stride: int = 1):
+        self.cache, self.case_days = cache, list(case_days)
+        self.channels, self.stride = channels, stride
+        window_indices(1, channels, stride)  # validate up front
+
+    def __len__(self) -> int:
+        return len(self.case_days)
+
+    def __getitem__(self, index: int):
+        case_day = self.case_days[index]
+        volume = np.asarray(self.cache.image(case_day), dtype=np.float32)
+        windows = window_indices(len(volume), self.channels, self.stride)
+        return case_day, volume[windows], self.cache.masks(case_day)
+
+
+def build_augment(strength: float):
+    """Albumentations pipeline for training; strength 0 means none, 1 the default amounts.
+
+    No vertical flips: abdominal anatomy has a fixed up-down orientation.
+    """
+    if strength < 0:
+        raise ValueError(f"augmentation strength must be >= 0 (got {strength})")
+    if strength == 0:
+        return None
+    import albumentations as A
+    import cv2
+
+    s = float(strength)
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.0625 * s, 0.0625 * s),
+                 rotate=(-15 * s, 15 * s), border_mode=cv2.BORDER_CONSTANT, p=min(1.0, 0.5 * s)),
+        A.RandomBrightnessContrast(brightness_limit=0.15 * s, contrast_limit=0.15 * s, p=min(1.0, 0.5 * s)),
+    ])

@@ -1,0 +1,362 @@
+"""Synthetic abdominal MRI phantoms written in the exact UWMGI on-disk format.
+
+The real data cannot be downloaded here, so this is gitseg's embedded default. Each case has its
+own 3D anatomy (body outline, liver and kidneys as distractors of similar brightness, stomach as a
+deformed ellipsoid in the upper left, large bowel as a thick tube framing the abdomen, small bowel
+as thin tortuous tubes in the centre); each scan day deforms it a little. Scans get the real
+data's acquisition quirks: a gain from a few hundred to about 15,000, a smooth bias field and
+Rician noise. Organs are laid out in millimetres, so `size` only changes the pixel spacing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.interpolate import CubicSpline
+
+from gitseg.data.uwmgi import CLASSES, SLICE_THICKNESS_MM, case_day_name, rle_encode, slice_file_name, slice_id
+
+# (width, height, pixel spacing mm, slices, number of case-days in the real training set)
+REAL_SCANS = (
+    (266, 266, 1.50, 144, 180),
+    (360, 310, 1.50, 144, 78),
+    (276, 276, 1.63, 80, 15),
+    (234, 234, 1.50, 144, 1),
+)
+
+# Slice ranges of each organ as fractions of the scan, chosen so that the empty-slice share and
+# the per-class frequencies come out near the real data's (56.9% empty; 36.6/29.1/22.4%).
+Z_RANGE = {"stomach": (0.20, 0.43), "large_bowel": (0.27, 0.64), "small_bowel": (0.37, 0.66)}
+
+TISSUE = {  # relative intensity before gain and bias; distractors sit close to the organs
+    "body": 0.33, "fat": 0.55, "liver": 0.50, "kidney": 0.72, "spine": 0.18,
+    "large_bowel": 0.56, "small_bowel": 0.74, "stomach": 0.86,
+}
+
+
+@dataclasses.dataclass
+class ScanGeometry:
+    width: int
+    height: int
+    spacing: float  # in-plane pixel spacing, mm
+    slices: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.slices, self.height, self.width
+
+
+def scale_geometry(width: int, height: int, spacing: float, slices: int, size: int | None,
+                   n_slices: int | None) -> ScanGeometry:
+    """Scale a real scan size so that its longer side is `size` px, keeping the field of view."""
+    if size is not None:
+        factor = size / max(width, height)
+        width, height = max(8, round(width * factor)), max(8, round(height * factor))
+        spacing = round(spacing / factor, 2)
+    return ScanGeometry(width, height, spacing, n_slices or slices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Anatomy: plain dicts of numbers in mm (x: left→right columns, y: anterior→posterior rows,
+# z: fraction of the scan from its first slice).
+
+
+def sample_case(rng: np.random.Generator) -> dict:
+    """Random anatomy of one case."""
+    ax, ay = rng.uniform(135, 170), rng.uniform(100, 125)
+    n_small = int(rng.integers(6, 11))
+    return {
+        "body": (ax, ay),
+        "liver": (rng.uniform(55, 80), rng.uniform(-25, 0), rng.uniform(70, 85), rng.uniform(55, 70)),
+        "kidney": (rng.uniform(55, 70), rng.uniform(35, 50), rng.uniform(24, 30), rng.uniform(30, 38)),
+        "stomach": {
+            "centre": (rng.uniform(-75, -50), rng.uniform(-50, -30)),
+            "axes": (rng.uniform(35, 50), rng.uniform(28, 40)),
+            "harmonics": rng.uniform(0.05, 0.18, size=2), "phases": rng.uniform(0, 2 * np.pi, size=2),
+        },
+        "large_bowel": {
+            "radius": rng.uniform(13, 18),
+            # caecum, ascending, hepatic flexure, transverse, splenic flexure, descending, sigmoid
+            "points": np.array([
+                [0.95, 35, -95], [0.55, 20, -105], [0.08, -15, -85], [0.02, -45, -10],
+                [0.0, -40, 85], [0.45, 5, 100], [0.92, 25, 90], [1.0, 45, 20],
+            ]) + rng.normal(0, [0.03, 6, 6], size=(8, 3)),
+        },
+        "small_bowel": [
+            {"radius": rng.uniform(6.5, 9.5),
+             "points": np.column_stack([rng.uniform(0, 1, 6), rng.uniform(-35, 45, 6), rng.uniform(-65, 65, 6)])}
+            for _ in range(n_small)
+        ],
+        "z_shift": rng.uniform(-0.03, 0.03),
+        # each organ's slice range varies between cases (edges moved by a few slices)
+        "z_range": {organ: tuple(np.clip(np.asarray(r) + rng.normal(0, 0.025, 2), 0.05, 0.9))
+                    for organ, r in Z_RANGE.items()},
+    }
+
+
+def deform_for_day(case: dict, rng: np.random.Generator) -> dict:
+    """The same anatomy on another scan day: shifted, refilled, bowel loops moved a little."""
+    day = {k: v for k, v in case.items()}
+    shift = rng.normal(0, 5, size=2)
+    stomach = dict(case["stomach"])
+    stomach["centre"] = tuple(np.asarray(stomach["centre"]) + shift + rng.normal(0, 4, 2))
+    stomach["axes"] = tuple(np.asarray(stomach["axes"]) * rng.uniform(0.85, 1.15))
+    stomach["phases"] = stomach["phases"] + rng.normal(0, 0.3, 2)
+    day["stomach"] = stomach
+    lb = dict(case["large_bowel"])
+    lb["points"] = lb["points"] + rng.normal(0, [0.01, 4, 4], size=lb["points"].shape)
+    lb["points"][:, 1:] += shift
+    day["large_bowel"] = lb
+    day["small_bowel"] = [
+        {"radius": t["radius"], "points": t["points"] + rng.normal(0, [0.03, 6, 6], size=t["points"].shape)}
+        for t in case["small_bowel"]
+    ]
+    day["z_shift"] = case["z_shift"] + rng.uniform(-0.015, 0.015)
+    return day
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+class _Grid:
+    """Voxel centres of a scan in mm (x, y) and scan fraction (z), broadcastable."""
+
+    def __init__(self, geo: ScanGeometry):
+        d, h, w = geo.shape
+        self.geo = geo
+        self.z = ((np.arange(d) + 0.5) / d)[:, None, None]
+        self.y = ((np.arange(h) - (h - 1) / 2) * geo.spacing)[None, :, None]
+        self.x = ((np.arange(w) - (w - 1) / 2) * geo.spacing)[None, None, :]
+        self.z_mm_per_fraction = d * SLICE_THICKNESS_MM
+
+
+def _z_window(z, lo, hi, shift):
+    """Half-ellipse profile in [0, 1] over a slice range, 0 outside it."""
+    centre, half = (lo + hi) / 2 + shift, (hi - lo) / 2
+    t = (z - centre) / half
+    return np.sqrt(np.clip(1 - t**2, 0, None))
+
+
+def _ellipsoid(grid: _Grid, cx, cy, rx, ry, z_lo, z_hi, shift=0.0):
+    prof = _z_window(grid.z, z_lo, z_hi, shift)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((grid.x - cx) / rx) ** 2 + ((grid.y - cy) / ry) ** 2 < prof**2
+
+
+def _tube(grid: _Grid, points: np.ndarray, radius_mm: float, z_lo: float, z_hi: float, shift: float):
+    """Mask of a tube of `radius_mm` along a smooth curve through `points` (z fraction, y, x).
+
+    z of the points is mapped into [z_lo, z_hi] so the tube never leaves its organ's slices.
+    """
+    d, h, w = grid.geo.shape
+    pts = np.asarray(points, dtype=np.float64).copy()
+    pts[:, 0] = z_lo + np.clip(pts[:, 0], 0, 1) * (z_hi - z_lo) + shift
+    t = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(pts * [grid.z_mm_per_fraction, 1, 1], axis=0), axis=1))])
+    spline = CubicSpline(t, pts, bc_type="natural")
+    step = 0.4 * min(grid.geo.spacing, SLICE_THICKNESS_MM)
+    samples = spline(np.arange(0, t[-1], step))
+    zi = np.round(samples[:, 0] * d - 0.5).astype(int)
+    yi = np.round(samples[:, 1] / grid.geo.spacing + (h - 1) / 2).astype(int)
+    xi = np.round(samples[:, 2] / grid.geo.spacing + (w - 1) / 2).astype(int)
+    # Keep the curve inside the organ's slices: the tube must not reach the volume ends.
+    z_min, z_max = int(np.ceil(z_lo * d)), int(np.floor(z_hi * d)) - 1
+    keep = (zi >= z_min) & (zi <= z_max) & (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    zi, yi, xi = zi[keep], yi[keep], xi[keep]
+    mask = np.zeros((d, h, w), dtype=bool)
+    if len(zi) == 0:
+        return mask
+    # Distance transform only over the bounding box of the curve, padded by the radius.
+    pad = np.ceil(radius_mm / np.array([SLICE_THICKNESS_MM, grid.geo.spacing, grid.geo.spacing])).astype(int) + 1
+    lo = np.maximum([zi.min(), yi.min(), xi.min()] - pad, [z_min, 0, 0])
+    hi = np.minimum([zi.max(), yi.max(), xi.max()] + pad + 1, [z_max + 1, h, w])
+    seeds = np.ones(tuple(hi - lo), dtype=bool)
+    seeds[zi - lo[0], yi - lo[1], xi - lo[2]] = False
+    dist = ndimage.distance_transform_edt(seeds, sampling=(SLICE_THICKNESS_MM, grid.geo.spacing, grid.geo.spacing))
+    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = dist <= radius_mm
+    return mask
+
+
+def _smooth_noise(rng, shape, cells=(6, 10, 10)) -> np.ndarray:
+    """Smooth random field of unit-ish amplitude, made at low resolution and upsampled."""
+    coarse = rng.normal(0, 1, size=tuple(max(2, min(c, s)) for c, s in zip(cells, shape)))
+    return ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1, mode="nearest")[
+        : shape[0], : shape[1], : shape[2]
+    ]
+
+
+def render_scan(anatomy: dict, geo: ScanGeometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One scan: image uint16 `(D, H, W)` and masks bool `(3, D, H, W)` in CLASSES order."""
+    grid = _Grid(geo)
+    shift = anatomy["z_shift"]
+    d, h, w = geo.shape
+    ax, ay = anatomy["body"]
+    wobble = 1 + 0.04 * np.sin(2 * np.pi * grid.z * 1.3 + ax)
+    body = (grid.x / (ax * wobble)) ** 2 + (grid.y / (ay * wobble)) ** 2 < 1
+    inner = (grid.x / (ax * wobble - 14)) ** 2 + (grid.y / (ay * wobble - 12)) ** 2 < 1
+
+    lx, ly, lrx, lry = anatomy["liver"]
+    liver = _ellipsoid(grid, lx, ly, lrx, lry, 0.0, 0.36, shift) & inner
+    kx, ky, krx, kry = anatomy["kidney"]
+    kidneys = (_ellipsoid(grid, kx, ky, krx, kry, 0.30, 0.56, shift)
+               | _ellipsoid(grid, -kx, ky, krx, kry, 0.32, 0.58, shift))
+    spine = (grid.x / 17) ** 2 + ((grid.y - ay * 0.6) / 17) ** 2 < 1 + 0 * grid.z
+
+    st = anatomy["stomach"]
+    theta = np.arctan2(grid.y - st["centre"][1], grid.x - st["centre"][0])
+    bumps = 1 + sum(a * np.cos((k + 2) * theta - p) for k, (a, p) in enumerate(zip(st["harmonics"], st["phases"])))
+    z_range = anatomy["z_range"]
+    z_lo, z_hi = z_range["stomach"]
+    prof = _z_window(grid.z, z_lo, z_hi, shift) * bumps
+    stomach = (((grid.x - st["centre"][0]) / st["axes"][0]) ** 2
+               + ((grid.y - st["centre"][1]) / st["axes"][1]) ** 2) < prof**2
+    lb = _tube(grid, anatomy["large_bowel"]["points"], anatomy["large_bowel"]["radius"], *z_range["large_bowel"], shift)
+    sb = np.zeros_like(lb)
+    for loop in anatomy["small_bowel"]:
+        sb |= _tube(grid, loop["points"], loop["radius"], *z_range["small_bowel"], shift)
+    masks = np.stack([lb & body, sb & body, stomach & body])
+
+    tissue = np.where(body, TISSUE["fat"], 0.0).astype(np.float32)
+    tissue[inner] = TISSUE["body"]
+    for name, region in (("liver", liver), ("kidney", kidneys), ("spine", spine & inner),
+                         ("small_bowel", masks[1]), ("large_bowel", masks[0]), ("stomach", masks[2])):
+        tissue[region] = TISSUE[name]
+    texture = 1 + 0.12 * _smooth_noise(rng, tissue.shape, (max(2, d // 4), 24, 24))
+    tissue *= texture.astype(np.float32)
+
+    # Acquisition: smooth bias field, a gain spanning the real range, Rician noise.
+    u = (grid.x / (w * geo.spacing / 2)).astype(np.float32)
+    v = (grid.y / (h * geo.spacing / 2)).astype(np.float32)
+    c = rng.normal(0, 0.18, size=5)
+    bias = np.exp(c[0] * u + c[1] * v + c[2] * u * v + c[3] * u**2 + c[4] * (grid.z - 0.5)).astype(np.float32)
+    gain = float(np.exp(rng.uniform(np.log(300), np.log(15000))))
+    sigma = rng.uniform(0.01, 0.035) * gain
+    signal = tissue * bias * gain
+    noisy = np.sqrt((signal + rng.normal(0, sigma, signal.shape).astype(np.float32)) ** 2
+                    + rng.normal(0, sigma, signal.shape).astype(np.float32) ** 2)
+    image = np.clip(np.round(noisy), 0, 65535).astype(np.uint16)
+    return image, masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the data set
+
+
+@dataclasses.dataclass
+class _Job:
+    split: str
+    case: int
+    day: int
+    case_index: int
+    day_index: int
+    geo: ScanGeometry
+    seed: int
+
+
+def _write_scan(out: Path, job: _Job) -> list[tuple[str, str, str]]:
+    """Render and write one case-day; returns its train.csv rows (none for the test split)."""
+    case_rng = np.random.default_rng([job.seed, job.case_index])
+    anatomy = sample_case(case_rng)
+    day_rng = np.random.default_rng([job.seed, job.case_index, job.day_index + 1])
+    if job.day_index > 0:
+        anatomy = deform_for_day(anatomy, day_rng)
+    image, masks = render_scan(anatomy, job.geo, day_rng)
+    import cv2
+
+    case_day = case_day_name(job.case, job.day)
+    scans = out / job.split / f"case{job.case}" / case_day / "scans"
+    scans.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for z in range(job.geo.slices):
+        name = slice_file_name(z + 1, job.geo.height, job.geo.width, job.geo.spacing)
+        if not cv2.imwrite(str(scans / name), image[z]):
+            raise OSError(f"could not write {scans / name}")
+        for c, cls in enumerate(CLASSES):
+            rows.append((slice_id(case_day, z + 1), cls, rle_encode(masks[c, z])))
+    return rows if job.split == "train" else []
+
+
+def plan_dataset(cases: int, days: int, slices: int | None, size: int | None, seed: int,
+                 test_cases: int) -> list[_Job]:
+    """Case and day numbers as in the real data (not zero-padded, sparse), and a scan size per case."""
+    if cases < 1 or days < 1:
+        raise ValueError("synth needs at least one case and one day per case")
+    if test_cases < 0:
+        raise ValueError("test_cases must be 0 or more")
+    if slices is not None and slices < 8:
+        raise ValueError(f"slices must be at least 8 (got {slices})")
+    if size is not None and size < 16:
+        raise ValueError(f"size must be at least 16 px (got {size})")
+    rng = np.random.default_rng(seed)
+    total = cases + test_cases
+    numbers = np.sort(rng.choice(np.arange(2, max(160, 2 * total + 2)), size=total, replace=False))
+    weights = np.array([s[4] for s in REAL_SCANS], dtype=float)
+    jobs = []
+    for index, case in enumerate(numbers):
+        w, h, sp, sl, _ = REAL_SCANS[rng.choice(len(REAL_SCANS), p=weights / weights.sum())]
+        geo = scale_geometry(w, h, sp, sl, size, slices)
+        day_numbers = np.sort(rng.choice(np.arange(0, max(41, 2 * days)), size=days, replace=False))
+        split = "train" if index < cases else "test"
+        for day_index, day in enumerate(day_numbers):
+            jobs.append(_Job(split, int(case), int(day), index, day_index, geo, seed))
+    return jobs
+
+
+def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None, size: int | None = None,
+                  seed: int = 0, test_cases: int = 1, workers: int | None = None, overwrite: bool = False,
+                  progress=None) -> dict:
+    """Write a synthetic UWMGI tree under `out` and return a short summary.
+
+    `size` scales every scan so its longer side is `size` px (None: real sizes); `slices` fixes
+    the slice count (None: 144, or 80 for the 276 px scans). Deterministic for a seed.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; choose another --out or pass --overwrite")
+        for name in ("train", "test", "train.csv", "sample_submission.csv"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_dataset(cases, days, slices, size, seed, test_cases)
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    rows: list[tuple[str, str, str]] = []
+    if workers <= 1:
+        results = (_write_scan(out, job) for job in jobs)
+        for i, result in enumerate(results):
+            rows += result
+            if progress:
+                progress(i + 1, len(jobs))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for i, result in enumerate(pool.map(_write_scan, [out] * len(jobs), jobs)):
+                rows += result
+                if progress:
+                    progress(i + 1, len(jobs))
+    # train.csv last and atomically: a tree without it is visibly unfinished.
+    tmp = out / "train.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "class", "segmentation"])
+        writer.writerows(rows)
+    os.replace(tmp, out / "train.csv")
+    with open(out / "sample_submission.csv", "w") as f:
+        f.write("id,class,predicted\n")
+    train = [j for j in jobs if j.split == "train"]
+    return {
+        "root": str(out),
+        "train_case_days": len(train),
+        "test_case_days": len(jobs) - len(train),
+        "train_slices": sum(j.geo.slices for j in train),
+        "sizes": sorted({f"{j.geo.width}x{j.geo.height}@{j.geo.spacing:.2f}mm" for j in jobs}),
+    }

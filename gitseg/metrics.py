@@ -1,0 +1,225 @@
+"""The competition metric and clinical distances: pure functions, numpy/scipy in, floats out.
+
+This is the only implementation of the score in gitseg (training validation, search, ensemble
+tuning and reports all call it). Definitions: ../shared/DATA.md.
+
+  score = 0.4 * Dice + 0.6 * (1 - Hausdorff)
+
+Dice is per (slice, class) row, rows where both masks are empty skipped. Hausdorff is per
+(case-day, class) 3D volume, both empty skipped, exactly one empty = 1.
+
+Hausdorff is exact (every foreground voxel counts, not only surfaces) yet far cheaper than comparing
+all pairs of points: only voxels of one mask outside the other can be far from it, and their
+nearest neighbour in the other mask is always one of its boundary voxels (see `_boundary_points`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+HAUSDORFF_VARIANTS = ("kaggle", "diagonal")
+DICE_WEIGHT, HAUSDORFF_WEIGHT = 0.4, 0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# Dice: counts first, then the formula (counts can be summed across ranks before dividing).
+
+
+def dice_counts(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Per-slice counts `(D, 3)`: |P∩G|, |P|, |G| for bool volumes `(D, H, W)`."""
+    pred, gt = _check_pair(pred, gt)
+    flat_p = pred.reshape(len(pred), -1)
+    flat_g = gt.reshape(len(gt), -1)
+    return np.stack(
+        [np.count_nonzero(flat_p & flat_g, axis=1), np.count_nonzero(flat_p, axis=1),
+         np.count_nonzero(flat_g, axis=1)],
+        axis=1,
+    ).astype(np.int64)
+
+
+def dice_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Dice per row of `(..., 3)` counts; NaN where both masks are empty (row skipped)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    inter, p, g = counts[..., 0], counts[..., 1], counts[..., 2]
+    denom = p + g
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2.0 * inter / denom, np.nan)
+
+
+def dice_per_slice(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Dice per slice `(D,)` of bool volumes `(D, H, W)`; NaN where both slices are empty."""
+    return dice_from_counts(dice_counts(pred, gt))
+
+
+def dice_3d(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of whole volumes (clinical reporting); NaN when both are empty."""
+    return float(dice_from_counts(dice_counts(pred, gt).sum(axis=0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hausdorff
+
+
+def _check_pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    if pred.ndim != 3:
+        raise ValueError(f"expected (D, H, W) volumes, got shape {pred.shape}")
+    return pred.astype(bool, copy=False), gt.astype(bool, copy=False)
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(i for i in range(mask.ndim) if i != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+_SIX_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
+
+
+def _boundary_points(mask: np.ndarray) -> np.ndarray:
+    """Coordinates `(N, 3)` of the voxels of a non-empty mask that have a 6-neighbour outside it.
+
+    For a point outside the mask, the nearest mask voxel is always one of these: from an
+    interior voxel, one step towards the point along an axis stays in the mask and gets closer.
+    """
+    box = _bbox(mask)
+    crop = mask[box]
+    interior = ndimage.binary_erosion(crop, _SIX_NEIGHBOURS, border_value=0)
+    return np.argwhere(crop & ~interior) + np.array([b.start for b in box])
+
+
+def directed_distances(src: np.ndarray, dst: np.ndarray, sampling) -> np.ndarray:
+    """Distance from each voxel of `src` to the nearest voxel of `dst` (in no particular order).
+
+    Both masks non-empty; `sampling` scales each axis. Exact: a k-d tree over the boundary
+    voxels of `dst`, queried only with the `src` voxels outside `dst` (the others are at 0).
+    """
+    box = _bbox(src)
+    offset = np.array([b.start for b in box])
+    src_crop = src[box]
+    outside = np.argwhere(src_crop & ~dst[box]) + offset
+    n_inside = int(np.count_nonzero(src_crop)) - len(outside)
+    if len(outside) == 0:
+        return np.zeros(n_inside)
+    scale = np.asarray(sampling, dtype=np.float64)
+    tree = cKDTree(_boundary_points(dst) * scale)
+    return np.concatenate([tree.query(outside * scale, k=1)[0], np.zeros(n_inside)])
+
+
+def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle") -> float:
+    """Normalised 3D Hausdorff distance of bool volumes `(D, H, W)`, in [0, 1].
+
+    variant "kaggle": coordinates divided by the shape (unit cube), symmetric, divided by √3.
+    variant "diagonal": directed prediction → ground truth in voxels, divided by the volume
+    diagonal and capped at 1 (the convention of many public notebooks).
+    NaN when both are empty, 1.0 when exactly one is.
+    """
+    if variant not in HAUSDORFF_VARIANTS:
+        raise ValueError(f"unknown Hausdorff variant {variant!r}; choose one of {HAUSDORFF_VARIANTS}")
+    pred, gt = _check_pair(pred, gt)
+    has_p, has_g = pred.any(), gt.any()
+    if not has_p and not has_g:
+        return math.nan
+    if not (has_p and has_g):
+        return 1.0
+    shape = np.asarray(pred.shape, dtype=np.float64)
+    if variant == "kaggle":
+        sampling = 1.0 / shape
+        d = max(directed_distances(pred, gt, sampling).max(), directed_distances(gt, pred, sampling).max())
+        return float(d / math.sqrt(3.0))
+    d = directed_distances(pred, gt, (1.0, 1.0, 1.0)).max()
+    return float(min(d / math.sqrt(float((shape**2).sum())), 1.0))
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Surface-to-surface distances in mm: (pred surface → gt surface, gt surface → pred surface)."""
+    pred, gt = _check_pair(pred, gt)
+    surf_p = pred & ~ndimage.binary_erosion(pred, _SIX_NEIGHBOURS, border_value=0)
+    surf_g = gt & ~ndimage.binary_erosion(gt, _SIX_NEIGHBOURS, border_value=0)
+    return (directed_distances(surf_p, surf_g, spacing), directed_distances(surf_g, surf_p, spacing))
+
+
+def hd95_mm(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
+    """95th percentile of the symmetric surface distances in mm; NaN both empty, inf one empty."""
+    pred, gt = _check_pair(pred, gt)
+    if not pred.any() and not gt.any():
+        return math.nan
+    if not (pred.any() and gt.any()):
+        return math.inf
+    a, b = surface_distances(pred, gt, spacing)
+    return float(np.percentile(np.concatenate([a, b]), 95))
+
+
+def assd_mm(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
+    """Average symmetric surface distance in mm; NaN both empty, inf one empty."""
+    pred, gt = _check_pair(pred, gt)
+    if not pred.any() and not gt.any():
+        return math.nan
+    if not (pred.any() and gt.any()):
+        return math.inf
+    a, b = surface_distances(pred, gt, spacing)
+    return float(np.concatenate([a, b]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The competition score
+
+
+def combine(dice: float, hausdorff: float) -> float:
+    return DICE_WEIGHT * dice + HAUSDORFF_WEIGHT * (1.0 - hausdorff)
+
+
+def _mean_or(values, default: float) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else default
+
+
+def score_terms(dice_rows: np.ndarray, hausdorff_rows) -> dict:
+    """Mean Dice over (slice, class) rows and mean Hausdorff over (volume, class) pairs.
+
+    When every row is skipped (both masks empty everywhere) the prediction is perfect:
+    Dice 1 and Hausdorff 0.
+    """
+    dice = _mean_or(dice_rows, 1.0)
+    hausdorff = _mean_or(hausdorff_rows, 0.0)
+    return {"dice": dice, "hausdorff": hausdorff, "score": combine(dice, hausdorff)}
+
+
+def competition_score(preds: Mapping, gts: Mapping, variant: str = "kaggle",
+                      classes=None) -> dict:
+    """Competition score over `{(case_day, class): bool (D, H, W)}` mappings with equal keys.
+
+    Returns dice, hausdorff, score, the Hausdorff variant, and per class `dice/<class>`,
+    `hausdorff/<class>`, `score/<class>`.
+    """
+    if set(preds) != set(gts):
+        missing = sorted(set(gts) - set(preds))[:5]
+        extra = sorted(set(preds) - set(gts))[:5]
+        raise ValueError(f"prediction and ground-truth keys differ (missing {missing}, extra {extra})")
+    per_class_dice: dict = {}
+    per_class_hd: dict = {}
+    for key in sorted(gts, key=str):
+        cls = key[1] if isinstance(key, tuple) and len(key) > 1 else "all"
+        per_class_dice.setdefault(cls, []).append(dice_per_slice(preds[key], gts[key]))
+        per_class_hd.setdefault(cls, []).append(hausdorff_3d(preds[key], gts[key], variant))
+    all_dice = np.concatenate([np.concatenate(v) for v in per_class_dice.values()]) if gts else []
+    all_hd = [h for v in per_class_hd.values() for h in v]
+    result = score_terms(all_dice, all_hd)
+    result["variant"] = variant
+    for cls in (classes or per_class_dice):
+        terms = score_terms(np.concatenate(per_class_dice.get(cls, [np.array([])])),
+                            per_class_hd.get(cls, []))
+        for name in ("dice", "hausdorff", "score"):
+            result[f"{name}/{cls}"] = terms[name]
+    return result
