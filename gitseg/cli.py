@@ -55,6 +55,21 @@ def cmd_summary(args) -> None:
         print(f"skipped case-days: {', '.join(cache.manifest['skipped'])}")
 
 
+def cmd_train(args) -> None:
+    from gitseg.config import load_config
+    from gitseg.train import fit
+
+    overrides = list(args.set or [])
+    if args.fold is not None:
+        overrides.append(f"data.fold={args.fold}")
+    if args.out is not None:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(args.config, overrides)
+    best = fit(cfg)
+    print(f"train: best epoch {best['epoch'] + 1} score {best['score']:.4f} (dice {best['dice']:.4f}, "
+          f"hausdorff {best['hausdorff']:.4f}, {best['variant']} convention); checkpoints in {cfg.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print the splits and class frequencies of a cache")
     p.add_argument("--cache", required=True)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train one fold (the unit of work of every search trial)")
+    p.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
+    p.add_argument("--fold", type=int, default=None, help="validation fold (overrides data.fold)")
+    p.add_argument("--out", default=None, help="run folder (overrides out)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -94,7 +116,7 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
-    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as exc:
         print(f"gitseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

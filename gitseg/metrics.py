@@ -196,30 +196,43 @@ def score_terms(dice_rows: np.ndarray, hausdorff_rows) -> dict:
     return {"dice": dice, "hausdorff": hausdorff, "score": combine(dice, hausdorff)}
 
 
-def competition_score(preds: Mapping, gts: Mapping, variant: str = "kaggle",
-                      classes=None) -> dict:
-    """Competition score over `{(case_day, class): bool (D, H, W)}` mappings with equal keys.
+def volume_stats(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle") -> tuple[np.ndarray, float]:
+    """What one (case-day, class) volume contributes: per-slice Dice counts `(D, 3)` and its Hausdorff.
+
+    Plain numbers, so they can be gathered across processes and summarised once.
+    """
+    return dice_counts(pred, gt), hausdorff_3d(pred, gt, variant)
+
+
+def summarise(stats, variant: str = "kaggle", classes=None) -> dict:
+    """Competition score from `(class, dice counts (D, 3), hausdorff)` items, one per volume and class.
 
     Returns dice, hausdorff, score, the Hausdorff variant, and per class `dice/<class>`,
     `hausdorff/<class>`, `score/<class>`.
     """
+    dice_rows: dict = {}
+    hausdorff: dict = {}
+    for cls, counts, hd in stats:
+        dice_rows.setdefault(cls, []).append(dice_from_counts(counts))
+        hausdorff.setdefault(cls, []).append(hd)
+    flat = lambda groups: np.concatenate(groups) if groups else np.array([])
+    result = score_terms(flat([flat(v) for v in dice_rows.values()]), [h for v in hausdorff.values() for h in v])
+    result["variant"] = variant
+    for cls in classes or sorted(dice_rows):
+        terms = score_terms(flat(dice_rows.get(cls, [])), hausdorff.get(cls, []))
+        for name in ("dice", "hausdorff", "score"):
+            result[f"{name}/{cls}"] = terms[name]
+    return result
+
+
+def competition_score(preds: Mapping, gts: Mapping, variant: str = "kaggle", classes=None) -> dict:
+    """Competition score over `{(case_day, class): bool (D, H, W)}` mappings with equal keys."""
     if set(preds) != set(gts):
         missing = sorted(set(gts) - set(preds))[:5]
         extra = sorted(set(preds) - set(gts))[:5]
         raise ValueError(f"prediction and ground-truth keys differ (missing {missing}, extra {extra})")
-    per_class_dice: dict = {}
-    per_class_hd: dict = {}
+    stats = []
     for key in sorted(gts, key=str):
         cls = key[1] if isinstance(key, tuple) and len(key) > 1 else "all"
-        per_class_dice.setdefault(cls, []).append(dice_per_slice(preds[key], gts[key]))
-        per_class_hd.setdefault(cls, []).append(hausdorff_3d(preds[key], gts[key], variant))
-    all_dice = np.concatenate([np.concatenate(v) for v in per_class_dice.values()]) if gts else []
-    all_hd = [h for v in per_class_hd.values() for h in v]
-    result = score_terms(all_dice, all_hd)
-    result["variant"] = variant
-    for cls in (classes or per_class_dice):
-        terms = score_terms(np.concatenate(per_class_dice.get(cls, [np.array([])])),
-                            per_class_hd.get(cls, []))
-        for name in ("dice", "hausdorff", "score"):
-            result[f"{name}/{cls}"] = terms[name]
-    return result
+        stats.append((cls, *volume_stats(preds[key], gts[key], variant)))
+    return summarise(stats, variant, classes)

@@ -27,6 +27,24 @@ def cache_dir(synth_root, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def train_cache(synth_root, tmp_path_factory):
+    """The tiny data set prepared at 64 px (a multiple of 32, as the networks need)."""
+    out = tmp_path_factory.mktemp("cache64") / "cache"
+    prepare(synth_root, out, size=64, folds=2, holdout=0.2, seed=0, log=lambda *_: None)
+    return out
+
+
+def tiny_config(cache, out, **train):
+    """A fast training config: tiny timm test encoder, few steps."""
+    from gitseg.config import load_config
+
+    overrides = [f"data.cache={cache}", f"out={out}", "model.encoder=tu-test_resnet", "data.augment=0.5",
+                 "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=6", "train.lr=0.003"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(None, overrides)
+
+
 @pytest.fixture
 def synth_copy(synth_root, tmp_path):
     """A private copy of the tiny data set that a test may damage."""

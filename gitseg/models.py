@@ -1,0 +1,124 @@
+"""Building segmentation-models-pytorch models by name, validated up front.
+
+Every smp architecture with any smp encoder (native names or `tu-<timm name>`), in_channels
+from the 2.5D window, 3 sigmoid outputs (multi-label), and optionally smp's auxiliary
+classification head as an empty-slice gate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gitseg.config import ConfigError, ModelConfig
+
+NUM_CLASSES = 3
+ARCHITECTURES = ("Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "DeepLabV3",
+                 "DeepLabV3Plus", "PAN", "UPerNet", "Segformer", "DPT")
+
+
+def _smp():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import segmentation_models_pytorch as smp
+    return smp
+
+
+def encoder_names() -> list[str]:
+    return list(_smp().encoders.get_encoder_names())
+
+
+def check_model_names(cfg: ModelConfig) -> None:
+    """Unknown architecture or encoder names raise ConfigError listing the valid ones."""
+    if cfg.arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if cfg.encoder.startswith("tu-"):
+        import timm
+
+        if not timm.is_model(cfg.encoder[3:]):
+            close = timm.list_models(f"*{cfg.encoder[3:].split('_')[0]}*")[:10]
+            raise ConfigError(f"model.encoder: timm has no model {cfg.encoder[3:]!r} (similar: {', '.join(close) or 'none'})")
+    elif cfg.encoder not in encoder_names():
+        raise ConfigError(f"model.encoder: unknown encoder {cfg.encoder!r}; choose one of "
+                          f"{', '.join(encoder_names())}, or tu-<timm model name>")
+    if cfg.arch == "DPT" and not cfg.encoder.startswith("tu-"):
+        raise ConfigError("model.encoder: DPT needs a timm encoder (tu-<name>), e.g. tu-vit_base_patch16_224")
+
+
+def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    """The model; its forward returns mask logits `(N, 3, H, W)`, or (mask logits, gate logits `(N, 3)`)."""
+    check_model_names(cfg)
+    weights = cfg.encoder_weights
+    local = weights is not None and (Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")
+                                     or Path(weights).exists())
+    smp = _smp()
+    kwargs = dict(encoder_name=cfg.encoder, encoder_weights=None if local else weights,
+                  in_channels=in_channels, classes=NUM_CLASSES)
+    if cfg.gate:
+        kwargs["aux_params"] = dict(classes=NUM_CLASSES, dropout=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = getattr(smp, cfg.arch)(**kwargs)
+        except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder} cannot be built: {exc}") from None
+    if local:
+        load_encoder_weights(model, Path(weights))
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load a local encoder state dict (the encoder's own keys, or a full model's `encoder.` keys)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.encoder_weights: no file {path}; give a local weights file, a named "
+                                f"weight set, or null for random weights")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    if len(missing) > len(state) or not state:
+        raise ConfigError(f"model.encoder_weights: {path} does not fit encoder {type(model.encoder).__name__} "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+
+
+def split_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits, gate logits or None) from a model's forward output."""
+    if isinstance(output, (tuple, list)):
+        return output[0], output[1]
+    return output, None
+
+
+def check_input_size(model: nn.Module, in_channels: int, size: int, arch: str) -> None:
+    """One dry forward at the training size: catches sizes an architecture cannot take."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, _ = split_outputs(model(torch.zeros(1, in_channels, size, size)))
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"model: {arch} cannot take {size}x{size} inputs ({str(exc).splitlines()[0]}); "
+                          f"choose another architecture or prepare the cache at a larger --size (PAN needs at least 128)") from None
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape[-2:]) != (size, size):
+        raise ConfigError(f"model: {arch} returns {tuple(logits.shape[-2:])} for {size}x{size} inputs")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / torch.compile wrappers (for checkpoints)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

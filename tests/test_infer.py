@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from gitseg.config import ModelConfig
+from gitseg.data.dataset import window_indices
+from gitseg.infer import predict_volume
+from gitseg.models import build_model
+
+
+def manual_tta(model, volume, channels, stride):
+    """Slice by slice: predict, predict the flipped window and unflip, average the probabilities."""
+    model.eval()
+    vol = torch.from_numpy(volume.astype(np.float32))
+    out = []
+    with torch.no_grad():
+        for idx in window_indices(len(volume), channels, stride):
+            x = vol[idx][None]
+            p = torch.sigmoid(model(x))
+            q = torch.sigmoid(model(x.flip(-1))).flip(-1)
+            out.append(((p + q) / 2)[0])
+    return torch.stack(out, dim=1).numpy()  # (3, D, S, S)
+
+
+@pytest.fixture(scope="module")
+def model_and_volume():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="tu-test_resnet"), in_channels=3).eval()
+    volume = np.random.default_rng(0).random((11, 64, 64)).astype(np.float16)
+    return model, volume
+
+
+def test_fused_tta_equals_manual_flip_average(model_and_volume):
+    model, volume = model_and_volume
+    probs = predict_volume(model, volume, channels=3, stride=2, tta="hflip", batch_size=4)
+    assert probs.shape == (3, 11, 64, 64) and probs.dtype == np.float16
+    expected = manual_tta(model, volume, 3, 2)
+    assert np.abs(probs.astype(np.float32) - expected).max() < 2e-3  # float16 output
+
+
+def test_maps_back_to_the_original_size_and_weights_models(model_and_volume):
+    model, volume = model_and_volume
+    probs = predict_volume(model, volume, 3, 1, out_size=(83, 96), tta="none")
+    assert probs.shape == (3, 11, 83, 96) and 0 <= probs.min() and probs.max() <= 1
+    torch.manual_seed(1)
+    other = build_model(ModelConfig(encoder="tu-test_resnet"), in_channels=3).eval()
+    a = predict_volume(model, volume, 3, 1, tta="none").astype(np.float32)
+    b = predict_volume(other, volume, 3, 1, tta="none").astype(np.float32)
+    mix = predict_volume([model, other], volume, 3, 1, tta="none", weights=[3, 1]).astype(np.float32)
+    assert np.abs(mix - (3 * a + b) / 4).max() < 2e-3
+
+
+def test_unknown_tta_lists_choices(model_and_volume):
+    model, volume = model_and_volume
+    with pytest.raises(ValueError, match="choose one of none, hflip, flips"):
+        predict_volume(model, volume, 3, 1, tta="rot")

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from gitseg.config import ConfigError, LossTerm, ModelConfig
+from gitseg.losses import LOSSES, LossMix
+from gitseg.models import ARCHITECTURES, build_model, check_input_size, split_outputs
+
+# PAN's feature pyramid attention pools its 1/16 feature map three times: it needs >= 128 px.
+MIN_SIZE = {"PAN": 128}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_builds_and_runs(arch):
+    size = MIN_SIZE.get(arch, 64)
+    model = build_model(ModelConfig(arch=arch, encoder="tu-test_resnet", gate=True), in_channels=5)
+    model.eval()
+    with torch.no_grad():
+        logits, gate = split_outputs(model(torch.randn(2, 5, size, size)))
+    assert logits.shape == (2, 3, size, size) and gate.shape == (2, 3)
+    plain = build_model(ModelConfig(arch=arch, encoder="tu-test_resnet"), in_channels=3).eval()
+    with torch.no_grad():
+        logits, gate = split_outputs(plain(torch.randn(1, 3, size, size)))
+    assert logits.shape == (1, 3, size, size) and gate is None
+
+
+def test_native_smp_encoder_and_input_size_check():
+    model = build_model(ModelConfig(arch="Unet", encoder="resnet18"), in_channels=3)
+    check_input_size(model, 3, 64, "Unet")
+    pan = build_model(ModelConfig(arch="PAN", encoder="tu-test_resnet"), in_channels=3)
+    with pytest.raises(ConfigError, match="PAN cannot take 64x64"):
+        check_input_size(pan, 3, 64, "PAN")
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (ModelConfig(arch="UNet"), "unknown architecture 'UNet'; choose one of Unet, UnetPlusPlus"),
+    (ModelConfig(encoder="resnet19"), "unknown encoder 'resnet19'; choose one of .*resnet18"),
+    (ModelConfig(encoder="tu-not_a_model"), "timm has no model 'not_a_model'"),
+    (ModelConfig(arch="DPT", encoder="resnet18"), "DPT needs a timm encoder"),
+])
+def test_unknown_names_list_the_choices(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg, in_channels=3)
+
+
+def test_local_encoder_weights(tmp_path):
+    source = build_model(ModelConfig(encoder="tu-test_resnet"), in_channels=3)
+    torch.save(source.encoder.state_dict(), tmp_path / "enc.pt")
+    loaded = build_model(ModelConfig(encoder="tu-test_resnet", encoder_weights=str(tmp_path / "enc.pt")), 3)
+    for a, b in zip(source.encoder.state_dict().values(), loaded.encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        build_model(ModelConfig(encoder="tu-test_resnet", encoder_weights=str(tmp_path / "missing.pt")), 3)
+
+
+def test_loss_mix_is_the_weighted_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16)
+    targets = (torch.rand(2, 3, 16, 16) > 0.7).float()
+    mix = LossMix([LossTerm("bce", 0.3), LossTerm("dice", 0.7)])
+    total, parts = mix(logits, targets)
+    single = {name: LossMix([LossTerm(name, 1.0)])(logits, targets)[0] for name in ("bce", "dice")}
+    assert total.item() == pytest.approx(0.3 * single["bce"].item() + 0.7 * single["dice"].item(), rel=1e-6)
+    assert set(parts) == {"bce", "dice"}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_is_differentiable(name):
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    targets = (torch.rand(2, 3, 8, 8) > 0.5).float()
+    total, _ = LossMix([LossTerm(name, 1.0)])(logits, targets)
+    total.backward()
+    assert torch.isfinite(total) and logits.grad is not None
+
+
+def test_bad_loss_terms():
+    with pytest.raises(ConfigError, match="unknown loss 'dicee'; choose one of bce, dice"):
+        LossMix([LossTerm("dicee", 1.0)])
+    with pytest.raises(ConfigError, match="at least one term"):
+        LossMix([])
