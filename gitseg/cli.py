@@ -9,17 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _progress(label: str):
-    """A progress callback: one updating line on a terminal, about ten lines in a log file."""
-    tty = sys.stderr.isatty()
-
-    def report(done: int, total: int) -> None:
-        if tty:
-            print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif done == total or done % max(1, total // 10) == 0:
-            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
-    return report
+from gitseg.progress import counter
 
 
 def cmd_synth(args) -> None:
@@ -27,7 +17,7 @@ def cmd_synth(args) -> None:
 
     summary = write_dataset(args.out, cases=args.cases, days=args.days, slices=args.slices, size=args.size,
                             seed=args.seed, test_cases=args.test_cases, workers=args.workers,
-                            overwrite=args.overwrite, progress=_progress("synth: case-days"))
+                            overwrite=args.overwrite, progress=counter("synth: case-days"))
     print(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
           f"case-days ({summary['train_slices']} labelled slices; sizes {', '.join(summary['sizes'])}) to {args.out}")
 
@@ -38,7 +28,7 @@ def cmd_prepare(args) -> None:
 
     manifest = prepare(args.data, args.out, size=args.size, folds=args.folds, holdout=args.holdout,
                        seed=args.seed, skip_bad=args.skip_bad, workers=args.workers,
-                       progress=_progress("prepare: case-days"))
+                       progress=counter("prepare: case-days"))
     print(format_table(split_summary(manifest)))
     print(f"prepare: cache ready in {args.out}")
 

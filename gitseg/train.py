@@ -27,6 +27,7 @@ from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import autocast, predict_volume
 from gitseg.losses import LossMix, check_loss_terms
 from gitseg.metrics import summarise, volume_stats
+from gitseg.progress import say
 from gitseg.models import build_model, check_input_size, check_model_names, split_outputs, unwrap
 
 CHECKPOINT_FORMAT = 1
@@ -158,7 +159,7 @@ def _comparable(cfg_dict: dict) -> dict:
     return d
 
 
-def fit(cfg: Config, report=None, device=None, log=print) -> dict:
+def fit(cfg: Config, report=None, device=None, log=say) -> dict:
     """Train `cfg.data.fold`, validating each epoch; returns the best epoch's metrics.
 
     `report(metrics, checkpoint_dir)` is called on every rank after every epoch; checkpoint_dir

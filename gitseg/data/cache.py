@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gitseg.progress import say
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
 
 CACHE_FORMAT = 1
@@ -161,7 +162,7 @@ def _problems_by_case_day(problems: list[str]) -> tuple[dict[str, list[str]], li
 
 
 def prepare(data_root, out, size: int = 256, folds: int = 5, holdout: float = 0.15, seed: int = 0,
-            skip_bad: bool = False, workers: int | None = None, progress=None, log=print) -> dict:
+            skip_bad: bool = False, workers: int | None = None, progress=None, log=say) -> dict:
     """Build (or update) the volume cache for the labelled train/ tree of a UWMGI root.
 
     Returns the manifest. With skip_bad=False any bad file stops the run before anything is
