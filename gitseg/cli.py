@@ -60,6 +60,13 @@ def cmd_train(args) -> None:
           f"hausdorff {best['hausdorff']:.4f}, {best['variant']} convention); checkpoints in {cfg.out}")
 
 
+def cmd_search(args) -> None:
+    from search.run import run_search
+    from search.settings import load_search_config
+
+    run_search(load_search_config(args.config, args.set))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,19 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (overrides out)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="distributed search (Ray Tune + Optuna + ASHA), then refit over folds")
+    p.add_argument("--config", required=True, help="search config YAML (see configs/search_demo.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a search setting")
+    p.set_defaults(func=cmd_search)
     return parser
+
+
+def run_handled(command: str, action) -> int:
+    """Run `action`; input and configuration errors become one line on stderr and exit code 2."""
+    from gitseg.data.uwmgi import DataFormatError
+
+    try:
+        action()
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as exc:
+        print(f"gitseg {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gitseg.data.uwmgi import DataFormatError
-
-    try:
-        args.func(args)
-    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as exc:
-        print(f"gitseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_handled(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0               # max gradient norm; 0 disables clipping
     amp: bool = True                     # bf16 autocast (CUDA only; ignored on CPU)
-    channels_last: bool = True           # memory format (CUDA only; ignored on CPU)
+    channels_last: bool = True           # memory format; faster on CPU (oneDNN) and GPU (cuDNN) alike
     seed: int = 0
     loss: list[LossTerm] = dataclasses.field(
         default_factory=lambda: [LossTerm("bce", 0.5), LossTerm("dice", 0.5)])
@@ -61,7 +61,7 @@ class TrainConfig:
     threshold: float = 0.5               # probability threshold for validation masks
     max_steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (None: the whole fold)
     val_tta: str = "none"                # TTA set during validation (see gitseg.infer.TTA_SETS)
-    val_batch_size: int = 32
+    val_batch_size: int | None = None    # windows per validation forward (None: 4 on CPU, 32 on GPU)
 
 
 @dataclasses.dataclass
@@ -106,6 +106,10 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected a mapping with keys {[f.name for f in dataclasses.fields(tp)]}, "
                               f"got {type(value).__name__} {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:

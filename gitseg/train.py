@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from gitseg.config import Config, ConfigError, from_dict, save_config, to_dict
 from gitseg.data.dataset import Cache, SliceDataset, build_augment, window_indices
 from gitseg.data.uwmgi import CLASSES
-from gitseg.infer import autocast, predict_volume
+from gitseg.infer import autocast, predict_volume, prepare_for_inference
 from gitseg.losses import LossMix, check_loss_terms
 from gitseg.metrics import summarise, volume_stats
 from gitseg.progress import say
@@ -77,7 +77,7 @@ def validate_config(cfg: Config, cache: Cache) -> None:
     if not 0 <= cfg.data.fold < folds:
         raise ConfigError(f"data.fold: {cfg.data.fold} is not a fold of {cache.root} (it has folds 0..{folds - 1})")
     for key, value, low in (("train.epochs", cfg.train.epochs, 1), ("train.batch_size", cfg.train.batch_size, 1),
-                            ("train.val_batch_size", cfg.train.val_batch_size, 1)):
+                            ("train.val_batch_size", cfg.train.val_batch_size or 1, 1)):
         if value < low:
             raise ConfigError(f"{key} must be at least {low} (got {value})")
     if cfg.train.lr <= 0:
@@ -126,9 +126,10 @@ def validate(model, cache: Cache, case_days: list[str], cfg: Config, device) -> 
     """
     rank, world = distributed()
     stats = []
+    ready = prepare_for_inference(unwrap(model), cfg.train.channels_last)
     for case_day in case_days[rank::world]:
         entry = cache.entries[case_day]
-        probs = predict_volume(unwrap(model), cache.image(case_day), cfg.data.channels, cfg.data.stride,
+        probs = predict_volume(ready, cache.image(case_day), cfg.data.channels, cfg.data.stride,
                                out_size=(entry["height"], entry["width"]), tta=cfg.train.val_tta,
                                batch_size=cfg.train.val_batch_size, device=device, amp=cfg.train.amp,
                                channels_last=cfg.train.channels_last)
@@ -181,7 +182,7 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
     model = build_model(cfg.model, cfg.data.channels)
     check_input_size(model, cfg.data.channels, cache.size, cfg.model.arch)
     model.to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
@@ -242,7 +243,7 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.train.channels_last:
+            if cfg.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg.train.amp):
                 logits, gate_logits = split_outputs(model(images))

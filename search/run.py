@@ -1,0 +1,284 @@
+"""The search job: validate the space, run Tune (Optuna TPE + ASHA) over Ray Train trials, write the
+leaderboard, then refit the top-k configurations on every fold. Re-running the same command
+resumes: finished trials are kept, unfinished ones continue from their last checkpoint.
+
+Everything lives under `<storage_path>/<name>/`:
+
+    tune/          the Tune experiment of the search (trial results, searcher and Optuna state)
+    train_runs/    the Ray Train run of each trial (checkpoints: last.pt, best.pt, metrics)
+    leaderboard.csv
+    refit/         the Tune experiment of the refit; refit_runs/ its Train runs
+    refit.json     per (configuration, fold): checkpoint and out-of-fold probabilities
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+from gitseg.config import Config, ConfigError, load_config, to_dict
+from gitseg.progress import say
+from gitseg.tables import format_table
+from search.settings import SearchConfig
+from search.space import base_values, decode, define_by_run, encode, max_epochs, parse_space, validate_space
+
+SEARCH_EXPERIMENT, REFIT_EXPERIMENT = "tune", "refit"
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: a local folder or a URI (pyarrow filesystems), the same code for both
+
+
+def experiment_root(settings: SearchConfig) -> str:
+    path = settings.storage_path
+    if "://" not in path:
+        path = str(Path(path).resolve())
+    return f"{path.rstrip('/')}/{settings.name}"
+
+
+def write_text(uri_or_path: str, text: str) -> None:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri_or_path if "://" in uri_or_path else Path(uri_or_path).resolve().as_uri())
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(settings: SearchConfig, log=say) -> None:
+    """Join the cluster named by RAY_ADDRESS (ray job submit, ray submit), or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, log_to_driver=True)
+    log(f"search: Ray resources {ray.cluster_resources()}")
+
+
+def trial_resources(settings: SearchConfig) -> dict:
+    """What one trial's workers reserve (the trial driver itself reserves nothing: it only waits)."""
+    w = settings.workers
+    need = {"CPU": w.num_workers * w.cpus_per_worker}
+    if w.use_gpu:
+        need["GPU"] = float(w.num_workers)
+    return need
+
+
+def concurrent_trials(settings: SearchConfig) -> int:
+    """max_concurrent_trials from the config, or what the cluster's CPUs/GPUs can hold at once."""
+    if settings.max_concurrent_trials:
+        return settings.max_concurrent_trials
+    import ray
+
+    have = ray.cluster_resources()
+    fits = [have.get(k, 0.0) / v for k, v in trial_resources(settings).items() if v > 0]
+    return max(1, int(min(fits)))
+
+
+def _trainable(fn, **kwargs):
+    import ray.tune
+
+    return ray.tune.with_resources(functools.partial(fn, **kwargs), {"CPU": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+def prepare_base(settings: SearchConfig) -> Config:
+    cfg = load_config(settings.base, settings.set)
+    cfg.data.cache = str(Path(cfg.data.cache).resolve()) if "://" not in cfg.data.cache else cfg.data.cache
+    cfg.data.fold = settings.fold
+    return cfg
+
+
+def validate(settings: SearchConfig, log=say):
+    """Everything checkable before a cluster job starts: configs, space, every model in it."""
+    from gitseg.data.dataset import Cache
+    from gitseg.train import validate_config
+
+    base_cfg = prepare_base(settings)
+    cache = Cache(base_cfg.data.cache)
+    validate_config(base_cfg, cache)
+    base = to_dict(base_cfg)
+    params = parse_space(settings.space)
+    checked = validate_space(params, base, cache.size)
+    points = [encode(params, base_values(params, base))]
+    for i, point in enumerate(settings.points):
+        unknown = [k for k in point if k not in {p.key for p in params}]
+        if unknown:
+            raise ConfigError(f"points[{i}]: {unknown} are not searched keys")
+        points.append(encode(params, {**base_values(params, base), **point}))
+    log(f"search: space of {len(params)} parameters is valid ({checked} model variants built and run once); "
+        f"{len(points)} configuration(s) evaluated first, the first being the base configuration")
+    return base, params, points, cache
+
+
+def run_search(settings: SearchConfig, log=say) -> list[dict]:
+    """Run (or resume) the search and its refit; returns the leaderboard rows."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.trial import search_trial
+
+    base, params, points, cache = validate(settings, log)
+    init_ray(settings, log)
+    root = experiment_root(settings)
+    trainable = _trainable(search_trial, params=params, base=base, storage_path=f"{root}/train_runs",
+                           workers=settings.workers, max_failures=settings.max_failures)
+    experiment = f"{root}/{SEARCH_EXPERIMENT}"
+    if ray.tune.Tuner.can_restore(experiment):
+        log(f"search: resuming {experiment} (finished trials are kept, unfinished ones continue)")
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+    else:
+        epochs = max_epochs(params, base)
+        if settings.asha.enabled:
+            scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=settings.asha.grace_period,
+                                      reduction_factor=settings.asha.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        searcher = OptunaSearch(space=define_by_run(params), points_to_evaluate=points, seed=settings.seed)
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,
+                                            scheduler=scheduler, num_samples=settings.num_samples,
+                                            max_concurrent_trials=concurrent_trials(settings)),
+            run_config=ray.tune.RunConfig(name=SEARCH_EXPERIMENT, storage_path=root, verbose=1,
+                                          failure_config=ray.tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    rows = leaderboard(results, params, base)
+    write_text(f"{root}/leaderboard.csv", rows_to_csv(rows))
+    write_text(f"{root}/search.json", json.dumps({"settings": to_dict(settings), "base": base,
+                                                   "cache": cache.manifest["source"], "leaderboard": rows},
+                                                  indent=1, default=str))
+    log(format_leaderboard(rows))
+    log(f"search: leaderboard in {root}/leaderboard.csv")
+    if settings.refit.topk > 0:
+        run_refit(settings, rows, base, cache, log)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaderboard
+
+
+def leaderboard(results, params, base: dict) -> list[dict]:
+    """One row per trial, best first: configuration, best score and epoch, epochs run, status."""
+    rows = []
+    for result in results:
+        values = decode(params, {k: v for k, v in (result.config or {}).items() if not k.startswith("__")})
+        epochs_planned = int(values.get("train.epochs", base["train"]["epochs"]))
+        frame = result.metrics_dataframe
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        row = {"trial_id": trial_id, "config": " ".join(f"{k}={_short(v)}" for k, v in values.items()),
+               "best_score": math.nan, "best_epoch": None, "epochs_run": 0, "status": "failed",
+               "checkpoint": "", "error": "", "values": values}
+        if frame is not None and "score" in frame and len(frame):
+            scored = frame.dropna(subset=["score"])
+            best = scored.loc[scored["score"].idxmax()]
+            row.update(best_score=float(best["score"]), best_epoch=int(best["epoch"]) + 1,
+                       epochs_run=int(scored["epochs_done"].max()))
+        if metrics.get("checkpoint_path"):
+            row["checkpoint"] = f"{metrics['checkpoint_path']}/best.pt"
+        if result.error is not None:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300]
+        elif row["epochs_run"] >= epochs_planned:
+            row["status"] = "finished"
+        else:
+            row["status"] = "stopped early"
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["best_score"] if not math.isnan(r["best_score"]) else math.inf))
+    return rows
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "+".join(f"{v['name']}:{v['weight']:g}" if isinstance(v, dict) else str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+LEADERBOARD_COLUMNS = ("trial_id", "status", "best_score", "best_epoch", "epochs_run", "config", "checkpoint", "error")
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def format_leaderboard(rows: list[dict]) -> str:
+    shown = [{"trial": r["trial_id"], "status": r["status"], "score": r["best_score"],
+              "best epoch": "" if r["best_epoch"] is None else r["best_epoch"], "epochs": r["epochs_run"],
+              "configuration": r["config"][:90]} for r in rows]
+    return format_table(shown, floats="{:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refit: top-k configurations × folds, in parallel Ray Train runs, with out-of-fold probabilities
+
+
+def run_refit(settings: SearchConfig, rows: list[dict], base: dict, cache, log=say) -> list[dict]:
+    import ray.tune
+
+    from search.trial import refit_trial
+
+    top = [r for r in rows if r["status"] != "failed" and not math.isnan(r["best_score"])][: settings.refit.topk]
+    if not top:
+        log("search: no successful trial to refit")
+        return []
+    folds = settings.refit.folds if settings.refit.folds is not None else list(range(cache.manifest["folds"]))
+    jobs = [{"rank": i, "trial_id": r["trial_id"], "values": r["values"], "fold": f}
+            for i, r in enumerate(top) for f in folds]
+    root = experiment_root(settings)
+    trainable = _trainable(refit_trial, base=base, storage_path=f"{root}/refit_runs", workers=settings.workers,
+                           max_failures=settings.max_failures, tta=settings.refit.tta)
+    experiment = f"{root}/{REFIT_EXPERIMENT}"
+    log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs")
+    if ray.tune.Tuner.can_restore(experiment):
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"job": ray.tune.grid_search(jobs)},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(settings)),
+            run_config=ray.tune.RunConfig(name=REFIT_EXPERIMENT, storage_path=root, verbose=1),
+        )
+    results = tuner.fit()
+    refits = []
+    for result in results:
+        job = result.config["job"]
+        metrics = result.metrics or {}
+        entry = {"rank": job["rank"], "trial_id": job["trial_id"], "fold": job["fold"], "values": job["values"],
+                 "score": metrics.get("score"), "best_epoch": metrics.get("epoch"),
+                 "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300]}
+        if metrics.get("stage") == "oof" and metrics.get("checkpoint_path"):
+            entry["checkpoint"] = f"{metrics['checkpoint_path']}/best.pt"
+            entry["oof"] = f"{metrics['checkpoint_path']}/oof"
+        refits.append(entry)
+    refits.sort(key=lambda e: (e["rank"], e["fold"]))
+    write_text(f"{root}/refit.json", json.dumps({"folds": folds, "tta": settings.refit.tta, "models": refits},
+                                                indent=1, default=str))
+    failed = [e for e in refits if e["error"]]
+    log(f"search: refit wrote {len(refits) - len(failed)} fold models with out-of-fold probabilities to "
+        f"{root}/refit.json" + (f"; {len(failed)} failed" if failed else ""))
+    return refits

@@ -1,0 +1,73 @@
+"""The search configuration (YAML): what to search, where it runs, where results go."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from gitseg.config import ConfigError, apply_overrides, from_dict
+
+
+@dataclasses.dataclass
+class WorkersConfig:
+    num_workers: int = 2          # DDP workers per trial (Ray Train)
+    use_gpu: bool = False         # one GPU per worker when true
+    cpus_per_worker: float = 1.0  # logical CPUs each worker reserves
+
+
+@dataclasses.dataclass
+class AshaConfig:
+    enabled: bool = True          # false: every trial runs all its epochs (the benchmark baseline)
+    grace_period: int = 1         # epochs before a trial can be stopped
+    reduction_factor: int = 2     # keep the best 1/reduction_factor at each rung
+
+
+@dataclasses.dataclass
+class RefitConfig:
+    topk: int = 2                 # configurations trained on every fold after the search
+    folds: list[int] | None = None  # None: all folds of the cache
+    tta: str = "hflip"            # TTA of the out-of-fold probabilities
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    name: str = "search"                      # experiment name: the folder under storage_path
+    base: str = "configs/demo.yaml"           # experiment config every trial starts from
+    set: list[str] = dataclasses.field(default_factory=list)  # overrides of the base (key=value)
+    storage_path: str = "runs/search"         # local folder, shared filesystem or object store URI
+    metric: str = "score"                     # maximised; the validation competition score
+    num_samples: int = 8                      # trials, including the default configuration
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs allow
+    seed: int = 0
+    fold: int = 0                             # the validation fold of the search
+    num_cpus: int | None = None               # logical CPUs of a local Ray instance (None: Ray's default)
+    max_failures: int = 1                     # restarts of a trial's workers after a worker failure
+    workers: WorkersConfig = dataclasses.field(default_factory=WorkersConfig)
+    asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
+    refit: RefitConfig = dataclasses.field(default_factory=RefitConfig)
+    points: list[dict] = dataclasses.field(default_factory=list)  # extra configurations evaluated first
+    space: dict = dataclasses.field(default_factory=dict)
+
+
+def load_search_config(path, overrides: list[str] | None = None) -> SearchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"search config {path} not found; see configs/search_demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    cfg = from_dict(SearchConfig, apply_overrides(data, overrides or []))
+    if cfg.num_samples < 1:
+        raise ConfigError(f"num_samples must be at least 1 (got {cfg.num_samples})")
+    if cfg.workers.num_workers < 1:
+        raise ConfigError(f"workers.num_workers must be at least 1 (got {cfg.workers.num_workers})")
+    if cfg.refit.topk < 0:
+        raise ConfigError(f"refit.topk must be 0 or more (got {cfg.refit.topk})")
+    if cfg.metric != "score" and not cfg.metric.startswith("score/"):
+        raise ConfigError(f"metric must be score or score/<class> (got {cfg.metric!r})")
+    return cfg

@@ -1,0 +1,137 @@
+"""Ray adapters at the edge of `gitseg.train.fit`: the Ray Train worker and the Tune trial driver.
+
+A Tune trial runs `trial_driver`, which launches a Ray Train `TorchTrainer` (Train V2 API) whose
+workers run `train_worker`: restore the run's latest checkpoint, call `fit` with a `report`
+callback that forwards each epoch to `ray.train.report`. `TuneReportCallback` passes the metrics
+on to Tune, where ASHA reads `epochs_done`. Restarted with the same storage path and name, a
+Train run resumes from its latest checkpoint (a restored trial continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from gitseg.config import Config, from_dict, to_dict
+
+RESTORED_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
+
+
+def _restore_latest(out: Path) -> None:
+    """Copy the Train run's latest checkpoint (if any) into this worker's run folder."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        for name in RESTORED_FILES:
+            if (Path(folder) / name).is_file():
+                shutil.copy2(Path(folder) / name, out / name)
+
+
+def _report_to_ray(metrics: dict, checkpoint_dir: str | None) -> None:
+    import ray.train
+
+    metrics = {**metrics, "epochs_done": metrics["epoch"] + 1}
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: fit() one fold; with `oof`, then out-of-fold probabilities."""
+    import ray.train
+    import ray.train.torch
+
+    from gitseg.train import fit
+
+    cfg = from_dict(Config, loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    out = Path(tempfile.mkdtemp(prefix=f"gitseg-rank{rank}-"))  # node-local; storage gets the checkpoints
+    cfg.out = str(out)
+    _restore_latest(out)
+    device = ray.train.torch.get_device()
+    best = fit(cfg, report=_report_to_ray, device=device, log=print if rank == 0 else (lambda *_: None))
+    if loop_config.get("oof_tta"):
+        write_oof(cfg, out, best, loop_config["oof_tta"], device)
+
+
+def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
+    """Out-of-fold probabilities of the best epoch's model, each rank a share of the fold's volumes.
+
+    Reported as one final checkpoint: Ray merges the workers' folders, so it holds best.pt,
+    config.yaml and oof/<case_day>.npy for every validation case-day of the fold.
+    """
+    import numpy as np
+    import ray.train
+
+    from gitseg.data.dataset import Cache
+    from gitseg.infer import predict_volume
+    from gitseg.train import load_checkpoint, model_from_checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cache = Cache(cfg.data.cache)
+    model = model_from_checkpoint(load_checkpoint(out / "best.pt"), device)
+    final = Path(tempfile.mkdtemp(prefix=f"gitseg-oof{rank}-"))
+    (final / "oof").mkdir()
+    for case_day in cache.case_days(folds=[cfg.data.fold])[rank::world]:
+        entry = cache.entries[case_day]
+        probs = predict_volume(model, cache.image(case_day), cfg.data.channels, cfg.data.stride,
+                               out_size=(entry["height"], entry["width"]), tta=tta, device=device)
+        np.save(final / "oof" / f"{case_day}.npy", probs)
+    if rank == 0:
+        for name in ("best.pt", "config.yaml", "metrics.jsonl"):
+            shutil.copy2(out / name, final / name)
+    metrics = {**best, "epochs_done": cfg.train.epochs + 1, "stage": "oof"}
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+
+
+def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, max_failures: int,
+                     oof_tta: str | None = None) -> None:
+    """One Ray Train run of `cfg` (called inside a Tune trial); raises if training fails."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = {"CPU": workers.cpus_per_worker}
+    if workers.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "oof_tta": oof_tta},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            # The same (storage_path, name) on a restart makes Ray Train resume from the latest checkpoint.
+            name=run_name,
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # each holds last.pt and best.pt
+        ),
+    )
+    trainer.fit()
+
+
+def search_trial(config: dict, *, params, base: dict, storage_path: str, workers, max_failures: int) -> None:
+    """The Tune trial function of the search: decode the suggestion, launch its Train run."""
+    import ray.tune
+
+    from search.space import decode, trial_config
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(base, decode(params, config))
+    launch_train_run(cfg, run_name=f"trial-{trial_id}", storage_path=storage_path, workers=workers,
+                     max_failures=max_failures)
+
+
+def refit_trial(config: dict, *, base: dict, storage_path: str, workers, max_failures: int, tta: str) -> None:
+    """The Tune trial function of the refit: one (configuration, fold) with out-of-fold probabilities."""
+    from search.space import trial_config
+
+    job = config["job"]
+    cfg = trial_config(base, {**job["values"], "data.fold": job["fold"]})
+    launch_train_run(cfg, run_name=f"refit-{job['rank']}-fold{job['fold']}", storage_path=storage_path,
+                     workers=workers, max_failures=max_failures, oof_tta=tta)
