@@ -25,7 +25,7 @@ from gitseg.config import Config, ConfigError, load_config, to_dict
 from gitseg.progress import say
 from gitseg.tables import format_table
 from search.settings import SearchConfig
-from search.space import base_values, decode, define_by_run, encode, max_epochs, parse_space, validate_space
+from search.space import DefineByRun, base_values, decode, encode, max_epochs, parse_space, validate_space
 
 SEARCH_EXPERIMENT, REFIT_EXPERIMENT = "tune", "refit"
 
@@ -63,14 +63,18 @@ def init_ray(settings: SearchConfig, log=say) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=settings.num_cpus, log_to_driver=True)
     log(f"search: Ray resources {ray.cluster_resources()}")
 
 
+# The trial driver only waits for its Train run; Ray needs it to reserve something, so a sliver.
+TRIAL_DRIVER_CPU = 0.01
+
+
 def trial_resources(settings: SearchConfig) -> dict:
-    """What one trial's workers reserve (the trial driver itself reserves nothing: it only waits)."""
+    """What one trial reserves: its driver and its DDP workers."""
     w = settings.workers
-    need = {"CPU": w.num_workers * w.cpus_per_worker}
+    need = {"CPU": TRIAL_DRIVER_CPU + w.num_workers * w.cpus_per_worker}
     if w.use_gpu:
         need["GPU"] = float(w.num_workers)
     return need
@@ -90,7 +94,7 @@ def concurrent_trials(settings: SearchConfig) -> int:
 def _trainable(fn, **kwargs):
     import ray.tune
 
-    return ray.tune.with_resources(functools.partial(fn, **kwargs), {"CPU": 0})
+    return ray.tune.with_resources(functools.partial(fn, **kwargs), {"CPU": TRIAL_DRIVER_CPU})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
                                       reduction_factor=settings.asha.reduction_factor)
         else:
             scheduler = FIFOScheduler()
-        searcher = OptunaSearch(space=define_by_run(params), points_to_evaluate=points, seed=settings.seed)
+        searcher = OptunaSearch(space=DefineByRun(params), metric=settings.metric, mode="max",
+                                points_to_evaluate=points, seed=settings.seed)
         tuner = ray.tune.Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,

@@ -127,17 +127,21 @@ def parse_space(space: dict) -> list[Param]:
     return params
 
 
-def define_by_run(params: list[Param]):
-    """The Optuna define-by-run function: suggests each active parameter in order."""
+class DefineByRun:
+    """The Optuna define-by-run function: suggests each active parameter in order.
 
-    def space(trial):
+    A class, not a closure: Tune pickles the searcher into its experiment state.
+    """
+
+    def __init__(self, params: list[Param]):
+        self.params = params
+
+    def __call__(self, trial):
         chosen = {}
-        for p in params:
+        for p in self.params:
             if p.active(chosen):
                 chosen[p.key] = p.decode(p.suggest(trial))
         return None
-
-    return space
 
 
 def decode(params: list[Param], suggestion: dict) -> dict:

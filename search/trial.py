@@ -9,6 +9,7 @@ Train run resumes from its latest checkpoint (a restored trial continues where i
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,6 +96,8 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # Workers can take minutes to start on a busy node (60 s by default, then the run fails).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1
