@@ -22,6 +22,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_hausdorff.py
 	$(VENV)/bin/python benchmarks/bench_loader.py
+	$(VENV)/bin/python benchmarks/bench_infer.py
+	$(VENV)/bin/python benchmarks/bench_train.py
+	$(VENV)/bin/python benchmarks/bench_asha.py
 
 clean:
 	rm -rf runs .pytest_cache

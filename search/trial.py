@@ -71,10 +71,16 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     from gitseg.infer import predict_volume
     from gitseg.train import load_checkpoint, model_from_checkpoint
 
+    import torch.distributed as dist
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cache = Cache(cfg.data.cache)
-    model = model_from_checkpoint(load_checkpoint(out / "best.pt"), device)
+    # Only rank 0 wrote best.pt; the other ranks get it over the training process group.
+    state = [load_checkpoint(out / "best.pt") if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(state, src=0)
+    model = model_from_checkpoint(state[0], device)
     final = Path(tempfile.mkdtemp(prefix=f"gitseg-oof{rank}-"))
     (final / "oof").mkdir()
     for case_day in cache.case_days(folds=[cfg.data.fold])[rank::world]:

@@ -1,0 +1,103 @@
+"""ASHA vs the same search without early stopping, and the per-trial overhead of Ray.
+
+Both searches run the same space, seed, number of trials and epochs on the same tiny synthetic
+data (2-worker DDP trials on a local Ray instance): one with ASHA, one with FIFO (every trial runs
+all its epochs). Prints the trial-epochs each spent and the best validation score each reached,
+as ratios. Overhead: per trial, the time Tune measured for the trial minus the time its epochs
+took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
+--demo also for one trial of the demo configuration (configs/demo.yaml, one epoch).
+
+    python benchmarks/bench_asha.py [--trials 12] [--epochs 6] [--demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from gitseg.data.cache import prepare
+from gitseg.data.synth import write_dataset
+
+
+def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
+           space=None) -> dict:
+    base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
+            "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 8, "lr": 0.003}}
+    if base_overrides:
+        base = base_overrides
+    (tmp / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
+    settings = {"name": name, "base": str(tmp / f"{name}-base.yaml"), "storage_path": str(tmp / "storage"),
+                "num_samples": trials, "num_cpus": 3, "seed": 0, "max_failures": 0,
+                "workers": {"num_workers": 2, "cpus_per_worker": 1},
+                "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 3}, "refit": {"topk": 0},
+                "space": space or {"train.lr": {"loguniform": [1e-5, 3e-2]},
+                                   "model.arch": {"choice": ["Unet", "FPN"]},
+                                   "train.weight_decay": {"loguniform": [1e-6, 1e-2]}}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "search", "--config", str(path)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"search {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    root = tmp / "storage" / name
+    trials_out = []
+    for result in (root / "tune").glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        trials_out.append({"epochs": max(r["epochs_done"] for r in rows), "best": max(r["score"] for r in rows),
+                           "trial_time": rows[-1]["time_total_s"], "epoch_time": sum(r["epoch_time"] for r in rows)})
+    return {"wall": wall, "trials": trials_out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--demo", action="store_true", help="also time one 1-epoch trial of configs/demo.yaml")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_dataset(tmp / "data", cases=6, days=1, slices=32, size=64, seed=1, test_cases=0)
+        prepare(tmp / "data", tmp / "cache", size=64, folds=2, holdout=0.0, log=lambda *_: None)
+        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False)
+        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True)
+        print(f"{args.trials} trials x up to {args.epochs} epochs, 2-worker DDP on CPU, tiny synthetic data")
+        for name, run in (("no early stopping", fifo), ("ASHA", asha)):
+            epochs = sum(t["epochs"] for t in run["trials"])
+            best = max(t["best"] for t in run["trials"])
+            print(f"{name:18s}: {epochs:4d} trial-epochs, best score {best:.4f}, wall {run['wall']:.0f} s")
+        e_fifo = sum(t["epochs"] for t in fifo["trials"])
+        e_asha = sum(t["epochs"] for t in asha["trials"])
+        b_fifo = max(t["best"] for t in fifo["trials"])
+        b_asha = max(t["best"] for t in asha["trials"])
+        print(f"ASHA / no early stopping: epochs {e_asha / e_fifo:.2f}, best score {b_asha / b_fifo:.3f}, "
+              f"wall {asha['wall'] / fifo['wall']:.2f}")
+        trials = fifo["trials"] + asha["trials"]
+        overhead = [t["trial_time"] - t["epoch_time"] for t in trials]
+        share = [o / t["trial_time"] for o, t in zip(overhead, trials)]
+        print(f"per-trial overhead (tiny trials): {sum(overhead) / len(overhead):.1f} s, "
+              f"{100 * sum(share) / len(share):.0f}% of trial time")
+        if args.demo:
+            demo = yaml.safe_load(open("configs/demo.yaml"))
+            full_epochs = demo["train"]["epochs"]
+            demo["data"]["cache"] = str(Path(demo["data"]["cache"]).resolve())
+            demo["train"]["epochs"] = 1
+            run = search(tmp, Path(demo["data"]["cache"]), "demo", 1, 1, asha=False, base_overrides=demo,
+                         space={"train.lr": {"loguniform": [1e-3, 3e-3]}})
+            t = run["trials"][0]
+            fixed = t["trial_time"] - t["epoch_time"]
+            print(f"demo configuration, one epoch: trial {t['trial_time']:.0f} s, epoch {t['epoch_time']:.0f} s, "
+                  f"overhead {fixed:.0f} s = {100 * fixed / t['trial_time']:.0f}% of the trial; for a "
+                  f"{full_epochs}-epoch trial {100 * fixed / (fixed + full_epochs * t['epoch_time']):.0f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The search on a real local Ray instance: Tune + Optuna + ASHA over 2-worker DDP trials on CPU.
+
+Each test runs the search as a user would, in its own process (`python -m search`), so a killed
+driver, a fresh resume and a Ray head started with `ray start --head` are all real.
+"""
+
+import csv
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI; CI does not put .venv/bin on PATH
+
+
+def write_configs(tmp: Path, cache: Path, name: str, epochs: int, **settings) -> Path:
+    base = {"out": str(tmp / "unused"),
+            "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.0},
+            "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 4, "lr": 0.003}}
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    search = {"name": name, "base": str(tmp / "base.yaml"), "storage_path": str(tmp / "storage"),
+              "num_cpus": 3, "seed": 0, "max_failures": 0,
+              "workers": {"num_workers": 2, "cpus_per_worker": 1},
+              "asha": {"grace_period": 1, "reduction_factor": 2},
+              "space": {"train.lr": {"loguniform": [1e-7, 1e30]}}, **settings}
+    path = tmp / "search.yaml"
+    path.write_text(yaml.safe_dump(search))
+    return path
+
+
+def run_search(config: Path, *extra, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search", "--config", str(config), *extra], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def leaderboard(root: Path) -> list[dict]:
+    with open(root / "leaderboard.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def trial_results(root: Path) -> dict[str, list[dict]]:
+    """Every result Tune recorded, per trial id."""
+    out = {}
+    for path in (root / "tune").glob("*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out
+
+
+def test_search_asha_failure_and_refit(train_cache, tmp_path):
+    # Three configurations first: the base (learns), lr 1e-7 (learns nothing: ASHA stops it at
+    # its first rung) and lr 1e30 (diverges: the trial fails), then one TPE suggestion.
+    config = write_configs(tmp_path, train_cache, "e2e", epochs=3, num_samples=4,
+                           points=[{"train.lr": 1e-7}, {"train.lr": 1e30}], refit={"topk": 1, "folds": [0, 1]})
+    done = run_search(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    root = tmp_path / "storage" / "e2e"
+    rows = leaderboard(root)
+    assert len(rows) == 4
+    status = [r["status"] for r in rows]
+    assert "finished" in status and "stopped early" in status and "failed" in status
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert "train.lr=1e+30" in failed["config"] and "loss is" in failed["error"]
+    best = rows[0]
+    assert best["status"] == "finished" and float(best["best_score"]) > 0
+    assert Path(best["checkpoint"]).is_file()
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert all(int(r["epochs_run"]) < 3 for r in stopped)
+
+    # Refit: one model and one set of out-of-fold probabilities per fold, holdout never used.
+    from gitseg.data.dataset import Cache
+    from gitseg.train import load_checkpoint, model_from_checkpoint
+
+    cache = Cache(train_cache)
+    refit = json.loads((root / "refit.json").read_text())
+    assert [(m["rank"], m["fold"]) for m in refit["models"]] == [(0, 0), (0, 1)]
+    for model in refit["models"]:
+        assert model["trial_id"] == best["trial_id"] and model["error"] is None
+        state = load_checkpoint(model["checkpoint"])
+        assert state["fold"] == model["fold"]
+        model_from_checkpoint(state)
+        oof = sorted(p.stem for p in Path(model["oof"]).glob("*.npy"))
+        assert oof == sorted(cache.case_days(folds=[model["fold"]]))
+        assert not set(oof) & set(cache.case_days(holdout=True))
+        probs = np.load(Path(model["oof"]) / f"{oof[0]}.npy")
+        entry = cache.entries[oof[0]]
+        assert probs.shape == (3, entry["slices"], entry["height"], entry["width"]) and probs.dtype == np.float16
+        assert 0 <= probs.min() and probs.max() <= 1
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tmp_path):
+    config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=3,
+                           asha={"enabled": False}, space={"train.lr": {"loguniform": [1e-3, 5e-3]}},
+                           refit={"topk": 0})
+    root = tmp_path / "storage" / "resume"
+    proc = subprocess.Popen([sys.executable, "-m", "search", "--config", str(config)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            results = trial_results(root)
+            finished = [t for t, rs in results.items() if rs[-1]["epochs_done"] == 2]
+            started = [t for t, rs in results.items() if rs[-1]["epochs_done"] == 1]
+            if finished and started:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the search did not reach its second trial in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies, and its local Ray with it
+        proc.wait()
+        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
+    before = trial_results(root)
+    done_first = {t: len(rs) for t, rs in before.items() if rs[-1]["epochs_done"] == 2}
+
+    again = run_search(config)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    after = trial_results(root)
+    for trial, count in done_first.items():
+        assert len(after[trial]) == count, "a finished trial was run again"
+    interrupted = [t for t in before if t not in done_first]
+    for trial in interrupted:
+        epochs = [r["epochs_done"] for r in after[trial]]
+        assert epochs == sorted(set(epochs)) and epochs[-1] == 2, f"{trial} restarted instead of resuming: {epochs}"
+    rows = leaderboard(root)
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+
+
+def test_ray_job_submit_to_a_head_node(train_cache, tmp_path):
+    # Ray >= 2.59 requires token authentication on a started cluster: one token for head and client.
+    env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    config = write_configs(tmp_path, train_cache, "job", epochs=1, num_samples=1,
+                           space={"train.lr": {"loguniform": [1e-3, 5e-3]}}, refit={"topk": 0})
+    start = subprocess.run([RAY, "start", "--head", "--num-cpus", "3", "--port", "6391",
+                            "--dashboard-port", "8291", "--include-dashboard", "true", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        job = subprocess.run([RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--",
+                              sys.executable, "-m", "search", "--config", str(config)],
+                             env=env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    rows = leaderboard(tmp_path / "storage" / "job")
+    assert len(rows) == 1 and rows[0]["status"] == "finished"
