@@ -175,19 +175,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml(path, example: str = "configs/") -> dict:
+    """A YAML file whose top level is a mapping; errors say what is wrong and where to look."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found; see {example} for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
 def load_config(path=None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (or the defaults when path is None) plus dotted overrides."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config {path} not found; see configs/ for examples")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml(path) if path is not None else {}
     return from_dict(Config, apply_overrides(data, overrides or []))
 
 

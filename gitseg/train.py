@@ -27,8 +27,8 @@ from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import autocast, predict_volume, prepare_for_inference
 from gitseg.losses import LossMix, check_loss_terms
 from gitseg.metrics import summarise, volume_stats
-from gitseg.progress import say
 from gitseg.models import build_model, check_input_size, check_model_names, split_outputs, unwrap
+from gitseg.progress import say
 
 CHECKPOINT_FORMAT = 1
 LAST, BEST = "last.pt", "best.pt"

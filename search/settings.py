@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-import yaml
-
-from gitseg.config import ConfigError, apply_overrides, from_dict
+from gitseg.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 
 @dataclasses.dataclass
@@ -52,15 +49,7 @@ class SearchConfig:
 
 
 def load_search_config(path, overrides: list[str] | None = None) -> SearchConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search config {path} not found; see configs/search_demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml(path, example="configs/search_demo.yaml")
     cfg = from_dict(SearchConfig, apply_overrides(data, overrides or []))
     if cfg.num_samples < 1:
         raise ConfigError(f"num_samples must be at least 1 (got {cfg.num_samples})")

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gitseg.progress import say
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
+from gitseg.progress import say
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
