@@ -5,9 +5,9 @@ data (2-worker DDP trials on a local Ray instance): one with ASHA, one with FIFO
 all its epochs). Prints the trial-epochs each spent and the best validation score each reached,
 as ratios. Overhead: per trial, the time Tune measured for the trial minus the time its epochs
 took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
---demo also for one trial of the demo configuration (configs/demo.yaml, one epoch).
+--demo-cache also for one trial of the demo configuration (configs/demo.yaml, one epoch).
 
-    python benchmarks/bench_asha.py [--trials 12] [--epochs 6] [--demo]
+    python benchmarks/bench_asha.py [--trials 16] [--epochs 6] [--demo-cache runs/demo/cache]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gitseg.data.synth import write_dataset
 
 
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
-           space=None) -> dict:
+           space=None, reduction_factor: int = 4) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
             "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 8, "lr": 0.003}}
@@ -37,7 +37,8 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
     settings = {"name": name, "base": str(tmp / f"{name}-base.yaml"), "storage_path": str(tmp / "storage"),
                 "num_samples": trials, "num_cpus": 3, "seed": 0, "max_failures": 0,
                 "workers": {"num_workers": 2, "cpus_per_worker": 1},
-                "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 3}, "refit": {"topk": 0},
+                "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": reduction_factor},
+                "refit": {"topk": 0},
                 "space": space or {"train.lr": {"loguniform": [1e-5, 3e-2]},
                                    "model.arch": {"choice": ["Unet", "FPN"]},
                                    "train.weight_decay": {"loguniform": [1e-6, 1e-2]}}}
@@ -59,17 +60,21 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--demo", action="store_true", help="also time one 1-epoch trial of configs/demo.yaml")
+    parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA's reduction factor (default 4)")
+    parser.add_argument("--demo-cache", default=None,
+                        help="also time one 1-epoch trial of configs/demo.yaml on this prepared cache")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_dataset(tmp / "data", cases=6, days=1, slices=32, size=64, seed=1, test_cases=0)
         prepare(tmp / "data", tmp / "cache", size=64, folds=2, holdout=0.0, log=lambda *_: None)
         fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False)
-        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True)
-        print(f"{args.trials} trials x up to {args.epochs} epochs, 2-worker DDP on CPU, tiny synthetic data")
+        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True,
+                      reduction_factor=args.reduction_factor)
+        print(f"{args.trials} trials x up to {args.epochs} epochs, 2-worker DDP on CPU, tiny synthetic data, "
+              f"one trial at a time; ASHA grace period 1, reduction factor {args.reduction_factor}")
         for name, run in (("no early stopping", fifo), ("ASHA", asha)):
             epochs = sum(t["epochs"] for t in run["trials"])
             best = max(t["best"] for t in run["trials"])
@@ -85,10 +90,10 @@ def main() -> None:
         share = [o / t["trial_time"] for o, t in zip(overhead, trials)]
         print(f"per-trial overhead (tiny trials): {sum(overhead) / len(overhead):.1f} s, "
               f"{100 * sum(share) / len(share):.0f}% of trial time")
-        if args.demo:
+        if args.demo_cache:
             demo = yaml.safe_load(open("configs/demo.yaml"))
             full_epochs = demo["train"]["epochs"]
-            demo["data"]["cache"] = str(Path(demo["data"]["cache"]).resolve())
+            demo["data"]["cache"] = str(Path(args.demo_cache).resolve())
             demo["train"]["epochs"] = 1
             run = search(tmp, Path(demo["data"]["cache"]), "demo", 1, 1, asha=False, base_overrides=demo,
                          space={"train.lr": {"loguniform": [1e-3, 3e-3]}})

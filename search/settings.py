@@ -18,7 +18,7 @@ class WorkersConfig:
 class AshaConfig:
     enabled: bool = True          # false: every trial runs all its epochs (the benchmark baseline)
     grace_period: int = 1         # epochs before a trial can be stopped
-    reduction_factor: int = 2     # keep the best 1/reduction_factor at each rung
+    reduction_factor: int = 4     # keep the best 1/reduction_factor at each rung (ASHA paper's and Ray's default)
 
 
 @dataclasses.dataclass

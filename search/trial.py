@@ -49,13 +49,15 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = from_dict(Config, loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
-    out = Path(tempfile.mkdtemp(prefix=f"gitseg-rank{rank}-"))  # node-local; storage gets the checkpoints
-    cfg.out = str(out)
-    _restore_latest(out)
-    device = ray.train.torch.get_device()
-    best = fit(cfg, report=_report_to_ray, device=device, log=print if rank == 0 else (lambda *_: None))
-    if loop_config.get("oof_tta"):
-        write_oof(cfg, out, best, loop_config["oof_tta"], device)
+    # Node-local run folder, removed at the end: ray.train.report has uploaded the checkpoints by then.
+    with tempfile.TemporaryDirectory(prefix=f"gitseg-rank{rank}-") as folder:
+        out = Path(folder)
+        cfg.out = str(out)
+        _restore_latest(out)
+        device = ray.train.torch.get_device()
+        best = fit(cfg, report=_report_to_ray, device=device, log=print if rank == 0 else (lambda *_: None))
+        if loop_config.get("oof_tta"):
+            write_oof(cfg, out, best, loop_config["oof_tta"], device)
 
 
 def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
@@ -68,7 +70,7 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     import ray.train
 
     from gitseg.data.dataset import Cache
-    from gitseg.infer import predict_volume
+    from gitseg.infer import predict_volume, prepare_for_inference
     from gitseg.train import load_checkpoint, model_from_checkpoint
 
     import torch.distributed as dist
@@ -80,19 +82,20 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     state = [load_checkpoint(out / "best.pt") if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(state, src=0)
-    model = model_from_checkpoint(state[0], device)
-    final = Path(tempfile.mkdtemp(prefix=f"gitseg-oof{rank}-"))
-    (final / "oof").mkdir()
-    for case_day in cache.case_days(folds=[cfg.data.fold])[rank::world]:
-        entry = cache.entries[case_day]
-        probs = predict_volume(model, cache.image(case_day), cfg.data.channels, cfg.data.stride,
-                               out_size=(entry["height"], entry["width"]), tta=tta, device=device)
-        np.save(final / "oof" / f"{case_day}.npy", probs)
-    if rank == 0:
-        for name in ("best.pt", "config.yaml", "metrics.jsonl"):
-            shutil.copy2(out / name, final / name)
-    metrics = {**best, "epochs_done": cfg.train.epochs + 1, "stage": "oof"}
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+    model = prepare_for_inference(model_from_checkpoint(state[0], device), cfg.train.channels_last)
+    with tempfile.TemporaryDirectory(prefix=f"gitseg-oof{rank}-") as folder:
+        final = Path(folder)
+        (final / "oof").mkdir()
+        for case_day in cache.case_days(folds=[cfg.data.fold])[rank::world]:
+            entry = cache.entries[case_day]
+            probs = predict_volume(model, cache.image(case_day), cfg.data.channels, cfg.data.stride,
+                                   out_size=(entry["height"], entry["width"]), tta=tta, device=device)
+            np.save(final / "oof" / f"{case_day}.npy", probs)
+        if rank == 0:
+            for name in ("best.pt", "config.yaml", "metrics.jsonl"):
+                shutil.copy2(out / name, final / name)
+        metrics = {**best, "epochs_done": cfg.train.epochs + 1, "stage": "oof"}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
 
 
 def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, max_failures: int,
