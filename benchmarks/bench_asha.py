@@ -7,7 +7,7 @@ as ratios. Overhead: per trial, the time Tune measured for the trial minus the t
 took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
 --demo-cache also for one trial of the demo configuration (configs/demo.yaml, one epoch).
 
-    python benchmarks/bench_asha.py [--trials 16] [--epochs 6] [--demo-cache runs/demo/cache]
+    python benchmarks/bench_asha.py [--trials 24] [--epochs 6] [--demo-cache runs/demo/cache]
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
            space=None, reduction_factor: int = 4) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
-            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 8, "lr": 0.003}}
+            # 16 steps per epoch: enough that trials differ after one epoch (with fewer, many score
+            # exactly 0 at the first rung, and ASHA promotes ties)
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 16, "lr": 0.003}}
     if base_overrides:
         base = base_overrides
     (tmp / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
@@ -60,7 +62,7 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA's reduction factor (default 4)")
     parser.add_argument("--demo-cache", default=None,
