@@ -119,8 +119,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
         else:
             pytest.fail("the search did not reach its second trial in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies, and its local Ray with it
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies
         proc.wait()
+        # ...and what is left of its local Ray instance goes too. `ray stop` ends every Ray process
+        # on the machine: these tests must not run beside other Ray work.
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
     before = trial_results(root)
     done_first = {t: len(rs) for t, rs in before.items() if rs[-1]["epochs_done"] == 2}
