@@ -215,7 +215,10 @@ def summarise(stats, variant: str = "kaggle", classes=None) -> dict:
     for cls, counts, hd in stats:
         dice_rows.setdefault(cls, []).append(dice_from_counts(counts))
         hausdorff.setdefault(cls, []).append(hd)
-    flat = lambda groups: np.concatenate(groups) if groups else np.array([])
+
+    def flat(groups):
+        return np.concatenate(groups) if groups else np.array([])
+
     result = score_terms(flat([flat(v) for v in dice_rows.values()]), [h for v in hausdorff.values() for h in v])
     result["variant"] = variant
     for cls in classes or sorted(dice_rows):

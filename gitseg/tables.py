@@ -10,5 +10,8 @@ def format_table(rows: list[dict], floats: str = "{:.3f}") -> str:
     keys = list(rows[0])
     cells = [[floats.format(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))
+
+    def line(values):
+        return "  ".join(v.rjust(w) for v, w in zip(values, widths))
+
     return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])

@@ -274,7 +274,8 @@ def run_refit(settings: SearchConfig, rows: list[dict], base: dict, cache, log=s
         job = result.config["job"]
         metrics = result.metrics or {}
         entry = {"rank": job["rank"], "trial_id": job["trial_id"], "fold": job["fold"], "values": job["values"],
-                 "score": metrics.get("score"), "best_epoch": metrics.get("epoch"),
+                 "score": metrics.get("score"),
+                 "best_epoch": metrics["epoch"] + 1 if metrics.get("stage") == "oof" else None,
                  "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300]}
         if metrics.get("stage") == "oof" and metrics.get("checkpoint_path"):
             entry["checkpoint"] = f"{metrics['checkpoint_path']}/best.pt"

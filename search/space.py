@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from gitseg.config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from gitseg.config import Config, ConfigError, apply_overrides, from_dict
 
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 

@@ -68,12 +68,11 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     """
     import numpy as np
     import ray.train
+    import torch.distributed as dist
 
     from gitseg.data.dataset import Cache
     from gitseg.infer import predict_volume, prepare_for_inference
     from gitseg.train import load_checkpoint, model_from_checkpoint
-
-    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -94,7 +93,7 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
         if rank == 0:
             for name in ("best.pt", "config.yaml", "metrics.jsonl"):
                 shutil.copy2(out / name, final / name)
-        metrics = {**best, "epochs_done": cfg.train.epochs + 1, "stage": "oof"}
+        metrics = {**best, "stage": "oof"}  # the best epoch's metrics, with its checkpoint and OOF
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
 
 

@@ -4,8 +4,8 @@ run on a lent GPU machine by benchmarks/gpu_check.sh."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from gitseg.config import ModelConfig
 from gitseg.infer import predict_volume
 from gitseg.models import build_model

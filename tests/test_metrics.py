@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import directed_hausdorff
 
-from gitseg.metrics import (assd_mm, competition_score, dice_3d, dice_counts, dice_from_counts, dice_per_slice,
-                            hausdorff_3d, hd95_mm)
+from gitseg.metrics import (
+    assd_mm,
+    competition_score,
+    dice_3d,
+    dice_counts,
+    dice_from_counts,
+    dice_per_slice,
+    hausdorff_3d,
+    hd95_mm,
+)
 
 
 def brute_force_hausdorff(pred, gt, variant):

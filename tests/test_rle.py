@@ -45,7 +45,7 @@ def test_round_trip(mask):
     if rle:  # runs are sorted, positive and non-overlapping
         values = list(map(int, rle.split()))
         starts, lengths = values[0::2], values[1::2]
-        assert all(l > 0 for l in lengths)
+        assert all(n > 0 for n in lengths)
         assert all(s2 > s1 + l1 for s1, l1, s2 in zip(starts, lengths, starts[1:]))
 
 

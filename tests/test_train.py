@@ -4,13 +4,12 @@ import json
 import math
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import tiny_config
+
 from gitseg.config import ConfigError
 from gitseg.data.dataset import Cache, SliceDataset
 from gitseg.losses import LossMix

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitseg.data.uwmgi import (CLASSES, DataFormatError, index_root, load_volume, png_header, rle_decode,
-                               slice_file_name)
+from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, load_volume, png_header, rle_decode, slice_file_name
 
 
 def test_index_and_load_volume(synth_root):
