@@ -100,45 +100,61 @@ def test_search_asha_failure_and_refit(train_cache, tmp_path):
         assert 0 <= probs.min() and probs.max() <= 1
 
 
+def trained_epochs(root: Path) -> dict[str, int]:
+    """Epochs in each trial's latest Ray Train checkpoint (uploaded synchronously, epoch by epoch)."""
+    out = {}
+    for run in (root / "train_runs").glob("trial-*"):
+        counts = [len((c / "metrics.jsonl").read_text().splitlines())
+                  for c in run.glob("checkpoint_*") if (c / "metrics.jsonl").is_file()]
+        if counts:
+            out[run.name[len("trial-"):]] = max(counts)
+    return out
+
+
 def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tmp_path):
     config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=3,
                            asha={"enabled": False}, space={"train.lr": {"loguniform": [1e-3, 5e-3]}},
                            refit={"topk": 0})
     root = tmp_path / "storage" / "resume"
-    proc = subprocess.Popen([sys.executable, "-m", "search", "--config", str(config)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "first-run.log", "w")
+    # Tune saves its experiment state every few seconds by default; at every step here, so that
+    # what it saved matches what the test saw when it killed the driver.
+    proc = subprocess.Popen([sys.executable, "-m", "search", "--config", str(config)],
+                            env={**ENV, "TUNE_GLOBAL_CHECKPOINT_S": "0"},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 400
         while time.time() < deadline:
-            results = trial_results(root)
-            finished = [t for t, rs in results.items() if rs[-1]["epochs_done"] == 2]
-            started = [t for t, rs in results.items() if rs[-1]["epochs_done"] == 1]
-            if finished and started:
+            epochs = trained_epochs(root)
+            if 2 in epochs.values() and 1 in epochs.values():  # one trial done, the next mid-way
+                finished = {t for t, n in epochs.items() if n == 2}
                 break
-            time.sleep(0.5)
+            assert proc.poll() is None, ("the search ended before it could be interrupted:\n"
+                                         + (tmp_path / "first-run.log").read_text()[-3000:])
+            time.sleep(0.2)
         else:
             pytest.fail("the search did not reach its second trial in time")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies
         proc.wait()
+        log.close()
         # ...and what is left of its local Ray instance goes too. `ray stop` ends every Ray process
         # on the machine: these tests must not run beside other Ray work.
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
-    before = trial_results(root)
-    done_first = {t: len(rs) for t, rs in before.items() if rs[-1]["epochs_done"] == 2}
+    # (the interrupted trial's workers may finish an epoch before `ray stop` reaches them)
+    checkpoints = {t: sorted(p.name for p in (root / "train_runs" / f"trial-{t}").glob("checkpoint_*"))
+                   for t in finished}
 
     again = run_search(config)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming" in again.stdout
-    after = trial_results(root)
-    for trial, count in done_first.items():
-        assert len(after[trial]) == count, "a finished trial was run again"
-    interrupted = [t for t in before if t not in done_first]
-    for trial in interrupted:
-        epochs = [r["epochs_done"] for r in after[trial]]
-        assert epochs == sorted(set(epochs)) and epochs[-1] == 2, f"{trial} restarted instead of resuming: {epochs}"
+    assert "search: resuming" in again.stdout
+    assert "fit: resuming" in again.stdout, "the interrupted trial restarted instead of resuming"
+    for trial in finished:  # not trained again: no new checkpoint, Tune kept its two results
+        assert sorted(p.name for p in (root / "train_runs" / f"trial-{trial}").glob("checkpoint_*")) == checkpoints[trial]
+        assert [r["epochs_done"] for r in trial_results(root)[trial]] == [1, 2]
     rows = leaderboard(root)
     assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+    assert all(n == 2 for n in trained_epochs(root).values())
 
 
 def test_ray_job_submit_to_a_head_node(train_cache, tmp_path):
