@@ -189,36 +189,37 @@ def base_values(params: list[Param], base: dict) -> dict:
     return {p.key: _get(base, p.key) for p in params}
 
 
-def enumerate_choices(params: list[Param], base: dict) -> list[dict]:
-    """Every combination of the choice parameters (numeric ones at their bounds), for validation."""
-    options: list[list[tuple]] = []
-    keys = []
-    for key in dict.fromkeys(p.key for p in params):
-        group = [p for p in params if p.key == key]
-        values = []
-        for p in group:
-            cond = (p.when, p.case) if p.when else None
-            if p.kind == "choice":
-                values += [(v, cond) for v in p.values]
-            else:
-                cast = int if p.kind in ("int", "logint") else float
-                values += [(cast(p.low), cond), (cast(p.high), cond)]
-        keys.append(key)
-        options.append(values)
+def _values(p: Param) -> list:
+    """The values of a parameter worth checking: every choice, or both bounds."""
+    if p.kind == "choice":
+        return list(p.values)
+    cast = int if p.kind in ("int", "logint") else float
+    return [cast(p.low), cast(p.high)]
+
+
+def enumerate_choices(params: list[Param], keys) -> list[dict]:
+    """Every combination of the values of `keys` that the conditions allow."""
+    keys = [k for k in dict.fromkeys(p.key for p in params) if k in keys]
+    options = [[(v, (p.when, p.case) if p.when else None) for p in params if p.key == key for v in _values(p)]
+               for key in keys]
     combos = []
     for combo in itertools.product(*options):
         chosen = dict(zip(keys, (v for v, _ in combo)))
-        if all(cond is None or chosen.get(cond[0]) == cond[1] for _, cond in combo):
+        if all(cond is None or chosen.get(cond[0], cond[1]) == cond[1] for _, cond in combo):
             combos.append(chosen)
-        if len(combos) > 5000:
-            break
     return combos
 
 
-def validate_space(params: list[Param], base: dict, cache_size: int) -> int:
-    """Check every choice and combination against the schema and registries; returns models checked.
+# Keys whose values only make sense together: they decide which network is built and its input.
+MODEL_KEYS = ("model.arch", "model.encoder", "model.encoder_weights", "model.gate", "data.channels", "data.stride")
 
-    Raises ConfigError naming the key and the offending value before any trial starts.
+
+def validate_space(params: list[Param], base: dict, cache_size: int) -> int:
+    """Check every value against the schema and registries, and every network the space can build.
+
+    Each value is checked on its own against the base config; the model keys are checked jointly
+    (every architecture × encoder × window is built and run once at the cache size). Returns the
+    number of networks checked. Raises ConfigError naming the key and value before any trial starts.
     """
     from gitseg.data.dataset import window_indices
     from gitseg.losses import check_loss_terms
@@ -226,14 +227,16 @@ def validate_space(params: list[Param], base: dict, cache_size: int) -> int:
 
     for p in params:
         _get(base, p.key)
-    combos = enumerate_choices(params, base)
+        for value in _values(p):
+            values = {p.key: value, **({p.when: p.case} if p.when else {})}
+            try:
+                cfg = trial_config(base, values)
+            except ConfigError as exc:
+                raise ConfigError(f"space: {values} gives an invalid config: {exc}") from None
+            check_loss_terms(cfg.train.loss)
     built = set()
-    for values in combos:
-        try:
-            cfg = trial_config(base, values)
-        except ConfigError as exc:
-            raise ConfigError(f"space: {values} gives an invalid config: {exc}") from None
-        check_loss_terms(cfg.train.loss)
+    for values in enumerate_choices(params, MODEL_KEYS) or [{}]:
+        cfg = trial_config(base, values)
         try:
             window_indices(1, cfg.data.channels, cfg.data.stride)
         except ValueError as exc:

@@ -101,3 +101,15 @@ def test_cluster_configs_validate_against_ray_schema():
     broken["max_workerz"] = 2
     with pytest.raises(Exception, match="max_workerz"):
         validate_config(prepare_config(broken))
+
+
+def test_large_space_is_checked_value_by_value():
+    # Many keys (their product is millions of combinations) are still checked in full: a bad
+    # value among the last choices of the last key is found.
+    space = {f"train.{k}": {"uniform": [0.01, 0.9]} for k in ("warmup_epochs", "min_lr_ratio", "gate_weight")}
+    space.update({"train.weight_decay": {"loguniform": [1e-6, 1e-2]}, "data.augment": {"choice": [0, 0.5, 1, 1.5]},
+                  "train.batch_size": {"choice": [4, 8, 16, 32]}, "data.stride": {"choice": [1, 2, 3]},
+                  "train.loss": {"choice": [[{"name": "bce", "weight": 1}], [{"name": "bce", "weight": 1}],
+                                            [{"name": "focal", "weight": 1}], [{"name": "lovaszz", "weight": 1}]]}})
+    with pytest.raises(ConfigError, match="unknown loss 'lovaszz'"):
+        validate_space(parse_space(space), base(), cache_size=64)
