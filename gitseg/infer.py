@@ -94,25 +94,28 @@ def _fold_pairs(model: nn.Module) -> int:
 def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
     """An inference copy of `model`: eval mode, BatchNorm folded into convolutions, channels_last.
 
-    Folding removes a quarter of the CPU time of a Unet/resnet18 forward. The copy is checked
+    Folding removes about a fifth of the CPU time of a Unet/resnet18 forward. The copy is checked
     against the original on a random input and the plain copy is used if they disagree (a
     pattern the folding does not know). The model passed in is left untouched.
     """
     if getattr(model, "gitseg_inference_ready", False):
         return model
-    plain = copy.deepcopy(model).eval()
-    fused = copy.deepcopy(plain)
-    chosen = plain
-    if _fold_pairs(fused):
-        param = next(plain.parameters())
-        in_channels = next(m for m in plain.modules() if isinstance(m, nn.Conv2d)).in_channels
+    chosen = copy.deepcopy(model).eval()
+    if _fold_pairs(chosen):
+        param = next(model.parameters())
+        in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         x = torch.randn(2, in_channels, 64, 64, device=param.device, generator=torch.Generator().manual_seed(0)
                         if param.device.type == "cpu" else None)
-        with torch.inference_mode():
-            ref, _ = split_outputs(plain(x))
-            out, _ = split_outputs(fused(x))
-        if torch.allclose(out, ref, rtol=1e-3, atol=1e-3):
-            chosen = fused
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.inference_mode():
+                ref, _ = split_outputs(model(x))
+                out, _ = split_outputs(chosen(x))
+        finally:
+            model.train(was_training)
+        if not torch.allclose(out, ref, rtol=1e-3, atol=1e-3):
+            chosen = copy.deepcopy(model).eval()  # a pattern the folding got wrong: keep the plain model
     if channels_last:
         chosen = chosen.to(memory_format=torch.channels_last)
     chosen.gitseg_inference_ready = True
