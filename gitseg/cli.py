@@ -67,6 +67,33 @@ def cmd_search(args) -> None:
     run_search(load_search_config(args.config, args.set))
 
 
+def cmd_ensemble(args) -> None:
+    from ensemble.build import build_ensemble
+    from gitseg.tables import format_table
+
+    manifest = build_ensemble(args.run, topk=args.topk, out=args.out, tta=args.tta, method=args.method,
+                              cache_dir=args.cache)
+    holdout = manifest["scores"].get("holdout")
+    if holdout:
+        print(format_table([{k: r[k] for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain")}
+                            for r in holdout["ablation"]], floats="{:.4f}"))
+        print(format_table(holdout["per_class"], floats="{:.4f}"))
+        print(f"ensemble: holdout score {holdout['score']:.4f} on {len(holdout['case_days'])} case-days "
+              f"(kaggle convention)")
+
+
+def cmd_predict(args) -> int:
+    from ensemble.predict import predict_tree
+
+    result = predict_tree(args.ensemble, args.data, args.out, nifti=args.nifti, split=args.split,
+                          device=args.device)
+    if result["failed"]:
+        print(f"gitseg predict: {len(result['failed'])} case-day(s) failed (listed above); the others are in "
+              f"{result['submission']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="search config YAML (see configs/search_demo.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a search setting")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ensemble", help="select refit models, tune thresholds/post-processing on OOF, "
+                                        "evaluate on the holdout")
+    p.add_argument("--run", required=True, help="search folder: <storage_path>/<name> with refit.json")
+    p.add_argument("--topk", type=int, default=5, help="configurations to combine (default 5)")
+    p.add_argument("--out", default=None, help="ensemble folder (default RUN/ensemble)")
+    p.add_argument("--tta", default=None, help="none, hflip or flips (default: the refit's TTA)")
+    p.add_argument("--method", default="topk", choices=("topk", "greedy"),
+                   help="topk: the best configurations by OOF score; greedy: forward selection (Caruana)")
+    p.add_argument("--cache", default=None, help="prepared cache (default: the search's data.cache)")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("predict", help="predict a UWMGI tree: submission.csv and optional NIfTI masks")
+    p.add_argument("--ensemble", required=True, help="ensemble folder made by `gitseg ensemble`")
+    p.add_argument("--data", required=True, help="UWMGI root holding test/ (or train/ with --split train)")
+    p.add_argument("--out", required=True, help="folder for submission.csv")
+    p.add_argument("--nifti", default=None, help="folder for one NIfTI label volume (+ scan) per case-day")
+    p.add_argument("--split", default="test", choices=("test", "train"), help="which tree to read (default test)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -117,11 +164,11 @@ def run_handled(command: str, action) -> int:
     from gitseg.data.uwmgi import DataFormatError
 
     try:
-        action()
+        code = action()
     except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as exc:
         print(f"gitseg {command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 def main(argv=None) -> int:

@@ -179,20 +179,27 @@ def combine(dice: float, hausdorff: float) -> float:
     return DICE_WEIGHT * dice + HAUSDORFF_WEIGHT * (1.0 - hausdorff)
 
 
-def _mean_or(values, default: float) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if len(values) else default
-
-
 def score_terms(dice_rows: np.ndarray, hausdorff_rows) -> dict:
     """Mean Dice over (slice, class) rows and mean Hausdorff over (volume, class) pairs.
 
     When every row is skipped (both masks empty everywhere) the prediction is perfect:
     Dice 1 and Hausdorff 0.
     """
-    dice = _mean_or(dice_rows, 1.0)
-    hausdorff = _mean_or(hausdorff_rows, 0.0)
+    dice_rows = np.asarray(dice_rows, dtype=np.float64)
+    dice_rows = dice_rows[~np.isnan(dice_rows)]
+    hausdorff_rows = np.asarray(hausdorff_rows, dtype=np.float64)
+    hausdorff_rows = hausdorff_rows[~np.isnan(hausdorff_rows)]
+    return score_from_sums(dice_rows.sum(), len(dice_rows), hausdorff_rows.sum(), len(hausdorff_rows))
+
+
+def score_from_sums(dice_sum: float, dice_rows: int, hausdorff_sum: float, hausdorff_rows: int) -> dict:
+    """`score_terms` from running sums and counts of the rows that are not skipped.
+
+    Sums can be kept per class and per candidate (the ensemble's threshold search changes one
+    class at a time) and combined without revisiting the rows.
+    """
+    dice = float(dice_sum / dice_rows) if dice_rows else 1.0
+    hausdorff = float(hausdorff_sum / hausdorff_rows) if hausdorff_rows else 0.0
     return {"dice": dice, "hausdorff": hausdorff, "score": combine(dice, hausdorff)}
 
 

@@ -149,7 +149,7 @@ def _build_job(args):
         return None, [str(exc), *exc.problems]
 
 
-def _problems_by_case_day(problems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+def problems_by_case_day(problems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     by_case_day: dict[str, list[str]] = {}
     loose = []
     for problem in problems:
@@ -176,7 +176,7 @@ def prepare(data_root, out, size: int = 256, folds: int = 5, holdout: float = 0.
         raise ValueError(f"holdout must be a fraction in [0, 1) (got {holdout})")
     out = Path(out)
     slices, problems = index_root(data_root, "train")
-    bad, loose = _problems_by_case_day(problems)
+    bad, loose = problems_by_case_day(problems)
     if problems and not skip_bad:
         raise DataFormatError(
             f"{len(problems)} problem(s) in {data_root} across {len(bad)} case-day(s); fix them or pass "

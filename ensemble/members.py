@@ -1,0 +1,162 @@
+"""The refit's fold models as ensemble candidates: loading, out-of-fold assembly, selection.
+
+A *configuration* is one refit search configuration with one model per fold. Its out-of-fold
+(OOF) probabilities for a case-day come from the one fold model that did not train on it: the
+model of the fold the cache manifest assigns to the case. Nothing here reads another fold's
+files, and holdout case-days have no OOF at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gitseg.data.dataset import Cache
+
+
+@dataclasses.dataclass
+class FoldModel:
+    fold: int
+    checkpoint: Path
+    oof: Path                 # folder of <case_day>.npy, the fold's validation case-days
+    score: float              # the fold's validation score at its best epoch
+
+
+@dataclasses.dataclass
+class Configuration:
+    rank: int                 # position on the search leaderboard (0 = best search trial)
+    trial_id: str
+    values: dict              # the searched values of this configuration
+    folds: dict[int, FoldModel]
+    cv_score: float = math.nan  # competition score of its pooled OOF probabilities at threshold 0.5
+
+    @property
+    def name(self) -> str:
+        return f"rank{self.rank}"
+
+
+def _local(path: str) -> Path:
+    if "://" in str(path):
+        raise ValueError(f"{path} is on remote storage; copy the search folder to this machine (e.g. "
+                         f"`aws s3 sync`) and point --run at the copy")
+    return Path(path)
+
+
+def load_refit(run_dir) -> tuple[dict, list[Configuration], list[str]]:
+    """Search summary (search.json), the refit configurations with every fold, and the problems.
+
+    A configuration missing a fold (its refit failed) cannot give OOF for every case, so it is left
+    out and named among the problems.
+    """
+    run_dir = Path(run_dir)
+    refit_path, search_path = run_dir / "refit.json", run_dir / "search.json"
+    for path in (search_path, refit_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {path.name} in {run_dir}; point --run at the folder of a finished search with its refit "
+                f"(<storage_path>/<name>, holding search.json and refit.json; run `gitseg search --config ...` "
+                f"with refit.topk > 0)")
+    search = json.loads(search_path.read_text())
+    refit = json.loads(refit_path.read_text())
+    folds = list(refit["folds"])
+    by_rank: dict[int, Configuration] = {}
+    problems = []
+    for entry in refit["models"]:
+        conf = by_rank.setdefault(entry["rank"], Configuration(entry["rank"], entry["trial_id"], entry["values"], {}))
+        if entry.get("error") or not entry.get("checkpoint"):
+            problems.append(f"rank{entry['rank']} fold {entry['fold']}: refit failed ({entry.get('error')})")
+            continue
+        conf.folds[entry["fold"]] = FoldModel(entry["fold"], _local(entry["checkpoint"]), _local(entry["oof"]),
+                                              float(entry["score"]))
+    configurations = []
+    for conf in sorted(by_rank.values(), key=lambda c: c.rank):
+        missing = [f for f in folds if f not in conf.folds]
+        if missing:
+            problems.append(f"{conf.name} ({conf.trial_id}) left out: no model for fold(s) {missing}")
+        else:
+            configurations.append(conf)
+    return search, configurations, problems
+
+
+def oof_probs(configs: list[Configuration], weights: list[float], case_day: str, cache: Cache) -> np.ndarray:
+    """Weighted mean OOF probabilities float32 `(3, D, H, W)` of one non-holdout case-day."""
+    entry = cache.entries[case_day]
+    if entry["holdout"]:
+        raise ValueError(f"{case_day} is a holdout case-day: it has no out-of-fold probabilities")
+    fold = entry["fold"]  # the manifest's split, never recomputed
+    total = None
+    for conf, weight in zip(configs, weights):
+        path = conf.folds[fold].oof / f"{case_day}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"{conf.name} fold {fold} has no out-of-fold probabilities {path}; re-run the refit")
+        probs = np.load(path).astype(np.float32) * weight
+        total = probs if total is None else total + probs
+    return total / float(sum(weights))
+
+
+def oof_volumes(configs, weights, cache: Cache) -> Callable:
+    """A loader for `postprocess.tune`: yields (OOF probabilities, ground truth) per case-day."""
+    def load():
+        for case_day in cache.case_days():
+            yield oof_probs(configs, weights, case_day, cache), cache.original_masks(case_day)
+    return load
+
+
+def oof_score(configs, weights, cache: Cache, threshold: float = 0.5) -> float:
+    """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
+    from ensemble.postprocess import _row_sums, total_score
+
+    sums = np.zeros((3, 4))
+    for probs, gt in oof_volumes(configs, weights, cache)():
+        for c in range(3):
+            sums[c] += _row_sums(probs[c] >= threshold, gt[c])
+    return total_score(sums)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_topk(configs: list[Configuration], k: int) -> tuple[list[Configuration], list[float], list[str]]:
+    """The k configurations with the best cross-validated (OOF) score, equal weights."""
+    if k < 1:
+        raise ValueError(f"--topk must be at least 1 (got {k})")
+    ranked = sorted(configs, key=lambda c: -c.cv_score if not math.isnan(c.cv_score) else math.inf)
+    chosen = ranked[:k]
+    log = [f"{c.name} ({c.trial_id}): OOF score {c.cv_score:.4f}" + (" selected" if c in chosen else "")
+           for c in ranked]
+    return chosen, [1.0] * len(chosen), log
+
+
+def select_greedy(configs: list[Configuration], k: int, score_of: Callable) -> tuple[list, list[float], list[str]]:
+    """Caruana's forward selection with replacement: add the configuration that most raises the
+    OOF ensemble score, at most k additions, stop when no addition helps. Weights are the counts.
+
+    `score_of(configs, weights)` scores a candidate ensemble (the OOF competition score).
+    """
+    if k < 1:
+        raise ValueError(f"--topk must be at least 1 (got {k})")
+    counts: dict[str, int] = {}
+    by_name = {c.name: c for c in configs}
+    best_score, log = -math.inf, []
+    for step in range(k):
+        trials = []
+        for conf in configs:
+            trial = dict(counts)
+            trial[conf.name] = trial.get(conf.name, 0) + 1
+            members = [by_name[n] for n in trial]
+            trials.append((score_of(members, [float(trial[n]) for n in trial]), conf.name, trial))
+        score, name, trial = max(trials, key=lambda t: t[0])
+        if score <= best_score:
+            log.append(f"step {step + 1}: no addition raises the OOF score ({best_score:.4f}); stop")
+            break
+        log.append(f"step {step + 1}: add {name} -> OOF score {score:.4f} "
+                   f"(candidates: {', '.join(f'{n} {s:.4f}' for s, n, _ in trials)})")
+        counts, best_score = trial, score
+    chosen = [by_name[n] for n in counts]
+    return chosen, [float(counts[c.name]) for c in chosen], log

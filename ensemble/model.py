@@ -1,0 +1,127 @@
+"""A self-contained ensemble folder: manifest + copied fold checkpoints, and the model it loads into.
+
+  <ensemble>/ensemble.json         members and weights, TTA, post-processing, preprocessing,
+                                   metric convention, scores
+  <ensemble>/models/<name>.pt      the members' checkpoints (flat gitseg schema)
+
+Copying the folder is enough to predict elsewhere: paths in the manifest are relative to it and
+each checkpoint carries its own config and preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ensemble.postprocess import PostProcess, apply
+from gitseg.data.cache import preprocess_volume
+from gitseg.infer import predict_volume, prepare_for_inference
+from gitseg.train import default_device, load_checkpoint, model_from_checkpoint
+
+MANIFEST = "ensemble.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclasses.dataclass
+class Member:
+    file: str            # checkpoint, relative to the ensemble folder
+    weight: float
+    size: int            # network input size (cache size it was trained at)
+    channels: int        # 2.5D window
+    stride: int
+    configuration: str   # e.g. rank0: the refit configuration it belongs to
+    fold: int
+    sha256: str = ""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def member_from_checkpoint(path: Path, file: str, weight: float, configuration: str) -> Member:
+    state = load_checkpoint(path)
+    pre = state["preprocessing"]
+    return Member(file=file, weight=weight, size=int(pre["size"]), channels=int(pre["channels"]),
+                  stride=int(pre["stride"]), configuration=configuration, fold=int(state["fold"]))
+
+
+class EnsembleModel:
+    """Members averaged in probability space (weighted), with TTA, then post-processing."""
+
+    def __init__(self, folder, manifest: dict, device=None):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.members = [Member(**m) for m in manifest["members"]]
+        self.tta = manifest["tta"]
+        self.post = PostProcess.from_dict(manifest["postprocess"])
+        self.device = torch.device(device) if device is not None else default_device()
+        self._models: dict[str, torch.nn.Module] = {}
+
+    @classmethod
+    def load(cls, folder, device=None, verify: bool = True) -> "EnsembleModel":
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {folder}; build an ensemble with "
+                                    f"`gitseg ensemble --run SEARCH_DIR --out {folder}`")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{path} is not a gitseg ensemble manifest of format {MANIFEST_FORMAT}")
+        model = cls(folder, manifest, device)
+        for m in model.members:
+            file = folder / m.file
+            if not file.is_file():
+                raise FileNotFoundError(f"ensemble member {file} is missing; copy the whole ensemble folder")
+            if verify and m.sha256 and sha256(file) != m.sha256:
+                raise ValueError(f"ensemble member {file} does not match its checksum in {MANIFEST}; "
+                                 f"the folder was modified or copied incompletely")
+        return model
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({m.size for m in self.members})
+
+    def network(self, member: Member) -> torch.nn.Module:
+        """The member's model, rebuilt from its checkpoint and prepared for inference once."""
+        if member.file not in self._models:
+            state = load_checkpoint(self.folder / member.file)
+            self._models[member.file] = prepare_for_inference(model_from_checkpoint(state, self.device))
+        return self._models[member.file]
+
+    def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
+        """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size`.
+
+        `inputs` maps each input size to the preprocessed volume `(D, S, S)`; `members` defaults to
+        all (pass a subset for ablations). Members sharing a window are run together.
+        """
+        members = self.members if members is None else members
+        tta = self.tta if tta is None else tta
+        groups: dict[tuple, list[Member]] = {}
+        for m in members:
+            groups.setdefault((m.size, m.channels, m.stride), []).append(m)
+        total, weight_sum = None, 0.0
+        for (size, channels, stride), group in groups.items():
+            if size not in inputs:
+                raise ValueError(f"no input at {size} px for members {[m.file for m in group]}")
+            weights = [m.weight for m in group]
+            p = predict_volume([self.network(m) for m in group], inputs[size], channels, stride, out_size=out_size,
+                               tta=tta, weights=weights, device=self.device).astype(np.float32)
+            p *= sum(weights)
+            total = p if total is None else total + p
+            weight_sum += sum(weights)
+        return total / weight_sum
+
+    def predict_scan(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`."""
+        inputs = {size: preprocess_volume(image, size) for size in self.sizes}
+        probs = self.probs(inputs, out_size=image.shape[1:])
+        return probs.astype(np.float16), apply(probs, self.post)

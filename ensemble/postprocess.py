@@ -1,0 +1,260 @@
+"""From probabilities to masks: per-class thresholds, small-component removal, empty-slice rule.
+
+`apply` is what prediction runs. `tune` chooses the parameters on out-of-fold probabilities
+against the full competition metric, one step at a time, and keeps a step only if it raises the
+out-of-fold score.
+
+Why it is fast: the score is a ratio of sums over rows (Dice per slice and class, Hausdorff per
+volume and class), so the sums are kept per class and per candidate and every combination of
+per-class choices is scored without touching a voxel. Within a class, a candidate whose mask is
+provably the same as one already scored reuses that score: a higher threshold that keeps the same
+number of voxels, a larger minimum size that removes the same components, a larger pixel minimum
+that empties the same slices. Only genuinely new masks pay for a Hausdorff distance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from gitseg.data.uwmgi import CLASSES
+from gitseg.metrics import dice_counts, dice_from_counts, hausdorff_3d, score_from_sums
+
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
+MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
+MIN_PIXELS = (0, 5, 10, 20, 40, 80, 160)         # predicted pixels below which a slice is emptied
+# 26-connectivity: voxels touching at an edge or a corner are one component (thin bowel loops
+# cross slices diagonally).
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+
+
+@dataclasses.dataclass
+class PostProcess:
+    """Per-class parameters, class order CLASSES."""
+
+    thresholds: list[float] = dataclasses.field(default_factory=lambda: [0.5] * len(CLASSES))
+    min_size: list[int] = dataclasses.field(default_factory=lambda: [0] * len(CLASSES))    # 0: off
+    min_pixels: list[int] = dataclasses.field(default_factory=lambda: [0] * len(CLASSES))  # 0: off
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PostProcess":
+        post = cls(**{k: list(v) for k, v in data.items() if k in ("thresholds", "min_size", "min_pixels")})
+        for name in ("thresholds", "min_size", "min_pixels"):
+            if len(getattr(post, name)) != len(CLASSES):
+                raise ValueError(f"post-processing {name} needs one value per class {CLASSES}")
+        return post
+
+
+def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop 3D connected components of `mask` `(D, H, W)` with fewer than `min_size` voxels."""
+    if min_size <= 0 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, _CONNECTIVITY)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labels]
+
+
+def empty_sparse_slices(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Empty the slices of `mask` `(D, H, W)` that have fewer than `min_pixels` positive pixels."""
+    if min_pixels <= 0:
+        return mask
+    counts = mask.reshape(len(mask), -1).sum(axis=1)
+    return mask & (counts >= min_pixels)[:, None, None]
+
+
+def class_mask(prob: np.ndarray, threshold: float, min_size: int = 0, min_pixels: int = 0) -> np.ndarray:
+    """bool `(D, H, W)` from one class's probabilities `(D, H, W)`, the steps in order."""
+    mask = prob >= threshold
+    mask = remove_small_components(mask, min_size)
+    return empty_sparse_slices(mask, min_pixels)
+
+
+def apply(probs: np.ndarray, post: PostProcess) -> np.ndarray:
+    """bool masks `(3, D, H, W)` from probabilities `(3, D, H, W)`."""
+    return np.stack([class_mask(probs[c], post.thresholds[c], post.min_size[c], post.min_pixels[c])
+                     for c in range(len(CLASSES))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning on out-of-fold probabilities
+
+
+def _row_sums(mask: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """What one (volume, class) adds to the score: [Dice sum, Dice rows, Hausdorff sum, Hausdorff rows]."""
+    dice = dice_from_counts(dice_counts(mask, gt))
+    valid = ~np.isnan(dice)
+    hd = hausdorff_3d(mask, gt)
+    return np.array([dice[valid].sum(), valid.sum(), 0.0 if np.isnan(hd) else hd, 0.0 if np.isnan(hd) else 1.0])
+
+
+def total_score(sums: np.ndarray) -> float:
+    """Competition score from per-class sums `(C, 4)`."""
+    return score_from_sums(*sums.sum(axis=0))["score"]
+
+
+def _choose(sums: np.ndarray, current: list[int]) -> list[int]:
+    """Per-class candidate indices maximising the total score, from sums `(C, K, 4)`.
+
+    Coordinate ascent: the classes interact only through the shared denominators, so a few rounds
+    settle. A candidate replaces the current one only if it scores strictly higher (ties keep the
+    earlier, simpler choice).
+    """
+    chosen = list(current)
+    for _ in range(10):
+        changed = False
+        for c in range(sums.shape[0]):
+            base = [sums[k, chosen[k]] for k in range(sums.shape[0])]
+            best_k, best = chosen[c], total_score(np.array(base))
+            for k in range(sums.shape[1]):
+                base[c] = sums[c, k]
+                score = total_score(np.array(base))
+                if score > best + 1e-12:
+                    best_k, best = k, score
+            if best_k != chosen[c]:
+                chosen[c], changed = best_k, True
+        if not changed:
+            break
+    return chosen
+
+
+def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.ndarray, int, int]:
+    """Sums `(C, K, 4)` over volumes for K candidates per class.
+
+    `masks_for(prob, c, candidates)` yields `(key, mask)` per candidate, where equal keys promise
+    equal masks; a mask is scored once per key. Returns the sums, the masks scored and the
+    candidate evaluations.
+    """
+    sums = np.zeros((len(CLASSES), len(candidates), 4))
+    scored = evaluated = 0
+    for probs, gt in volumes:
+        for c in range(len(CLASSES)):
+            seen: dict = {}
+            for k, (key, mask) in enumerate(masks_for(probs[c], c, candidates)):
+                evaluated += 1
+                if key not in seen:
+                    seen[key] = _row_sums(mask(), gt[c])
+                    scored += 1
+                sums[c, k] += seen[key]
+    return sums, scored, evaluated
+
+
+def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES, min_pixels=MIN_PIXELS,
+         log=print) -> tuple[PostProcess, list[dict]]:
+    """Tune thresholds, then minimum component size, then the empty-slice rule, on out-of-fold data.
+
+    `load_volumes()` yields `(probs (3, D, H, W), gt bool (3, D, H, W))` pairs; it is called once per
+    step so the volumes need not fit in memory together. Returns the parameters and one record per
+    step (score before and after, kept or not, masks scored vs candidates evaluated).
+    """
+    thresholds, min_sizes, min_pixels = list(thresholds), list(min_sizes), list(min_pixels)
+    post = PostProcess()
+    steps = []
+
+    def threshold_masks(prob, c, candidates):
+        prob = np.asarray(prob, dtype=np.float32)
+        for t in candidates:
+            mask = prob >= t
+            # Masks shrink as the threshold grows: the same voxel count means the same mask.
+            yield int(np.count_nonzero(mask)), (lambda m=mask: m)
+
+    start = [thresholds.index(0.5)] if 0.5 in thresholds else [0]
+    sums, scored, evaluated = _stage_sums(load_volumes(), thresholds, threshold_masks)
+    default = start * len(CLASSES)
+    chosen = _choose(sums, default)
+    post.thresholds = [float(thresholds[k]) for k in chosen]
+    steps.append(_record("thresholds", sums, default, chosen, scored, evaluated, post.thresholds, kept=True))
+    log(f"ensemble: thresholds {post.thresholds}  OOF score {steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f}")
+
+    def size_masks(prob, c, candidates):
+        mask = np.asarray(prob, dtype=np.float32) >= post.thresholds[c]
+        labels, n = ndimage.label(mask, _CONNECTIVITY) if mask.any() else (None, 0)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
+        for m in candidates:
+            # Larger minimums remove a superset of components: the same count means the same mask.
+            removed = int((sizes < m).sum()) if m > 0 else 0
+            yield removed, (lambda m=m: np.concatenate([[False], sizes >= m])[labels] if n else mask)
+
+    sums, scored, evaluated = _stage_sums(load_volumes(), min_sizes, size_masks)
+    post.min_size = _keep_if_better(sums, min_sizes, steps, "min_size", scored, evaluated)
+    log(f"ensemble: minimum component size {post.min_size}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
+        f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
+
+    def pixel_masks(prob, c, candidates):
+        mask = class_mask(np.asarray(prob, dtype=np.float32), post.thresholds[c], post.min_size[c])
+        counts = mask.reshape(len(mask), -1).sum(axis=1)
+        for p in candidates:
+            emptied = int(((counts > 0) & (counts < p)).sum())
+            yield emptied, (lambda p=p: empty_sparse_slices(mask, p))
+
+    sums, scored, evaluated = _stage_sums(load_volumes(), min_pixels, pixel_masks)
+    post.min_pixels = _keep_if_better(sums, min_pixels, steps, "min_pixels", scored, evaluated)
+    log(f"ensemble: empty-slice minimum pixels {post.min_pixels}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
+        f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
+    return post, steps
+
+
+def _keep_if_better(sums, candidates, steps, name, scored, evaluated) -> list[int]:
+    off = [candidates.index(0)] * len(CLASSES)  # candidate 0 (off) reproduces the previous step
+    chosen = _choose(sums, off)
+    values = [int(candidates[k]) for k in chosen]
+    record = _record(name, sums, off, chosen, scored, evaluated, values, kept=False)
+    record["kept"] = record["after"] > record["before"]
+    if not record["kept"]:
+        values = [0] * len(CLASSES)
+        record["values"] = values
+    steps.append(record)
+    return values
+
+
+def _record(name, sums, before, after, scored, evaluated, values, kept) -> dict:
+    pick = lambda idx: np.array([sums[c, k] for c, k in enumerate(idx)])  # noqa: E731
+    return {"step": name, "values": values, "before": total_score(pick(before)), "after": total_score(pick(after)),
+            "kept": kept, "masks_scored": scored, "candidates_evaluated": evaluated}
+
+
+def tune_naive(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES,
+               min_pixels=MIN_PIXELS) -> PostProcess:
+    """The benchmark baseline: the same search, every candidate scored from scratch with `apply`.
+
+    Same coordinate ascent over classes, but each evaluation post-processes and scores all volumes
+    and classes again. Kept only to check `tune` against (same optimum) and to time it.
+    """
+    from gitseg.metrics import competition_score
+
+    def score(post):
+        preds, gts = {}, {}
+        for i, (probs, gt) in enumerate(load_volumes()):
+            masks = apply(np.asarray(probs, dtype=np.float32), post)
+            for c, cls in enumerate(CLASSES):
+                preds[(i, cls)], gts[(i, cls)] = masks[c], gt[c]
+        return competition_score(preds, gts)["score"]
+
+    post = PostProcess()
+    for name, grid in (("thresholds", thresholds), ("min_size", min_sizes), ("min_pixels", min_pixels)):
+        values = list(getattr(post, name))
+        start = score(post)
+        for _ in range(10):
+            changed = False
+            for c in range(len(CLASSES)):
+                best_v, best = values[c], score(dataclasses.replace(post, **{name: values}))
+                for v in grid:
+                    trial = values[:c] + [v] + values[c + 1:]
+                    s = score(dataclasses.replace(post, **{name: trial}))
+                    if s > best + 1e-12:
+                        best_v, best = v, s
+                if best_v != values[c]:
+                    values[c], changed = best_v, True
+            if not changed:
+                break
+        candidate = dataclasses.replace(post, **{name: values})
+        if name == "thresholds" or score(candidate) > start:
+            post = candidate
+    return post
