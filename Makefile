@@ -10,11 +10,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job on the embedded default: synthetic data, prepared cache, data summary.
+# The main job on the embedded default: synth, prepare, search + refit on local Ray, ensemble, report.
 demo: $(STAMP)
-	$(VENV)/bin/gitseg synth --out runs/demo/data --cases 10 --days 3 --size 128 --overwrite
-	$(VENV)/bin/gitseg prepare --data runs/demo/data --out runs/demo/cache --size 128 --folds 3
-	$(VENV)/bin/gitseg summary --cache runs/demo/cache
+	$(VENV)/bin/gitseg demo --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
@@ -24,6 +22,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_loader.py
 	$(VENV)/bin/python benchmarks/bench_infer.py
 	$(VENV)/bin/python benchmarks/bench_train.py
+	$(VENV)/bin/python benchmarks/bench_ensemble.py
 	$(VENV)/bin/python benchmarks/bench_asha.py
 
 clean:

@@ -1,13 +1,14 @@
 """ASHA vs the same search without early stopping, and the per-trial overhead of Ray.
 
-Both searches run the same space, seed, number of trials and epochs on the same tiny synthetic
-data (2-worker DDP trials on a local Ray instance): one with ASHA, one with FIFO (every trial runs
-all its epochs). Prints the trial-epochs each spent and the best validation score each reached,
-as ratios. Overhead: per trial, the time Tune measured for the trial minus the time its epochs
+Both searches run exactly the same configurations in the same order (drawn once from the space
+with a seeded generator and given as `points`, so neither searcher's suggestions differ between
+the arms), the same epochs, on the same synthetic data (2-worker DDP trials on a local Ray
+instance): one with ASHA, one with FIFO (every trial runs all its epochs). Prints the
+trial-epochs each spent and the best validation score each reached, as ratios. Overhead: per trial, the time Tune measured for the trial minus the time its epochs
 took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
 --demo-cache also for one trial of the demo configuration (configs/demo.yaml, one epoch).
 
-    python benchmarks/bench_asha.py [--trials 24] [--epochs 6] [--demo-cache runs/demo/cache]
+    python benchmarks/bench_asha.py [--trials 20] [--epochs 8] [--demo-cache runs/demo/cache]
 """
 
 from __future__ import annotations
@@ -26,8 +27,22 @@ from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
 
 
+SPACE = {"train.lr": {"loguniform": [1e-4, 3e-2]}, "model.arch": {"choice": ["Unet", "FPN"]},
+         "train.weight_decay": {"loguniform": [1e-6, 1e-2]}}
+
+
+def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
+    """n configurations drawn once from SPACE: both arms evaluate exactly these."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [{"train.lr": float(np.exp(rng.uniform(np.log(1e-4), np.log(3e-2)))),
+             "model.arch": str(rng.choice(["Unet", "FPN"])),
+             "train.weight_decay": float(np.exp(rng.uniform(np.log(1e-6), np.log(1e-2))))} for _ in range(n)]
+
+
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
-           space=None, reduction_factor: int = 4) -> dict:
+           space=None, reduction_factor: int = 4, grace_period: int = 1, points=None) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
             # 16 steps per epoch: enough that trials differ after one epoch (with fewer, many score
@@ -39,11 +54,9 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
     settings = {"name": name, "base": str(tmp / f"{name}-base.yaml"), "storage_path": str(tmp / "storage"),
                 "num_samples": trials, "num_cpus": 3, "seed": 0, "max_failures": 0,
                 "workers": {"num_workers": 2, "cpus_per_worker": 1},
-                "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": reduction_factor},
-                "refit": {"topk": 0},
-                "space": space or {"train.lr": {"loguniform": [1e-5, 3e-2]},
-                                   "model.arch": {"choice": ["Unet", "FPN"]},
-                                   "train.weight_decay": {"loguniform": [1e-6, 1e-2]}}}
+                "asha": {"enabled": asha, "grace_period": grace_period, "reduction_factor": reduction_factor},
+                "refit": {"topk": 0}, "points": points or [],
+                "space": space or SPACE}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     start = time.perf_counter()
@@ -62,9 +75,10 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA's reduction factor (default 4)")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's grace period in epochs (default 1)")
     parser.add_argument("--demo-cache", default=None,
                         help="also time one 1-epoch trial of configs/demo.yaml on this prepared cache")
     args = parser.parse_args()
@@ -72,11 +86,14 @@ def main() -> None:
         tmp = Path(tmp)
         write_dataset(tmp / "data", cases=6, days=1, slices=32, size=64, seed=1, test_cases=0)
         prepare(tmp / "data", tmp / "cache", size=64, folds=2, holdout=0.0, log=lambda *_: None)
-        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False)
-        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True,
-                      reduction_factor=args.reduction_factor)
-        print(f"{args.trials} trials x up to {args.epochs} epochs, 2-worker DDP on CPU, tiny synthetic data, "
-              f"one trial at a time; ASHA grace period 1, reduction factor {args.reduction_factor}")
+        # The base configuration is trial 1; the other trials are fixed draws, identical in both arms.
+        points = fixed_configurations(args.trials - 1)
+        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, points=points)
+        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True, points=points,
+                      reduction_factor=args.reduction_factor, grace_period=args.grace_period)
+        print(f"{args.trials} trials (the same configurations in both arms) x up to {args.epochs} epochs, 2-worker "
+              f"DDP on CPU, tiny synthetic data, one trial at a time; ASHA grace period {args.grace_period}, "
+              f"reduction factor {args.reduction_factor}")
         for name, run in (("no early stopping", fifo), ("ASHA", asha)):
             epochs = sum(t["epochs"] for t in run["trials"])
             best = max(t["best"] for t in run["trials"])

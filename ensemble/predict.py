@@ -50,9 +50,19 @@ def write_nifti(path: Path, volume: np.ndarray, spacing) -> None:
     tmp.replace(path)
 
 
-def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", device=None, log=say) -> dict:
-    """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]}}."""
-    model = EnsembleModel.load(ensemble_dir, device)
+def predict_case_day(model: EnsembleModel, image: np.ndarray, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Masks bool `(3, D, H, W)` and, if asked, the NIfTI label volume of one raw scan."""
+    probs, masks = model.predict_scan(image)
+    return masks, (label_volume(probs, masks) if with_labels else None)
+
+
+def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", device=None, ray_address=None,
+                 log=say) -> dict:
+    """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]}}.
+
+    `ray_address` ("auto" for a running cluster, "local" for a local instance) spreads the volumes
+    over the cluster's workers, one GPU each where the cluster has GPUs; None predicts in-process.
+    """
     slices, problems = index_root(data_root, split)
     bad, loose = problems_by_case_day(problems)
     failed: dict[str, list[str]] = {cd: msgs for cd, msgs in bad.items()}
@@ -65,25 +75,36 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
         nifti.mkdir(parents=True, exist_ok=True)
     submission = out / "submission.csv"
     case_days = [cd for cd in dict.fromkeys(slices["case_day"]) if cd not in failed]
+
+    def volumes():
+        for case_day in case_days:
+            try:
+                yield case_day, volume_from_rows(slices[slices["case_day"] == case_day])
+            except (DataFormatError, OSError, ValueError) as exc:
+                yield case_day, exc
+
+    if ray_address:
+        results = _predict_on_ray(ensemble_dir, volumes(), ray_address, nifti is not None, log)
+    else:
+        model = EnsembleModel.load(ensemble_dir, device)
+        results = ((cd, v, v if isinstance(v, Exception) else _guard(predict_case_day, model, v.image, nifti is not None))
+                   for cd, v in volumes())
     written = []
     with open(submission, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(SUBMISSION_COLUMNS)
         f.flush()
-        for i, case_day in enumerate(case_days):
-            try:
-                volume = volume_from_rows(slices[slices["case_day"] == case_day])
-                probs, masks = model.predict_scan(volume.image)
-            except (DataFormatError, OSError, ValueError) as exc:
-                failed[case_day] = [str(exc), *getattr(exc, "problems", [])]
-                log(f"predict: {case_day} failed: {exc}")
+        for i, (case_day, volume, result) in enumerate(results):
+            if isinstance(result, Exception):
+                failed[case_day] = [str(result), *getattr(result, "problems", [])]
+                log(f"predict: {case_day} failed: {result}")
                 continue
-            rows = [(sid, cls, rle_encode(masks[c, z]))
-                    for z, sid in enumerate(volume.slice_ids) for c, cls in enumerate(CLASSES)]
-            writer.writerows(rows)
+            masks, labels = result
+            writer.writerows((sid, cls, rle_encode(masks[c, z]))
+                             for z, sid in enumerate(volume.slice_ids) for c, cls in enumerate(CLASSES))
             f.flush()
             if nifti:
-                write_nifti(nifti / f"{case_day}.nii.gz", label_volume(probs, masks), volume.spacing)
+                write_nifti(nifti / f"{case_day}.nii.gz", labels, volume.spacing)
                 write_nifti(nifti / f"{case_day}_scan.nii.gz", volume.image, volume.spacing)
             written.append(case_day)
             log(f"predict: {i + 1}/{len(case_days)} {case_day} ({len(volume.slice_ids)} slices)")
@@ -93,3 +114,67 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     log(f"predict: {submission}: {len(written)} case-day(s)" + (f"; {len(failed)} failed" if failed else "")
         + (f"; NIfTI in {nifti}" if nifti else ""))
     return {"written": written, "failed": failed, "submission": str(submission)}
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except (DataFormatError, OSError, ValueError) as exc:
+        return exc
+
+
+# ---------------------------------------------------------------------------------------------
+# On a Ray cluster: the driver reads the scans (so workers need no access to the data), each
+# worker rebuilds the ensemble once from its files in the object store and predicts whole volumes.
+
+_WORKER_MODELS: dict[str, EnsembleModel] = {}
+
+
+def _ensemble_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and (p.name == "ensemble.json" or p.parent.name == "models")}
+
+
+def _worker_predict(files: dict, image: np.ndarray, with_labels: bool):
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(files["ensemble.json"]).hexdigest()
+    if key not in _WORKER_MODELS:  # once per worker process
+        folder = Path(tempfile.mkdtemp(prefix="gitseg-ensemble-"))
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        _WORKER_MODELS[key] = EnsembleModel.load(folder)
+    return predict_case_day(_WORKER_MODELS[key], image, with_labels)
+
+
+def _predict_on_ray(ensemble_dir, volumes, address: str, with_labels: bool, log):
+    """Yield (case_day, volume, result) in input order, predicting up to 2 volumes per slot at once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, log_to_driver=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    slots = int(gpus) if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1)(_worker_predict)
+    files = ray.put(_ensemble_files(Path(ensemble_dir)))
+    log(f"predict: on Ray, {slots} {'GPU' if gpus else 'CPU'} slot(s)")
+    pending = []  # (case_day, volume, ref) in input order
+
+    def result_of(item):
+        case_day, volume, ref = item
+        if isinstance(volume, Exception):
+            return case_day, volume, volume
+        try:
+            return case_day, volume, ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the task raised, or its worker died twice
+            return case_day, volume, RuntimeError(str(exc).strip().splitlines()[-1])
+
+    for case_day, volume in volumes:
+        ref = None if isinstance(volume, Exception) else task.remote(files, volume.image, with_labels)
+        pending.append((case_day, volume, ref))
+        if len(pending) >= 2 * slots:
+            yield result_of(pending.pop(0))
+    for item in pending:
+        yield result_of(item)

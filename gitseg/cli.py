@@ -86,12 +86,24 @@ def cmd_predict(args) -> int:
     from ensemble.predict import predict_tree
 
     result = predict_tree(args.ensemble, args.data, args.out, nifti=args.nifti, split=args.split,
-                          device=args.device)
+                          device=args.device, ray_address=args.ray)
     if result["failed"]:
         print(f"gitseg predict: {len(result['failed'])} case-day(s) failed (listed above); the others are in "
               f"{result['submission']}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_report(args) -> None:
+    from ensemble.report import build_report
+
+    build_report(args.run, ensemble_dir=args.ensemble, out=args.out)
+
+
+def cmd_demo(args) -> None:
+    from ensemble.demo import run_demo
+
+    run_demo(out=args.out, trials=args.trials, epochs=args.epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nifti", default=None, help="folder for one NIfTI label volume (+ scan) per case-day")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which tree to read (default test)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="spread volumes over a Ray cluster: auto (the running cluster), an address, or local")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="static HTML/Markdown/CSV report of a search and its ensemble")
+    p.add_argument("--run", required=True, help="search folder: <storage_path>/<name>")
+    p.add_argument("--ensemble", default=None, help="ensemble folder (default RUN/ensemble when present)")
+    p.add_argument("--out", default=None, help="report folder (default RUN/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data: synth, prepare, search, refit, "
+                                    "ensemble, report")
+    p.add_argument("--out", default="runs/demo", help="folder for everything (default runs/demo)")
+    p.add_argument("--trials", type=int, default=None, help="search trials (default: configs/search_demo.yaml)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: configs/demo.yaml)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -193,12 +193,19 @@ def leaderboard(results, params, base: dict) -> list[dict]:
         trial_id = metrics.get("trial_id") or Path(result.path).name
         row = {"trial_id": trial_id, "config": " ".join(f"{k}={_short(v)}" for k, v in values.items()),
                "best_score": math.nan, "best_epoch": None, "epochs_run": 0, "status": "failed",
-               "checkpoint": "", "error": "", "values": values}
+               "checkpoint": "", "error": "", "values": values, "history": [], "time_s": math.nan}
         if frame is not None and "score" in frame and len(frame):
             scored = frame.dropna(subset=["score"])
             best = scored.loc[scored["score"].idxmax()]
             row.update(best_score=float(best["score"]), best_epoch=int(best["epoch"]) + 1,
                        epochs_run=int(scored["epochs_done"].max()))
+            # Per-epoch scores for the report (learning curves, ASHA's stops).
+            row["history"] = [{"epoch": int(r["epoch"]) + 1, "score": float(r["score"]), "dice": float(r["dice"]),
+                               "hausdorff": float(r["hausdorff"])} for _, r in scored.iterrows()]
+            if "time_total_s" in scored:
+                row["time_s"] = float(scored["time_total_s"].max())
+            if "timestamp" in scored:
+                row["started"] = float(scored["timestamp"].min() - scored["time_total_s"].min())
         if metrics.get("checkpoint_path"):
             row["checkpoint"] = f"{metrics['checkpoint_path']}/best.pt"
         if result.error is not None:

@@ -246,3 +246,18 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capsys):
                  "--out", str(tmp_path / "p")]) == 0
     assert main(["ensemble", "--run", str(tmp_path), "--topk", "1"]) == 2
     assert "refit.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_spread_over_ray_matches_in_process(built, synth_root, tmp_path):
+    import ray
+
+    out, _ = built
+    local = predict_tree(out, synth_root, tmp_path / "local", nifti=tmp_path / "nii_local", **QUIET)
+    try:
+        spread = predict_tree(out, synth_root, tmp_path / "ray", nifti=tmp_path / "nii_ray", ray_address="local",
+                              **QUIET)
+    finally:
+        ray.shutdown()
+    assert spread["written"] == local["written"] and not spread["failed"]
+    assert (tmp_path / "ray" / "submission.csv").read_text() == (tmp_path / "local" / "submission.csv").read_text()
