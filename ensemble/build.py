@@ -28,6 +28,7 @@ from ensemble.postprocess import PostProcess, _row_sums, apply, tune
 from gitseg import __version__
 from gitseg.data.dataset import Cache
 from gitseg.data.uwmgi import CLASSES
+from gitseg.files import staged_folder
 from gitseg.infer import TTA_SETS
 from gitseg.metrics import assd_mm, dice_3d, hd95_mm, score_from_sums
 from gitseg.progress import say
@@ -177,10 +178,8 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
     tune_seconds = time.perf_counter() - tune_start
 
     # The folder is staged next to `out` and moved in only when complete.
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "models").mkdir(parents=True)
-    try:
+    with staged_folder(out) as staging:
+        (staging / "models").mkdir()
         members = []
         for conf, weight in zip(chosen, weights):
             for fold, fm in sorted(conf.folds.items()):
@@ -270,11 +269,5 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
         manifest["machine"] = {"python": platform.python_version(), "platform": platform.platform(),
                                "cpus": os.cpu_count()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"ensemble: wrote {out} ({len(members)} models)")
     return manifest

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from gitseg.data.cache import split_summary
 from gitseg.data.dataset import Cache
 from gitseg.data.uwmgi import CLASSES
+from gitseg.files import staged_folder
 from gitseg.metrics import score_from_sums
 from gitseg.progress import say
 
@@ -296,16 +296,8 @@ def build_report(run_dir, ensemble_dir=None, out=None, log=say) -> Path:
     if ensemble_dir is None and (run_dir / "ensemble" / "ensemble.json").is_file():
         ensemble_dir = run_dir / "ensemble"
     out = Path(out) if out is not None else run_dir / "report"
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(out) as staging:
         _write(run_dir, Path(ensemble_dir) if ensemble_dir else None, staging, log)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"report: {out / 'index.html'}")
     return out / "index.html"
 

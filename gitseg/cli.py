@@ -195,7 +195,7 @@ def run_handled(command: str, action) -> int:
     except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as exc:
         print(f"gitseg {command}: error: {exc}", file=sys.stderr)
         return 2
-    return code or 0
+    return code if isinstance(code, int) else 0  # handlers may return an exit code; other values are results
 
 
 def main(argv=None) -> int:
