@@ -68,7 +68,9 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
     trials_out = []
     for result in (root / "tune").glob("*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        trials_out.append({"epochs": max(r["epochs_done"] for r in rows), "best": max(r["score"] for r in rows),
+        index = int(result.parent.name.split("_")[3])  # search_trial_<id>_<N>_...: the N-th configuration
+        trials_out.append({"index": index, "epochs": max(r["epochs_done"] for r in rows),
+                           "best": max(r["score"] for r in rows), "first": rows[0]["score"],
                            "trial_time": rows[-1]["time_total_s"], "epoch_time": sum(r["epoch_time"] for r in rows)})
     return {"wall": wall, "trials": trials_out}
 
@@ -104,6 +106,14 @@ def main() -> None:
         b_asha = max(t["best"] for t in asha["trials"])
         print(f"ASHA / no early stopping: epochs {e_asha / e_fifo:.2f}, best score {b_asha / b_fifo:.3f}, "
               f"wall {asha['wall'] / fifo['wall']:.2f}")
+        # What ASHA did with the configuration that ends best when every trial runs to the end.
+        top = max(fifo["trials"], key=lambda t: t["best"])
+        same = next((t for t in asha["trials"] if t["index"] == top["index"]), None)
+        after_one = sorted(fifo["trials"], key=lambda t: -t["first"])
+        print(f"FIFO's best is configuration {top['index']} ({top['best']:.4f}); ASHA ran it "
+              f"{same['epochs'] if same else '?'} epoch(s) (best {same['best'] if same else float('nan'):.4f}); "
+              f"after epoch 1 it ranked {1 + [t['index'] for t in after_one].index(top['index'])} of "
+              f"{len(after_one)} in the FIFO run")
         trials = fifo["trials"] + asha["trials"]
         overhead = [t["trial_time"] - t["epoch_time"] for t in trials]
         share = [o / t["trial_time"] for o, t in zip(overhead, trials)]
