@@ -42,12 +42,12 @@ def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
 
 
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
-           space=None, reduction_factor: int = 4, grace_period: int = 1, points=None) -> dict:
+           space=None, reduction_factor: int = 4, grace_period: int = 1, points=None, steps: int = 16) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
-            # 16 steps per epoch: enough that trials differ after one epoch (with fewer, many score
-            # exactly 0 at the first rung, and ASHA promotes ties)
-            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 16, "lr": 0.003}}
+            # 16 steps per epoch by default: enough that trials differ after one epoch (with fewer,
+            # many score exactly 0 at the first rung, and ASHA promotes ties)
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": 0.003}}
     if base_overrides:
         base = base_overrides
     (tmp / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
@@ -81,20 +81,32 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA's reduction factor (default 4)")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA's grace period in epochs (default 1)")
+    parser.add_argument("--steps", type=int, default=16, help="cap on optimiser steps per epoch (default 16)")
+    parser.add_argument("--cases", type=int, default=6, help="synthetic cases (default 6)")
+    parser.add_argument("--days", type=int, default=1, help="scan days per case (default 1)")
+    parser.add_argument("--slices", type=int, default=32, help="slices per scan (default 32)")
     parser.add_argument("--demo-cache", default=None,
                         help="also time one 1-epoch trial of configs/demo.yaml on this prepared cache")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_dataset(tmp / "data", cases=6, days=1, slices=32, size=64, seed=1, test_cases=0)
-        prepare(tmp / "data", tmp / "cache", size=64, folds=2, holdout=0.0, log=lambda *_: None)
+        write_dataset(tmp / "data", cases=args.cases, days=args.days, slices=args.slices, size=64, seed=1,
+                      test_cases=0)
+        manifest = prepare(tmp / "data", tmp / "cache", size=64, folds=2, holdout=0.0, log=lambda *_: None)
+        # What an epoch really is: the fold-0 training slices shared by 2 ranks in batches of 8,
+        # capped by --steps.
+        train_slices = sum(e["slices"] for e in manifest["entries"] if e["fold"] != 0)
+        steps = min(args.steps, max(1, train_slices // 2 // 8))
         # The base configuration is trial 1; the other trials are fixed draws, identical in both arms.
         points = fixed_configurations(args.trials - 1)
-        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, points=points)
+        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, points=points,
+                      steps=args.steps)
         asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True, points=points,
-                      reduction_factor=args.reduction_factor, grace_period=args.grace_period)
+                      reduction_factor=args.reduction_factor, grace_period=args.grace_period, steps=args.steps)
         print(f"{args.trials} trials (the same configurations in both arms) x up to {args.epochs} epochs, 2-worker "
-              f"DDP on CPU, tiny synthetic data, one trial at a time; ASHA grace period {args.grace_period}, "
+              f"DDP on CPU, {args.cases} cases x {args.days} days x {args.slices} slices at 64 px, {steps} optimiser "
+              f"steps per epoch, one trial at a time; ASHA grace period "
+              f"{args.grace_period}, "
               f"reduction factor {args.reduction_factor}")
         for name, run in (("no early stopping", fifo), ("ASHA", asha)):
             epochs = sum(t["epochs"] for t in run["trials"])
