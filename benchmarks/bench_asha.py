@@ -42,12 +42,13 @@ def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
 
 
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
-           space=None, reduction_factor: int = 4, grace_period: int = 1, points=None, steps: int = 16) -> dict:
+           space=None, reduction_factor: int = 4, grace_period: int = 1, points=None, steps: int = 16,
+           base_lr: float = 0.003) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
             # 16 steps per epoch by default: enough that trials differ after one epoch (with fewer,
             # many score exactly 0 at the first rung, and ASHA promotes ties)
-            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": 0.003}}
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": base_lr}}
     if base_overrides:
         base = base_overrides
     (tmp / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
@@ -83,6 +84,10 @@ def main() -> None:
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA's grace period in epochs (default 1)")
     parser.add_argument("--steps", type=int, default=16, help="cap on optimiser steps per epoch (default 16)")
     parser.add_argument("--cases", type=int, default=6, help="synthetic cases (default 6)")
+    parser.add_argument("--base-lr", type=float, default=0.003,
+                        help="lr of the base configuration, always trial 1 (async ASHA never stops the first "
+                             "trial to reach a rung when trials run one at a time)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed configurations")
     parser.add_argument("--days", type=int, default=1, help="scan days per case (default 1)")
     parser.add_argument("--slices", type=int, default=32, help="slices per scan (default 32)")
     parser.add_argument("--demo-cache", default=None,
@@ -98,11 +103,12 @@ def main() -> None:
         train_slices = sum(e["slices"] for e in manifest["entries"] if e["fold"] != 0)
         steps = min(args.steps, max(1, train_slices // 2 // 8))
         # The base configuration is trial 1; the other trials are fixed draws, identical in both arms.
-        points = fixed_configurations(args.trials - 1)
+        points = fixed_configurations(args.trials - 1, args.seed)
         fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, points=points,
-                      steps=args.steps)
+                      steps=args.steps, base_lr=args.base_lr)
         asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True, points=points,
-                      reduction_factor=args.reduction_factor, grace_period=args.grace_period, steps=args.steps)
+                      reduction_factor=args.reduction_factor, grace_period=args.grace_period, steps=args.steps,
+                      base_lr=args.base_lr)
         print(f"{args.trials} trials (the same configurations in both arms) x up to {args.epochs} epochs, 2-worker "
               f"DDP on CPU, {args.cases} cases x {args.days} days x {args.slices} slices at 64 px, {steps} optimiser "
               f"steps per epoch, one trial at a time; ASHA grace period "
