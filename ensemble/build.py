@@ -24,7 +24,7 @@ import numpy as np
 
 from ensemble.members import load_refit, oof_score, oof_volumes, select_greedy, select_topk
 from ensemble.model import MANIFEST, MANIFEST_FORMAT, EnsembleModel, Member, member_from_checkpoint, sha256
-from ensemble.postprocess import PostProcess, _row_sums, apply, tune
+from ensemble.postprocess import PostProcess, row_sums, apply, tune
 from gitseg import __version__
 from gitseg.data.dataset import Cache
 from gitseg.data.uwmgi import CLASSES
@@ -47,7 +47,7 @@ def scores_from_rows(rows: list[dict]) -> dict:
     """Score, Dice, Hausdorff overall and per class from per-(case-day, class) row sums."""
     sums = {cls: np.zeros(4) for cls in CLASSES}
     for r in rows:
-        sums[r["class"]] += r["sums"]
+        sums[r["class"]] += np.asarray(r["sums"])
     out = score_from_sums(*sum(sums.values()))
     for cls in CLASSES:
         for name, value in score_from_sums(*sums[cls]).items():
@@ -108,7 +108,7 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
             masks = apply(sums[source] / sum(w for _, w in source[0]), post)
             for c, cls in enumerate(CLASSES):
                 rows[name].append({"case_day": case_day, "case": entry["case"], "class": cls,
-                                   "sums": _row_sums(masks[c], gt[c]).tolist()})
+                                   "sums": row_sums(masks[c], gt[c]).tolist()})
                 if name == final:
                     spacing = entry["spacing"]
                     clinical.append({"case_day": case_day, "case": entry["case"], "class": cls,
@@ -126,7 +126,7 @@ def per_case_table(rows: list[dict]) -> list[dict]:
         by_cd.setdefault(r["case_day"], []).append(r)
     table = []
     for case_day, items in by_cd.items():
-        s = scores_from_rows([{**r, "sums": np.array(r["sums"])} for r in items])
+        s = scores_from_rows(items)
         table.append({"case_day": case_day, "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"],
                       **{f"score/{c}": s[f"score/{c}"] for c in CLASSES}})
     return sorted(table, key=lambda r: r["score"])
@@ -238,13 +238,13 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
             ev = evaluate_holdout(model, cache, variants, log)
             ablation = []
             for (name, detail), (members_v, tta_v, _) in zip(ABLATION, variants.values()):
-                s = scores_from_rows([{**r, "sums": np.array(r["sums"])} for r in ev["rows"][name]])
+                s = scores_from_rows(ev["rows"][name])
                 ablation.append({"variant": name, "detail": detail, "members": len(members_v), "tta": tta_v,
                                  "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"]})
             for i in range(1, len(ablation)):
                 ablation[i]["gain"] = ablation[i]["score"] - ablation[i - 1]["score"]
             ablation[0]["gain"] = 0.0
-            final = scores_from_rows([{**r, "sums": np.array(r["sums"])} for r in ev["rows"][ABLATION[-1][0]]])
+            final = scores_from_rows(ev["rows"][ABLATION[-1][0]])
             per_class = []
             for cls in CLASSES:
                 clin = [r for r in ev["clinical"] if r["class"] == cls]

@@ -109,12 +109,12 @@ def oof_volumes(configs, weights, cache: Cache) -> Callable:
 
 def oof_score(configs, weights, cache: Cache, threshold: float = 0.5) -> float:
     """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
-    from ensemble.postprocess import _row_sums, total_score
+    from ensemble.postprocess import row_sums, total_score
 
     sums = np.zeros((3, 4))
     for probs, gt in oof_volumes(configs, weights, cache)():
         for c in range(3):
-            sums[c] += _row_sums(probs[c] >= threshold, gt[c])
+            sums[c] += row_sums(probs[c] >= threshold, gt[c])
     return total_score(sums)
 
 

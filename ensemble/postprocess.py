@@ -87,7 +87,7 @@ def apply(probs: np.ndarray, post: PostProcess) -> np.ndarray:
 # Tuning on out-of-fold probabilities
 
 
-def _row_sums(mask: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def row_sums(mask: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """What one (volume, class) adds to the score: [Dice sum, Dice rows, Hausdorff sum, Hausdorff rows]."""
     dice = dice_from_counts(dice_counts(mask, gt))
     valid = ~np.isnan(dice)
@@ -140,7 +140,7 @@ def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.
             for k, (key, mask) in enumerate(masks_for(probs[c], c, candidates)):
                 evaluated += 1
                 if key not in seen:
-                    seen[key] = _row_sums(mask(), gt[c])
+                    seen[key] = row_sums(mask(), gt[c])
                     scored += 1
                 sums[c, k] += seen[key]
     return sums, scored, evaluated

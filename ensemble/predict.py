@@ -63,6 +63,8 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     `ray_address` ("auto" for a running cluster, "local" for a local instance) spreads the volumes
     over the cluster's workers, one GPU each where the cluster has GPUs; None predicts in-process.
     """
+    # The ensemble is checked (files, checksums) before anything is read or written.
+    model = EnsembleModel.load(ensemble_dir, device)
     slices, problems = index_root(data_root, split)
     bad, loose = problems_by_case_day(problems)
     failed: dict[str, list[str]] = {cd: msgs for cd, msgs in bad.items()}
@@ -86,7 +88,6 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     if ray_address:
         results = _predict_on_ray(ensemble_dir, volumes(), ray_address, nifti is not None, log)
     else:
-        model = EnsembleModel.load(ensemble_dir, device)
         results = ((cd, v, v if isinstance(v, Exception) else _guard(predict_case_day, model, v.image, nifti is not None))
                    for cd, v in volumes())
     written = []

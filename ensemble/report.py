@@ -389,6 +389,8 @@ def _write(run_dir: Path, ensemble_dir: Path | None, out: Path, log) -> None:
 
 
 def _ensemble_sections(rep: Report, manifest: dict, ensemble_dir: Path, cache: Cache, log) -> None:
+    from ensemble.build import per_case_table
+
     log("report: ensemble")
     rep.section("Ensemble")
     sel = manifest["selection"]
@@ -423,14 +425,9 @@ def _ensemble_sections(rep: Report, manifest: dict, ensemble_dir: Path, cache: C
               "(volumes where both masks are non-empty; missed_or_spurious: one of them empty)")
     rep.table("holdout_bootstrap", bootstrap_by_case(final_rows, evaluation["clinical"]),
               f"95% bootstrap intervals over holdout cases ({BOOTSTRAP} resamples)")
-    per_case = _read_csv(ensemble_dir / "holdout_per_case.csv")
+    per_case = per_case_table(final_rows)
     rep.table("holdout_per_case", per_case, "Per case-day, worst first")
     _overlays(rep, manifest, ensemble_dir, cache, per_case)
-
-
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: (float(v) if k != "case_day" else v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def _overlays(rep: Report, manifest: dict, ensemble_dir: Path, cache: Cache, per_case: list[dict]) -> None:

@@ -246,6 +246,10 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capsys):
                  "--out", str(tmp_path / "p")]) == 0
     assert main(["ensemble", "--run", str(tmp_path), "--topk", "1"]) == 2
     assert "refit.json" in capsys.readouterr().err
+    # A folder that is not an ensemble: a clear error, and nothing is written.
+    assert main(["predict", "--ensemble", str(tmp_path / "nope"), "--data", str(synth_root),
+                 "--out", str(tmp_path / "p2")]) == 2
+    assert "gitseg ensemble" in capsys.readouterr().err and not (tmp_path / "p2").exists()
 
 
 @pytest.mark.slow
