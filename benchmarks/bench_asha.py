@@ -8,7 +8,11 @@ trial-epochs each spent and the best validation score each reached, as ratios. O
 took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
 --demo-cache also for one trial of the demo configuration (configs/demo.yaml, one epoch).
 
-    python benchmarks/bench_asha.py [--trials 20] [--epochs 8] [--demo-cache runs/demo/cache]
+    python benchmarks/bench_asha.py [--trials 20] [--epochs 8] [--grace-period 1] [--reduction-factor 4]
+        [--cases 6 --days 1 --slices 32 --steps 16] [--base-lr 0.003] [--seed 0] [--head-prior 0.01]
+        [--save FILE] [--demo-cache runs/demo/cache]
+
+--save keeps every epoch of every trial; benchmarks/asha_replay.py replays other ASHA rules on it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from pathlib import Path
 
 import yaml
 
+from gitseg.config import ModelConfig
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
 
 
 SPACE = {"train.lr": {"loguniform": [1e-4, 3e-2]}, "model.arch": {"choice": ["Unet", "FPN"]},
          "train.weight_decay": {"loguniform": [1e-6, 1e-2]}}
+
+
+HISTORY_KEYS = ("epochs_done", "score", "best_score", "dice", "hausdorff", "train_loss", "epoch_time")
 
 
 def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
@@ -43,9 +51,9 @@ def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
 
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
            space=None, reduction_factor: int = 4, grace_period: int = 1, points=None, steps: int = 16,
-           base_lr: float = 0.003) -> dict:
+           base_lr: float = 0.003, head_prior: float | None = ModelConfig().head_prior) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
-            "model": {"arch": "Unet", "encoder": "tu-test_resnet"},
+            "model": {"arch": "Unet", "encoder": "tu-test_resnet", "head_prior": head_prior},
             # 16 steps per epoch by default: enough that trials differ after one epoch (with fewer,
             # many score exactly 0 at the first rung, and ASHA promotes ties)
             "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": base_lr}}
@@ -72,7 +80,10 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
         index = int(result.parent.name.split("_")[3])  # search_trial_<id>_<N>_...: the N-th configuration
         trials_out.append({"index": index, "epochs": max(r["epochs_done"] for r in rows),
                            "best": max(r["score"] for r in rows), "first": rows[0]["score"],
-                           "trial_time": rows[-1]["time_total_s"], "epoch_time": sum(r["epoch_time"] for r in rows)})
+                           "trial_time": rows[-1]["time_total_s"], "epoch_time": sum(r["epoch_time"] for r in rows),
+                           # every epoch's validation figures, for benchmarks/asha_replay.py
+                           "history": [{k: v for k, v in r.items() if k in HISTORY_KEYS or k.startswith(("score/", "dice/"))}
+                                       for r in rows]})
     return {"wall": wall, "trials": trials_out}
 
 
@@ -90,6 +101,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed configurations")
     parser.add_argument("--days", type=int, default=1, help="scan days per case (default 1)")
     parser.add_argument("--slices", type=int, default=32, help="slices per scan (default 32)")
+    parser.add_argument("--head-prior", type=lambda v: None if v == "none" else float(v),
+                        default=ModelConfig().head_prior,
+                        help="model.head_prior of every trial (default: gitseg's default; none: smp's head init)")
+    parser.add_argument("--save", default=None,
+                        help="write both arms' per-trial, per-epoch figures to this JSON file (input of "
+                             "benchmarks/asha_replay.py)")
     parser.add_argument("--demo-cache", default=None,
                         help="also time one 1-epoch trial of configs/demo.yaml on this prepared cache")
     args = parser.parse_args()
@@ -105,13 +122,13 @@ def main() -> None:
         # The base configuration is trial 1; the other trials are fixed draws, identical in both arms.
         points = fixed_configurations(args.trials - 1, args.seed)
         fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, points=points,
-                      steps=args.steps, base_lr=args.base_lr)
+                      steps=args.steps, base_lr=args.base_lr, head_prior=args.head_prior)
         asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True, points=points,
                       reduction_factor=args.reduction_factor, grace_period=args.grace_period, steps=args.steps,
-                      base_lr=args.base_lr)
+                      base_lr=args.base_lr, head_prior=args.head_prior)
         print(f"{args.trials} trials (the same configurations in both arms) x up to {args.epochs} epochs, 2-worker "
               f"DDP on CPU, {args.cases} cases x {args.days} days x {args.slices} slices at 64 px, {steps} optimiser "
-              f"steps per epoch, one trial at a time; ASHA grace period "
+              f"steps per epoch, model.head_prior {args.head_prior}, one trial at a time; ASHA grace period "
               f"{args.grace_period}, "
               f"reduction factor {args.reduction_factor}")
         for name, run in (("no early stopping", fifo), ("ASHA", asha)):
@@ -132,6 +149,10 @@ def main() -> None:
               f"{same['epochs'] if same else '?'} epoch(s) (best {same['best'] if same else float('nan'):.4f}); "
               f"after epoch 1 it ranked {1 + [t['index'] for t in after_one].index(top['index'])} of "
               f"{len(after_one)} in the FIFO run")
+        if args.save:
+            Path(args.save).write_text(json.dumps({"args": vars(args), "steps_per_epoch": steps, "points": points,
+                                                   "fifo": fifo, "asha": asha}, indent=1))
+            print(f"per-epoch figures of both arms in {args.save}")
         trials = fifo["trials"] + asha["trials"]
         overhead = [t["trial_time"] - t["epoch_time"] for t in trials]
         share = [o / t["trial_time"] for o, t in zip(overhead, trials)]

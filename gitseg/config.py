@@ -35,6 +35,7 @@ class ModelConfig:
     encoder: str = "resnet18"            # an smp encoder name or tu-<timm model>
     encoder_weights: str | None = None   # None: random; a named weight set (downloads); or a local file
     gate: bool = False                   # auxiliary classification head predicting organ presence per slice
+    head_prior: float | None = 0.01      # initial foreground probability of the mask head; None: smp's init
 
 
 @dataclasses.dataclass

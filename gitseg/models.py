@@ -7,6 +7,7 @@ classification head as an empty-slice gate.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -67,7 +68,26 @@ def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
             raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder} cannot be built: {exc}") from None
     if local:
         load_encoder_weights(model, Path(weights))
+    if cfg.head_prior is not None:
+        set_head_prior(model, cfg.head_prior)
     return model
+
+
+def set_head_prior(model: nn.Module, prior: float) -> None:
+    """Start the mask head at foreground probability `prior` everywhere (RetinaNet's prior init).
+
+    With smp's default init every pixel starts near probability 0.5, so an untrained model marks
+    every slice as organ, and the first epochs are spent unlearning that: their validation scores
+    say how fast a configuration stops predicting everything, not how well it segments.
+    """
+    if not 0 < prior < 1:
+        raise ConfigError(f"model.head_prior must be in (0, 1) (got {prior})")
+    # The head's last convolution to the class logits (DPT's head is not a plain Sequential).
+    conv = [m for m in model.segmentation_head.modules() if isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES][-1]
+    with torch.no_grad():
+        # Small weights as in RetinaNet, so the bias sets the start whatever the head's fan-in (DPT: 256).
+        conv.weight.normal_(0.0, 0.01)
+        conv.bias.fill_(math.log(prior / (1 - prior)))
 
 
 def load_encoder_weights(model: nn.Module, path: Path) -> None:

@@ -17,7 +17,8 @@ class WorkersConfig:
 @dataclasses.dataclass
 class AshaConfig:
     enabled: bool = True          # false: every trial runs all its epochs (the benchmark baseline)
-    grace_period: int = 1         # epochs before a trial can be stopped
+    grace_period: int = 2         # epochs before a trial can be stopped (1 ranks configurations almost
+                                  # at random on the benchmark: BENCHMARKS.md, runs 8-11)
     reduction_factor: int = 4     # keep the best 1/reduction_factor at each rung (ASHA paper's and Ray's default)
 
 

@@ -77,3 +77,19 @@ def test_bad_loss_terms():
         LossMix([LossTerm("dicee", 1.0)])
     with pytest.raises(ConfigError, match="at least one term"):
         LossMix([])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_head_prior_starts_every_pixel_near_the_prior(arch):
+    size = MIN_SIZE.get(arch, 64)
+    model = build_model(ModelConfig(arch=arch, encoder="tu-test_resnet", head_prior=0.01), in_channels=3).eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(split_outputs(model(torch.randn(2, 3, size, size)))[0])
+    # smp's own init starts near 0.5 (most pixels above the 0.5 cut); with the prior nothing is organ yet
+    assert 0.005 < probs.mean() < 0.05 and probs.max() < 0.2
+
+
+@pytest.mark.parametrize("prior", [0.0, 1.0, -0.1])
+def test_head_prior_outside_0_1_is_a_config_error(prior):
+    with pytest.raises(ConfigError, match="model.head_prior must be in"):
+        build_model(ModelConfig(arch="Unet", encoder="tu-test_resnet", head_prior=prior), in_channels=3)

@@ -1,0 +1,135 @@
+"""Replay Ray's asynchronous successive halving on the learning curves of a search without early stopping.
+
+`bench_asha.py --save FILE` records every epoch of every trial of its FIFO arm (each trial runs all
+its epochs). Trials there run one at a time, in a fixed order, and training is seeded, so what ASHA
+would have done with the same configurations is fully determined by those curves: this script
+feeds them, in trial order, to Ray's own bracket (`ray.tune.schedulers.async_hyperband._Bracket`,
+the object `ASHAScheduler` consults) and stops a trial where the bracket says STOP. It answers "which
+rung rule keeps the best configuration, and at what cost" in seconds instead of a 7-minute ASHA run
+per rule; `--check` first replays the rule the recorded ASHA arm used and compares with what that
+arm really did, so the replay is only trusted where it reproduces a real run.
+
+    python benchmarks/asha_replay.py FILE [--check] [--metric score] [--grace 1 2] [--rf 3 4] [--max-t 8]
+
+FILE can also be the `search.json` of your own search run with `asha.enabled: false` (every trial
+runs all its epochs), to choose ASHA's grace period and reduction factor for your data: trials are
+replayed in the order they started, which is exactly what ASHA sees when they run one at a time
+and an approximation when several run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+
+def load_curves(path: str) -> dict:
+    """bench_asha.py --save output as is; a search's search.json turned into the same shape."""
+    data = json.load(open(path))
+    if "fifo" in data:
+        return data
+    if "leaderboard" not in data:
+        raise SystemExit(f"{path} is neither a bench_asha.py --save file nor a search.json")
+    if data["settings"]["asha"]["enabled"]:
+        raise SystemExit(f"{path} is a search with ASHA on: its stopped trials have no curves to replay; "
+                         f"run the search with --set asha.enabled=false")
+    rows = sorted((r for r in data["leaderboard"] if r["status"] == "finished"), key=lambda r: r.get("started", 0))
+    if not rows:
+        raise SystemExit(f"{path}: no finished trial to replay")
+    trials = [{"index": i + 1, "history": [{**h, "epochs_done": h["epoch"]} for h in r["history"]]}
+              for i, r in enumerate(rows)]
+    epochs = min(len(t["history"]) for t in trials)
+    return {"args": {"epochs": epochs}, "fifo": {"trials": trials}}
+
+
+def replay(trials: list[dict], metric: str, grace: int, rf: int, max_t: int) -> list[dict]:
+    """Per trial (in run order): the epochs ASHA lets it run and the best score it reaches in them."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=0)
+    out = []
+    for trial in sorted(trials, key=lambda t: t["index"]):
+        handle = SimpleNamespace(trial_id=str(trial["index"]))
+        ran = []
+        for row in trial["history"][:max_t]:
+            ran.append(row)
+            if row["epochs_done"] >= max_t:
+                break  # ASHAScheduler stops a trial at max_t without asking the bracket
+            if bracket.on_result(handle, row["epochs_done"], row[metric]) == TrialScheduler.STOP:
+                break
+        out.append({"index": trial["index"], "epochs": len(ran), "best": max(r["score"] for r in ran)})
+    return out
+
+
+def rank_table(trials: list[dict], metric: str, max_t: int) -> list[tuple[int, float, int]]:
+    """Per epoch k: Spearman correlation between the metric after k epochs and the best score in
+    max_t epochs, over trials, and the rank after k epochs of the configuration that ends best."""
+    from scipy.stats import spearmanr
+
+    final = [max(r["score"] for r in t["history"][:max_t]) for t in trials]
+    top = max(range(len(trials)), key=lambda i: final[i])
+    rows = []
+    for k in range(max_t):
+        now = [t["history"][k][metric] for t in trials]
+        rank = 1 + sum(v > now[top] for v in now)
+        rows.append((k + 1, float(spearmanr(now, final).statistic), rank))
+    return rows
+
+
+def summary(trials: list[dict]) -> tuple[int, float, int]:
+    best = max(trials, key=lambda t: t["best"])
+    return sum(t["epochs"] for t in trials), best["best"], best["index"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="JSON written by bench_asha.py --save")
+    parser.add_argument("--metric", default=None, help="rung metric (default: every recorded one)")
+    parser.add_argument("--grace", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rf", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--max-t", type=int, default=None, help="epochs per trial (default: the recorded ones)")
+    parser.add_argument("--check", action="store_true", help="first reproduce the recorded ASHA arm")
+    args = parser.parse_args()
+    data = load_curves(args.file)
+    fifo = data["fifo"]["trials"]
+    max_t = args.max_t or data["args"]["epochs"]
+    full_epochs, full_best, full_index = summary([{**t, "epochs": min(t["epochs"], max_t),
+                                                   "best": max(r["score"] for r in t["history"][:max_t])}
+                                                  for t in fifo])
+    print(f"{len(fifo)} trials x {max_t} epochs without early stopping: {full_epochs} trial-epochs, best "
+          f"{full_best:.4f} (configuration {full_index})")
+    if args.check:
+        if "asha" not in data:
+            raise SystemExit("--check needs a bench_asha.py --save file (it holds the real ASHA arm)")
+        used = data["args"]
+        replayed = replay(fifo, "score", used["grace_period"], used["reduction_factor"], used["epochs"])
+        real = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in data["asha"]["trials"]}
+        again = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in replayed}
+        if real != again:
+            diff = {i: (real.get(i), again.get(i)) for i in sorted(set(real) | set(again)) if real.get(i) != again.get(i)}
+            raise SystemExit(f"the replay does not reproduce the recorded ASHA arm (trial: real, replayed): {diff}")
+        print(f"check: the replay reproduces the recorded ASHA arm trial by trial "
+              f"({sum(e for e, _ in real.values())} trial-epochs, best {max(b for _, b in real.values()):.4f})")
+    rank_metric = args.metric or "score"
+    print(f"how well the {rank_metric} after k epochs predicts the best score in {max_t} (Spearman over "
+          f"{len(fifo)} trials), and where configuration {full_index} stands after k epochs:")
+    for k, rho, rank in rank_table(fifo, rank_metric, max_t):
+        print(f"  epoch {k}: rho {rho:+.2f}, configuration {full_index} ranks {rank} of {len(fifo)}")
+    metrics = [args.metric] if args.metric else [k for k in fifo[0]["history"][0]
+                                                  if k not in ("epoch", "epochs_done", "epoch_time", "train_loss", "hausdorff")]
+    print(f"{'rung metric':22s} {'grace':>5s} {'rf':>3s} {'epochs':>7s} {'ratio':>6s} {'best':>7s} {'ratio':>6s}  "
+          f"epochs given to configuration {full_index}")
+    for metric in metrics:
+        for grace in args.grace:
+            for rf in args.rf:
+                result = replay(fifo, metric, grace, rf, max_t)
+                epochs, best, _ = summary(result)
+                kept = next(t["epochs"] for t in result if t["index"] == full_index)
+                print(f"{metric:22s} {grace:5d} {rf:3d} {epochs:7d} {epochs / full_epochs:6.2f} {best:7.4f} "
+                      f"{best / full_best:6.3f}  {kept}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""benchmarks/asha_replay.py feeds recorded learning curves to Ray's own ASHA bracket."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from asha_replay import replay  # noqa: E402
+
+
+def curves(*scores):
+    return [{"index": i + 1, "history": [{"epochs_done": e + 1, "score": s} for e, s in enumerate(row)]}
+            for i, row in enumerate(scores)]
+
+
+def test_replay_stops_where_asha_would():
+    # grace 1, reduction factor 2, 4 epochs: rungs after epochs 1 and 2 (and 4, where every trial ends).
+    # Trial 1 is the first at every rung, so it runs to the end; trial 2 is below the median of the
+    # rung-1 scores recorded before it (only trial 1's) and stops after one epoch; trial 3 passes
+    # rung 1 but is below trial 1 at rung 2; trial 4 beats both at every rung.
+    trials = curves([0.5, 0.6, 0.7, 0.8], [0.2, 0.9, 0.9, 0.9], [0.6, 0.55, 0.9, 0.95], [0.7, 0.8, 0.85, 0.99])
+    out = replay(trials, "score", grace=1, rf=2, max_t=4)
+    assert [t["epochs"] for t in out] == [4, 1, 2, 4]
+    # the best of a stopped trial counts only the epochs it ran
+    assert [t["best"] for t in out] == [0.8, 0.2, 0.6, 0.99]
+
+
+def test_replay_never_runs_past_max_t():
+    out = replay(curves([0.1] * 8), "score", grace=1, rf=4, max_t=3)
+    assert out[0]["epochs"] == 3
+
+
+def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path):
+    from asha_replay import load_curves
+
+    def row(started, scores, status="finished"):
+        return {"status": status, "started": started,
+                "history": [{"epoch": e + 1, "score": s, "dice": s} for e, s in enumerate(scores)]}
+    search = {"settings": {"asha": {"enabled": False}},
+              "leaderboard": [row(30.0, [0.6, 0.55, 0.9, 0.95]), row(10.0, [0.5, 0.6, 0.7, 0.8]),
+                              row(20.0, [0.2, 0.9, 0.9, 0.9]), row(40.0, [], status="failed")]}
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps(search))
+    data = load_curves(str(path))
+    assert data["args"]["epochs"] == 4
+    out = replay(data["fifo"]["trials"], "score", grace=1, rf=2, max_t=4)
+    assert [t["epochs"] for t in out] == [4, 1, 2]  # as in the first test: started 10 s, 20 s, 30 s
+
+    search["settings"]["asha"]["enabled"] = True
+    path.write_text(json.dumps(search))
+    with pytest.raises(SystemExit, match="asha.enabled=false"):
+        load_curves(str(path))
