@@ -114,6 +114,13 @@ def trained_epochs(root: Path) -> dict[str, int]:
     return out
 
 
+def epoch_lines(root: Path, trial: str) -> list[str]:
+    """metrics.jsonl of a trial's latest Ray Train checkpoint: one line per epoch trained."""
+    latest = max((p for p in (root / "train_runs" / f"trial-{trial}").glob("checkpoint_*") if p.is_dir()),
+                 key=lambda p: p.name)
+    return (latest / "metrics.jsonl").read_text().splitlines()
+
+
 def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tmp_path):
     config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=3,
                            asha={"enabled": False}, space={"train.lr": {"loguniform": [1e-3, 5e-3]}},
@@ -131,6 +138,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
             epochs = trained_epochs(root)
             if 2 in epochs.values() and 1 in epochs.values():  # one trial done, the next mid-way
                 finished = {t for t, n in epochs.items() if n == 2}
+                interrupted = next(t for t, n in epochs.items() if n == 1)
                 break
             assert proc.poll() is None, ("the search ended before it could be interrupted:\n"
                                          + (tmp_path / "first-run.log").read_text()[-3000:])
@@ -147,11 +155,16 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
     # (the interrupted trial's workers may finish an epoch before `ray stop` reaches them)
     checkpoints = {t: sorted(p.name for p in (root / "train_runs" / f"trial-{t}").glob("checkpoint_*"))
                    for t in finished}
+    first_epoch = epoch_lines(root, interrupted)[0]
 
     again = run_search(config)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "search: resuming" in again.stdout
-    assert "fit: resuming" in again.stdout, "the interrupted trial restarted instead of resuming"
+    # The interrupted trial continued from its checkpoint: its final metrics start with the very
+    # epoch-1 line written before the kill (a retrained epoch 1 would differ, in its timings at
+    # least). Checked on files: the workers' "fit: resuming" line reaches the driver's stdout only
+    # through Ray's log forwarding, which does not always deliver it before the driver exits.
+    assert epoch_lines(root, interrupted)[:1] == [first_epoch], "the interrupted trial restarted instead of resuming"
     for trial in finished:  # not trained again: no new checkpoint, Tune kept its two results
         assert sorted(p.name for p in (root / "train_runs" / f"trial-{trial}").glob("checkpoint_*")) == checkpoints[trial]
         assert [r["epochs_done"] for r in trial_results(root)[trial]] == [1, 2]
