@@ -68,7 +68,7 @@ def rank_table(trials: list[dict], metric: str, max_t: int) -> list[tuple[int, f
     max_t epochs, over trials, and the rank after k epochs of the configuration that ends best."""
     from scipy.stats import spearmanr
 
-    final = [max(r["score"] for r in t["history"][:max_t]) for t in trials]
+    final = [best_within(t, max_t) for t in trials]
     top = max(range(len(trials)), key=lambda i: final[i])
     rows = []
     for k in range(max_t):
@@ -76,6 +76,11 @@ def rank_table(trials: list[dict], metric: str, max_t: int) -> list[tuple[int, f
         rank = 1 + sum(v > now[top] for v in now)
         rows.append((k + 1, float(spearmanr(now, final).statistic), rank))
     return rows
+
+
+def best_within(trial: dict, max_t: int) -> float:
+    """The best score a trial reaches in its first max_t epochs."""
+    return max(r["score"] for r in trial["history"][:max_t])
 
 
 def summary(trials: list[dict]) -> tuple[int, float, int]:
@@ -95,9 +100,9 @@ def main() -> None:
     data = load_curves(args.file)
     fifo = data["fifo"]["trials"]
     max_t = args.max_t or data["args"]["epochs"]
-    full_epochs, full_best, full_index = summary([{**t, "epochs": min(t["epochs"], max_t),
-                                                   "best": max(r["score"] for r in t["history"][:max_t])}
-                                                  for t in fifo])
+    # the search without early stopping, cut at max_t (a search.json's trials carry only their curves)
+    full_epochs, full_best, full_index = summary([{"index": t["index"], "epochs": min(len(t["history"]), max_t),
+                                                   "best": best_within(t, max_t)} for t in fifo])
     print(f"{len(fifo)} trials x {max_t} epochs without early stopping: {full_epochs} trial-epochs, best "
           f"{full_best:.4f} (configuration {full_index})")
     if args.check:

@@ -33,7 +33,7 @@ def encoder_names() -> list[str]:
 
 
 def check_model_names(cfg: ModelConfig) -> None:
-    """Unknown architecture or encoder names raise ConfigError listing the valid ones."""
+    """Model settings that cannot be built raise ConfigError; unknown names list the valid ones."""
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if cfg.encoder.startswith("tu-"):
@@ -45,6 +45,8 @@ def check_model_names(cfg: ModelConfig) -> None:
     elif cfg.encoder not in encoder_names():
         raise ConfigError(f"model.encoder: unknown encoder {cfg.encoder!r}; choose one of "
                           f"{', '.join(encoder_names())}, or tu-<timm model name>")
+    if cfg.head_prior is not None and not 0 < cfg.head_prior < 1:
+        raise ConfigError(f"model.head_prior must be in (0, 1) or null (got {cfg.head_prior})")
     if cfg.arch == "DPT" and not cfg.encoder.startswith("tu-"):
         raise ConfigError("model.encoder: DPT needs a timm encoder (tu-<name>), e.g. tu-vit_base_patch16_224")
 
@@ -80,8 +82,6 @@ def set_head_prior(model: nn.Module, prior: float) -> None:
     every slice as organ, and the first epochs are spent unlearning that: their validation scores
     say how fast a configuration stops predicting everything, not how well it segments.
     """
-    if not 0 < prior < 1:
-        raise ConfigError(f"model.head_prior must be in (0, 1) (got {prior})")
     # The head's last convolution to the class logits (DPT's head is not a plain Sequential).
     conv = [m for m in model.segmentation_head.modules() if isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES][-1]
     with torch.no_grad():

@@ -33,7 +33,7 @@ def test_replay_never_runs_past_max_t():
     assert out[0]["epochs"] == 3
 
 
-def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path):
+def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path, capsys):
     from asha_replay import load_curves
 
     def row(started, scores, status="finished"):
@@ -48,6 +48,15 @@ def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path):
     assert data["args"]["epochs"] == 4
     out = replay(data["fifo"]["trials"], "score", grace=1, rf=2, max_t=4)
     assert [t["epochs"] for t in out] == [4, 1, 2]  # as in the first test: started 10 s, 20 s, 30 s
+
+    # the command itself on a search.json (its trials carry only their curves)
+    from asha_replay import main
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["asha_replay.py", str(path), "--metric", "score", "--grace", "1", "--rf", "2"])
+        main()
+    printed = capsys.readouterr().out
+    assert "3 trials x 4 epochs without early stopping: 12 trial-epochs, best 0.9500" in printed
+    assert "score" in printed.splitlines()[-1] and printed.splitlines()[-1].split()[3] == "7"  # 4 + 1 + 2 epochs
 
     search["settings"]["asha"]["enabled"] = True
     path.write_text(json.dumps(search))
