@@ -25,13 +25,14 @@ from gitseg.config import Config, ConfigError, load_config, to_dict
 from gitseg.progress import say
 from gitseg.tables import format_table
 from search.settings import SearchConfig
+from search.storage import filesystem
 from search.space import DefineByRun, base_values, decode, encode, max_epochs, parse_space, validate_space
 
 SEARCH_EXPERIMENT, REFIT_EXPERIMENT = "tune", "refit"
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage: a local folder or a URI (pyarrow filesystems), the same code for both
+# Storage: a local folder or a URI (pyarrow filesystems, search/storage.py), the same code for both
 
 
 def experiment_root(settings: SearchConfig) -> str:
@@ -42,9 +43,7 @@ def experiment_root(settings: SearchConfig) -> str:
 
 
 def write_text(uri_or_path: str, text: str) -> None:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri_or_path if "://" in uri_or_path else Path(uri_or_path).resolve().as_uri())
+    fs, path = filesystem(uri_or_path)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
@@ -143,11 +142,11 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
     root = experiment_root(settings)
     trainable = _trainable(search_trial, params=params, base=base, storage_path=f"{root}/train_runs",
                            workers=settings.workers, max_failures=settings.max_failures)
-    experiment = f"{root}/{SEARCH_EXPERIMENT}"
-    if ray.tune.Tuner.can_restore(experiment):
-        log(f"search: resuming {experiment} (finished trials are kept, unfinished ones continue)")
-        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
+    fs, fs_root = filesystem(root)
+    if ray.tune.Tuner.can_restore(f"{fs_root}/{SEARCH_EXPERIMENT}", storage_filesystem=fs):
+        log(f"search: resuming {root}/{SEARCH_EXPERIMENT} (finished trials are kept, unfinished ones continue)")
+        tuner = ray.tune.Tuner.restore(f"{fs_root}/{SEARCH_EXPERIMENT}", trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False, storage_filesystem=fs)
     else:
         epochs = max_epochs(params, base)
         if settings.asha.enabled:
@@ -162,8 +161,8 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
             tune_config=ray.tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,
                                             scheduler=scheduler, num_samples=settings.num_samples,
                                             max_concurrent_trials=concurrent_trials(settings)),
-            run_config=ray.tune.RunConfig(name=SEARCH_EXPERIMENT, storage_path=root, verbose=1,
-                                          failure_config=ray.tune.FailureConfig(max_failures=0)),
+            run_config=ray.tune.RunConfig(name=SEARCH_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
+                                          verbose=1, failure_config=ray.tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
     rows = leaderboard(results, params, base)
@@ -264,16 +263,18 @@ def run_refit(settings: SearchConfig, rows: list[dict], base: dict, cache, log=s
     root = experiment_root(settings)
     trainable = _trainable(refit_trial, base=base, storage_path=f"{root}/refit_runs", workers=settings.workers,
                            max_failures=settings.max_failures, tta=settings.refit.tta)
-    experiment = f"{root}/{REFIT_EXPERIMENT}"
     log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs")
-    if ray.tune.Tuner.can_restore(experiment):
-        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    fs, fs_root = filesystem(root)
+    if ray.tune.Tuner.can_restore(f"{fs_root}/{REFIT_EXPERIMENT}", storage_filesystem=fs):
+        tuner = ray.tune.Tuner.restore(f"{fs_root}/{REFIT_EXPERIMENT}", trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
     else:
         tuner = ray.tune.Tuner(
             trainable,
             param_space={"job": ray.tune.grid_search(jobs)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(settings)),
-            run_config=ray.tune.RunConfig(name=REFIT_EXPERIMENT, storage_path=root, verbose=1),
+            run_config=ray.tune.RunConfig(name=REFIT_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
+                                          verbose=1),
         )
     results = tuner.fit()
     refits = []

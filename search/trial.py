@@ -104,6 +104,9 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from search.storage import filesystem
+
+    fs, fs_path = filesystem(storage_path)
     # Workers can take minutes to start on a busy node (60 s by default, then the run fails).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     resources = {"CPU": workers.cpus_per_worker}
@@ -117,7 +120,8 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
         run_config=ray.train.RunConfig(
             # The same (storage_path, name) on a restart makes Ray Train resume from the latest checkpoint.
             name=run_name,
-            storage_path=storage_path,
+            storage_path=fs_path,
+            storage_filesystem=fs,  # a local folder's files are replaced whole (search/storage.py)
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # each holds last.pt and best.pt

@@ -164,6 +164,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
     first_epoch = epoch_lines(root, interrupted)[0]
 
     again = run_search(config)
+    (tmp_path / "second-run.log").write_text(again.stdout + again.stderr)  # kept for a failure's diagnosis
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "search: resuming" in again.stdout
     # The interrupted trial continued from its checkpoint: its final metrics start with the very
