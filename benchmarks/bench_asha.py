@@ -8,7 +8,7 @@ trial-epochs each spent and the best validation score each reached, as ratios. O
 took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
 --demo-cache also for one trial of the demo configuration (configs/demo.yaml, one epoch).
 
-    python benchmarks/bench_asha.py [--trials 20] [--epochs 8] [--grace-period 1] [--reduction-factor 4]
+    python benchmarks/bench_asha.py [--trials 20] [--epochs 8] [--grace-period 2] [--reduction-factor 4]
         [--cases 6 --days 1 --slices 32 --steps 16] [--base-lr 0.003] [--seed 0] [--head-prior 0.01]
         [--save FILE] [--demo-cache runs/demo/cache]
 
@@ -30,6 +30,7 @@ import yaml
 from gitseg.config import ModelConfig
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
+from search.settings import AshaConfig
 
 
 SPACE = {"train.lr": {"loguniform": [1e-4, 3e-2]}, "model.arch": {"choice": ["Unet", "FPN"]},
@@ -91,8 +92,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA's reduction factor (default 4)")
-    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's grace period in epochs (default 1)")
+    parser.add_argument("--reduction-factor", type=int, default=AshaConfig().reduction_factor,
+                        help="ASHA's reduction factor (default: the search's)")
+    parser.add_argument("--grace-period", type=int, default=AshaConfig().grace_period,
+                        help="ASHA's grace period in epochs (default: the search's)")
     parser.add_argument("--steps", type=int, default=16, help="cap on optimiser steps per epoch (default 16)")
     parser.add_argument("--cases", type=int, default=6, help="synthetic cases (default 6)")
     parser.add_argument("--base-lr", type=float, default=0.003,
