@@ -134,7 +134,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
     root = tmp_path / "storage" / "resume"
     log = open(tmp_path / "first-run.log", "w")
     # Tune saves its experiment state every few seconds by default; at every step here, so that
-    # what it saved matches what the test saw when it killed the driver.
+    # what it saved matches what the test saw when it killed the driver. It also means the kill
+    # often lands while that state is being written: before search/storage.py replaced files
+    # whole, that left a truncated experiment_state-*.json, and Tune silently started over.
     proc = subprocess.Popen([sys.executable, "-m", "search", "--config", str(config)],
                             env={**ENV, "TUNE_GLOBAL_CHECKPOINT_S": "0"},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
