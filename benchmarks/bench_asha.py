@@ -10,7 +10,7 @@ took (Ray Train start, worker start, checkpoint upload), as a fraction of the tr
 
     python benchmarks/bench_asha.py [--trials 20] [--epochs 8] [--grace-period 2] [--reduction-factor 4]
         [--cases 6 --days 1 --slices 32 --steps 16] [--base-lr 0.003] [--seed 0] [--head-prior 0.01]
-        [--save FILE] [--demo-cache runs/demo/cache]
+        [--precise-bn 32] [--save FILE] [--demo-cache runs/demo/cache]
 
 --save keeps every epoch of every trial; benchmarks/asha_replay.py replays other ASHA rules on it.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from gitseg.config import ModelConfig
+from gitseg.config import ModelConfig, TrainConfig
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
 from search.settings import AshaConfig
@@ -52,12 +52,14 @@ def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
 
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
            space=None, reduction_factor: int = 4, grace_period: int = 1, points=None, steps: int = 16,
-           base_lr: float = 0.003, head_prior: float | None = ModelConfig().head_prior) -> dict:
+           base_lr: float = 0.003, head_prior: float | None = ModelConfig().head_prior,
+           precise_bn: int = TrainConfig().precise_bn) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet", "head_prior": head_prior},
             # 16 steps per epoch by default: enough that trials differ after one epoch (with fewer,
             # many score exactly 0 at the first rung, and ASHA promotes ties)
-            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": base_lr}}
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": base_lr,
+                      "precise_bn": precise_bn}}
     if base_overrides:
         base = base_overrides
     (tmp / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--head-prior", type=lambda v: None if v == "none" else float(v),
                         default=ModelConfig().head_prior,
                         help="model.head_prior of every trial (default: gitseg's default; none: smp's head init)")
+    parser.add_argument("--precise-bn", type=int, default=TrainConfig().precise_bn,
+                        help="train.precise_bn of every trial (default: gitseg's default)")
     parser.add_argument("--save", default=None,
                         help="write both arms' per-trial, per-epoch figures to this JSON file (input of "
                              "benchmarks/asha_replay.py)")
@@ -124,14 +128,15 @@ def main() -> None:
         steps = min(args.steps, max(1, train_slices // 2 // 8))
         # The base configuration is trial 1; the other trials are fixed draws, identical in both arms.
         points = fixed_configurations(args.trials - 1, args.seed)
-        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, points=points,
-                      steps=args.steps, base_lr=args.base_lr, head_prior=args.head_prior)
-        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True, points=points,
-                      reduction_factor=args.reduction_factor, grace_period=args.grace_period, steps=args.steps,
-                      base_lr=args.base_lr, head_prior=args.head_prior)
+        same = dict(points=points, steps=args.steps, base_lr=args.base_lr, head_prior=args.head_prior,
+                    precise_bn=args.precise_bn)
+        fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, **same)
+        asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True,
+                      reduction_factor=args.reduction_factor, grace_period=args.grace_period, **same)
         print(f"{args.trials} trials (the same configurations in both arms) x up to {args.epochs} epochs, 2-worker "
               f"DDP on CPU, {args.cases} cases x {args.days} days x {args.slices} slices at 64 px, {steps} optimiser "
-              f"steps per epoch, model.head_prior {args.head_prior}, one trial at a time; ASHA grace period "
+              f"steps per epoch, model.head_prior {args.head_prior}, train.precise_bn {args.precise_bn}, one trial "
+              f"at a time; ASHA grace period "
               f"{args.grace_period}, "
               f"reduction factor {args.reduction_factor}")
         for name, run in (("no early stopping", fifo), ("ASHA", asha)):

@@ -63,6 +63,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (None: the whole fold)
     val_tta: str = "none"                # TTA set during validation (see gitseg.infer.TTA_SETS)
     val_batch_size: int | None = None    # windows per validation forward (None: 4 on CPU, 32 on GPU)
+    precise_bn: int = 0                  # >0: before each validation, recompute BatchNorm statistics over
+                                         # this many training batches (BENCHMARKS.md, val_noise); 0: off
 
 
 @dataclasses.dataclass

@@ -77,7 +77,8 @@ def validate_config(cfg: Config, cache: Cache) -> None:
     if not 0 <= cfg.data.fold < folds:
         raise ConfigError(f"data.fold: {cfg.data.fold} is not a fold of {cache.root} (it has folds 0..{folds - 1})")
     for key, value, low in (("train.epochs", cfg.train.epochs, 1), ("train.batch_size", cfg.train.batch_size, 1),
-                            ("train.val_batch_size", cfg.train.val_batch_size or 1, 1)):
+                            ("train.val_batch_size", cfg.train.val_batch_size or 1, 1),
+                            ("train.precise_bn", cfg.train.precise_bn, 0)):
         if value < low:
             raise ConfigError(f"{key} must be at least {low} (got {value})")
     if cfg.train.lr <= 0:
@@ -144,6 +145,42 @@ def validate(model, cache: Cache, case_days: list[str], cfg: Config, device) -> 
         stats = [s for part in gathered for s in part]
     stats.sort(key=lambda s: (s[0], CLASSES.index(s[1])))  # same order whatever the rank split
     return summarise([(cls, counts, hd) for _, cls, counts, hd in stats], classes=CLASSES)
+
+
+def precise_bn(model: torch.nn.Module, loader, batches: int, device, channels_last: bool) -> None:
+    """Replace BatchNorm's running statistics by their plain average over `batches` training
+    batches (the loader's first ones), averaged over the ranks under DDP.
+
+    Why: the running statistics are an exponential average of the last ~10 batches, taken while
+    the weights moved under them; at a high learning rate they trail the weights and the epoch's
+    validation score swings with them. Recomputed, the scores of early epochs rank configurations
+    far better (BENCHMARKS.md, val_noise: mean Spearman 0.15 -> 0.57 over epochs 1-8), which is
+    what ASHA's early rungs act on.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average of the batches that follow
+    model.train()
+    with torch.no_grad():
+        for i, (images, _) in enumerate(loader):
+            if i >= batches:
+                break
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    _, world = distributed()
+    if world > 1:
+        for m in norms:
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce(buffer)
+                buffer /= world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +302,9 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
             totals = torch.tensor([loss_sum[0], loss_sum[1], samples], dtype=torch.float64)
             dist.all_reduce(totals)
             loss_sum, samples = totals[:2], int(totals[2])
-        if world > 1:
+        if cfg.train.precise_bn:
+            precise_bn(unwrap(model), loader, cfg.train.precise_bn, device, cfg.train.channels_last)
+        elif world > 1:
             # Each rank's BatchNorm statistics moved with its own last batch; validate (and save) rank 0's.
             for buffer in unwrap(model).buffers():
                 dist.broadcast(buffer, 0)

@@ -14,7 +14,8 @@ from gitseg.config import ConfigError
 from gitseg.data.dataset import Cache, SliceDataset
 from gitseg.losses import LossMix
 from gitseg.models import build_model
-from gitseg.train import BEST, LAST, fit, load_checkpoint, lr_at, model_from_checkpoint, seed_everything, validate
+from gitseg.train import (BEST, LAST, fit, load_checkpoint, lr_at, model_from_checkpoint, precise_bn, seed_everything,
+                          validate)
 
 QUIET = dict(log=lambda *_: None)
 
@@ -108,8 +109,11 @@ def _ddp_worker(rank, world, port, cfg, results):
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path):
-    cfg = tiny_config(train_cache, tmp_path / "ddp", epochs=1)
+@pytest.mark.parametrize("precise_bn", [0, 4])
+def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, precise_bn):
+    # with precise_bn each rank recomputes BatchNorm statistics on its own batches; averaged over
+    # the ranks, the model rank 0 saves is the one both ranks validated
+    cfg = tiny_config(train_cache, tmp_path / "ddp", epochs=1, precise_bn=precise_bn)
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, results), nprocs=2, join=True)
     (s0, d0, h0, dir0), = results[0]
@@ -127,6 +131,7 @@ def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path):
 @pytest.mark.parametrize("override, message", [
     (dict(epochs=0), "train.epochs must be at least 1"),
     (dict(lr=-1.0), "train.lr must be positive"),
+    (dict(precise_bn=-1), "train.precise_bn must be at least 0"),
 ])
 def test_bad_train_settings(train_cache, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -159,3 +164,18 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
     assert math.isclose(lr_at(100, 100, 10, 1.0, 0.01), 0.01)
+
+
+def test_precise_bn_averages_the_statistics_of_its_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    batches = [(torch.randn(4, 2, 5, 5) * (1 + i), None) for i in range(5)]
+    model[1].running_mean.fill_(7.0)  # stale statistics, as left by training
+    precise_bn(model, batches, 3, "cpu", channels_last=False)
+    with torch.no_grad():
+        features = [model[0](x) for x, _ in batches[:3]]  # only the first 3 batches count
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in features]).mean(0)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-6)
+    assert torch.allclose(model[1].running_var, var, atol=1e-5)
+    assert model[1].momentum == 0.1  # restored for training
