@@ -33,28 +33,19 @@ from gitseg.config import Config, from_dict
 from gitseg.data.cache import prepare
 from gitseg.data.dataset import Cache, SliceDataset
 from gitseg.data.synth import write_dataset
-from gitseg.train import fit, load_checkpoint, model_from_checkpoint, validate
+from gitseg.train import fit, load_checkpoint, model_from_checkpoint, precise_bn, validate
 
 from bench_asha import fixed_configurations  # benchmarks/ is on sys.path when this script runs
 
 
 def recompute_bn(model, cache: Cache, cfg: Config, batches: int = 32) -> torch.nn.Module:
-    """BatchNorm statistics averaged over `batches` training batches instead of a running average."""
+    """A copy of `model` with `train.precise_bn`'s statistics, over unaugmented training batches."""
     model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
     train_days = cache.case_days(folds=[f for f in range(cache.manifest["folds"]) if f != cfg.data.fold])
     data = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
-    model.train()
-    with torch.no_grad():
-        for i, (image, _) in enumerate(loader):
-            if i == batches:
-                break
-            model(image)
+    precise_bn(model, loader, batches, "cpu", channels_last=False)
     return model.eval()
 
 
