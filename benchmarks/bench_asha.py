@@ -51,7 +51,8 @@ def fixed_configurations(n: int, seed: int = 0) -> list[dict]:
 
 
 def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bool, base_overrides=None,
-           space=None, reduction_factor: int = 4, grace_period: int = 1, points=None, steps: int = 16,
+           space=None, reduction_factor: int = AshaConfig().reduction_factor,
+           grace_period: int = AshaConfig().grace_period, points=None, steps: int = 16,
            base_lr: float = 0.003, head_prior: float | None = ModelConfig().head_prior,
            precise_bn: int = TrainConfig().precise_bn) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},

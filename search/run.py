@@ -143,10 +143,11 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
     trainable = _trainable(search_trial, params=params, base=base, storage_path=f"{root}/train_runs",
                            workers=settings.workers, max_failures=settings.max_failures)
     fs, fs_root = filesystem(root)
-    if ray.tune.Tuner.can_restore(f"{fs_root}/{SEARCH_EXPERIMENT}", storage_filesystem=fs):
+    experiment = f"{fs_root}/{SEARCH_EXPERIMENT}"
+    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log(f"search: resuming {root}/{SEARCH_EXPERIMENT} (finished trials are kept, unfinished ones continue)")
-        tuner = ray.tune.Tuner.restore(f"{fs_root}/{SEARCH_EXPERIMENT}", trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False, storage_filesystem=fs)
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False, storage_filesystem=fs)
     else:
         epochs = max_epochs(params, base)
         if settings.asha.enabled:
@@ -265,9 +266,10 @@ def run_refit(settings: SearchConfig, rows: list[dict], base: dict, cache, log=s
                            max_failures=settings.max_failures, tta=settings.refit.tta)
     log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs")
     fs, fs_root = filesystem(root)
-    if ray.tune.Tuner.can_restore(f"{fs_root}/{REFIT_EXPERIMENT}", storage_filesystem=fs):
-        tuner = ray.tune.Tuner.restore(f"{fs_root}/{REFIT_EXPERIMENT}", trainable, resume_unfinished=True,
-                                       resume_errored=True, storage_filesystem=fs)
+    experiment = f"{fs_root}/{REFIT_EXPERIMENT}"
+    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
     else:
         tuner = ray.tune.Tuner(
             trainable,

@@ -16,6 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
+import pyarrow
 import pyarrow.fs
 
 
@@ -130,8 +131,6 @@ class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
         return self.local.open_input_file(path)
 
     def open_output_stream(self, path, metadata):
-        import pyarrow
-
         return pyarrow.PythonFile(_ReplacedOnClose(path), mode="w")
 
     def open_append_stream(self, path, metadata):
