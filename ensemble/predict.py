@@ -138,15 +138,19 @@ def _ensemble_files(folder: Path) -> dict[str, bytes]:
 
 def _worker_predict(files: dict, image: np.ndarray, with_labels: bool):
     import hashlib
-    import tempfile
+
+    from gitseg.files import scratch_folder
 
     key = hashlib.sha256(files["ensemble.json"]).hexdigest()
     if key not in _WORKER_MODELS:  # once per worker process
-        folder = Path(tempfile.mkdtemp(prefix="gitseg-ensemble-"))
-        for rel, data in files.items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_bytes(data)
-        _WORKER_MODELS[key] = EnsembleModel.load(folder)
+        with scratch_folder("ensemble") as folder:
+            for rel, data in files.items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_bytes(data)
+            model = EnsembleModel.load(folder)
+            for member in model.members:  # every network in memory, so the files can go
+                model.network(member)
+        _WORKER_MODELS[key] = model
     return predict_case_day(_WORKER_MODELS[key], image, with_labels)
 
 

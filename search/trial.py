@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from gitseg.config import Config, from_dict, to_dict
+from gitseg.files import scratch_folder
 
 RESTORED_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
 
@@ -50,8 +50,7 @@ def train_worker(loop_config: dict) -> None:
     cfg = from_dict(Config, loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
     # Node-local run folder, removed at the end: ray.train.report has uploaded the checkpoints by then.
-    with tempfile.TemporaryDirectory(prefix=f"gitseg-rank{rank}-") as folder:
-        out = Path(folder)
+    with scratch_folder(f"rank{rank}") as out:
         cfg.out = str(out)
         _restore_latest(out)
         device = ray.train.torch.get_device()
@@ -82,8 +81,7 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     if world > 1:
         dist.broadcast_object_list(state, src=0)
     model = prepare_for_inference(model_from_checkpoint(state[0], device), cfg.train.channels_last)
-    with tempfile.TemporaryDirectory(prefix=f"gitseg-oof{rank}-") as folder:
-        final = Path(folder)
+    with scratch_folder(f"oof{rank}") as final:
         (final / "oof").mkdir()
         for case_day in cache.case_days(folds=[cfg.data.fold])[rank::world]:
             entry = cache.entries[case_day]
