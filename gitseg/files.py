@@ -68,6 +68,8 @@ def remove_orphan_scratch(tmp=None) -> list[Path]:
 @contextlib.contextmanager
 def scratch_folder(kind: str, tmp=None):
     """A node-local temporary folder, removed on exit, and by the next one if this process is killed."""
+    if not re.fullmatch(r"[a-z]+\d*", kind):  # any other name would never match SCRATCH, never be swept
+        raise ValueError(f"scratch folder kind must be lower-case letters and an optional number (got {kind!r})")
     tmp = Path(tmp or tempfile.gettempdir())
     remove_orphan_scratch(tmp)
     folder = Path(tempfile.mkdtemp(prefix=f"gitseg-{kind}-h{_host_tag()}-p{os.getpid()}-", dir=tmp))

@@ -68,3 +68,10 @@ def test_the_folder_goes_when_the_block_raises(tmp_path):
             (folder / "partial.pt").write_bytes(b"x")
             raise RuntimeError("training failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kind_the_sweep_would_not_recognise_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        with scratch_folder("rank-0", tmp=tmp_path):
+            pass
+    assert list(tmp_path.iterdir()) == []
