@@ -202,7 +202,8 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
 
     `report(metrics, checkpoint_dir)` is called on every rank after every epoch; checkpoint_dir
     is the run folder on rank 0 and None elsewhere. Restarted with the same `cfg.out`, training
-    resumes after the last saved epoch.
+    resumes after the last saved epoch; restarted after the last epoch, it trains nothing and
+    reports the last epoch again, so that the caller still learns the run's final state.
     """
     rank, world = distributed()
     device = torch.device(device) if device is not None else default_device()
@@ -343,6 +344,13 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
                 f"{metrics['samples_per_s']:.0f} samples/s  {metrics['epoch_time']:.1f}s")
         if report is not None:
             report(metrics, str(out) if rank == 0 else None)
+    if start_epoch >= cfg.train.epochs and history and report is not None:
+        # A search driver killed after this run's last checkpoint was recorded restarts the trial
+        # here; Tune keeps only what the restarted trial reports, so without this the trial would
+        # end with no result at all.
+        if rank == 0:
+            log(f"fit: {out} already trained all {cfg.train.epochs} epochs; reporting the last one again")
+        report(history[-1], str(out) if rank == 0 else None)
     if not history:
         raise ConfigError(f"train.epochs is {cfg.train.epochs}: nothing to train")
     best_metrics = next((m for m in history if m["epoch"] == best["epoch"]), history[-1])

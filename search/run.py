@@ -166,7 +166,7 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
                                           verbose=1, failure_config=ray.tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
-    rows = leaderboard(results, params, base)
+    rows = leaderboard(results, params, base, fs)
     write_text(f"{root}/leaderboard.csv", rows_to_csv(rows))
     write_text(f"{root}/search.json", json.dumps({"settings": to_dict(settings), "base": base,
                                                    "cache": cache.manifest["source"], "leaderboard": rows},
@@ -182,8 +182,12 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
 # Leaderboard
 
 
-def leaderboard(results, params, base: dict) -> list[dict]:
-    """One row per trial, best first: configuration, best score and epoch, epochs run, status."""
+def leaderboard(results, params, base: dict, fs=None) -> list[dict]:
+    """One row per trial, best first: configuration, best score and epoch, epochs run, status.
+
+    The scores come from each trial's per-epoch record (`trial_history`), the epochs before a
+    resume included.
+    """
     rows = []
     for result in results:
         values = decode(params, {k: v for k, v in (result.config or {}).items() if not k.startswith("__")})
@@ -194,14 +198,14 @@ def leaderboard(results, params, base: dict) -> list[dict]:
         row = {"trial_id": trial_id, "config": " ".join(f"{k}={_short(v)}" for k, v in values.items()),
                "best_score": math.nan, "best_epoch": None, "epochs_run": 0, "status": "failed",
                "checkpoint": "", "error": "", "values": values, "history": [], "time_s": math.nan}
-        if frame is not None and "score" in frame and len(frame):
-            scored = frame.dropna(subset=["score"])
-            best = scored.loc[scored["score"].idxmax()]
-            row.update(best_score=float(best["score"]), best_epoch=int(best["epoch"]) + 1,
-                       epochs_run=int(scored["epochs_done"].max()))
-            # Per-epoch scores for the report (learning curves, ASHA's stops).
-            row["history"] = [{"epoch": int(r["epoch"]) + 1, "score": float(r["score"]), "dice": float(r["dice"]),
-                               "hausdorff": float(r["hausdorff"])} for _, r in scored.iterrows()]
+        scored = frame.dropna(subset=["score"]) if frame is not None and "score" in frame else None
+        # Per-epoch scores (also the report's learning curves and ASHA's stops).
+        row["history"] = trial_history(fs, metrics.get("checkpoint_path"), scored)
+        scores = [h for h in row["history"] if not math.isnan(h["score"])]
+        if scores:
+            best = max(scores, key=lambda h: h["score"])
+            row.update(best_score=best["score"], best_epoch=best["epoch"], epochs_run=row["history"][-1]["epoch"])
+        if scored is not None and len(scored):
             if "time_total_s" in scored:
                 row["time_s"] = float(scored["time_total_s"].max())
             if "timestamp" in scored:
@@ -217,6 +221,29 @@ def leaderboard(results, params, base: dict) -> list[dict]:
         rows.append(row)
     rows.sort(key=lambda r: (-r["best_score"] if not math.isnan(r["best_score"]) else math.inf))
     return rows
+
+
+HISTORY_KEYS = ("score", "dice", "hausdorff")
+
+
+def trial_history(fs, checkpoint_path: str | None, scored) -> list[dict]:
+    """Every epoch a trial trained: {epoch (from 1), score, dice, hausdorff}, in order.
+
+    Read from the metrics.jsonl of the trial's latest checkpoint: Tune keeps only what a trial
+    reported since it last started, so a trial restarted by a resumed search (its Train run
+    continuing from its checkpoint) has lost the epochs before the restart from Tune's record.
+    Tune's record (`scored`, its rows with a score) when there is no checkpoint to read.
+    """
+    if fs is not None and checkpoint_path:
+        try:
+            with fs.open_input_stream(f"{checkpoint_path}/metrics.jsonl") as f:
+                lines = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+            return [{"epoch": int(m["epoch"]) + 1, **{k: float(m[k]) for k in HISTORY_KEYS}} for m in lines]
+        except (OSError, ValueError, KeyError):  # gone, unreadable: Tune's record is next best
+            pass
+    if scored is None:
+        return []
+    return [{"epoch": int(r["epoch"]) + 1, **{k: float(r[k]) for k in HISTORY_KEYS}} for _, r in scored.iterrows()]
 
 
 def _short(value) -> str:

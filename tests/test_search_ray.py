@@ -128,7 +128,20 @@ def epoch_lines(root: Path, trial: str) -> list[str]:
     return (latest / "metrics.jsonl").read_text().splitlines()
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tmp_path):
+def interruption(epochs: dict[str, int], kill_at: str, root: Path):
+    """(finished trials, interrupted trial) once the search has reached `kill_at`, else None."""
+    if kill_at == "mid-trial" and 2 in epochs.values() and 1 in epochs.values():  # one done, the next mid-way
+        return {t for t, n in epochs.items() if n == 2}, next(t for t, n in epochs.items() if n == 1)
+    if kill_at == "after-last-epoch" and list(epochs.values()).count(2) == 2:
+        # The second trial's last checkpoint is recorded, but its Train run is still winding down
+        # (workers shut down, result on its way to Tune): restarted, it has nothing left to train.
+        last = max(epochs, key=lambda t: (root / "train_runs" / f"trial-{t}" / "checkpoint_manager_snapshot.json").stat().st_mtime)
+        return {t for t in epochs if t != last}, last
+    return None
+
+
+@pytest.mark.parametrize("kill_at", ["mid-trial", "after-last-epoch"])
+def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tmp_path, kill_at):
     config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=3,
                            asha={"enabled": False}, space={"train.lr": {"loguniform": [1e-3, 5e-3]}},
                            refit={"topk": 0})
@@ -144,10 +157,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
     try:
         deadline = time.time() + 400
         while time.time() < deadline:
-            epochs = trained_epochs(root)
-            if 2 in epochs.values() and 1 in epochs.values():  # one trial done, the next mid-way
-                finished = {t for t, n in epochs.items() if n == 2}
-                interrupted = next(t for t, n in epochs.items() if n == 1)
+            reached = interruption(trained_epochs(root), kill_at, root)
+            if reached:
+                finished, interrupted = reached
                 break
             assert proc.poll() is None, ("the search ended before it could be interrupted:\n"
                                          + (tmp_path / "first-run.log").read_text()[-3000:])
@@ -179,8 +191,18 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
         assert sorted(p.name for p in (root / "train_runs" / f"trial-{trial}").glob("checkpoint_*")) == checkpoints[trial]
         assert [r["epochs_done"] for r in trial_results(root)[trial]] == [1, 2]
     rows = leaderboard(root)
-    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows), (
+        [{k: r[k] for k in ("trial_id", "status", "epochs_run", "error")} for r in rows],
+        f"first run: finished {sorted(finished)}, interrupted {interrupted}",
+        {p.parent.name: p.read_text()[-2000:] for p in (root / "tune").glob("*/error.txt")},
+        again.stdout[-3000:], again.stderr[-2000:])
     assert all(n == 2 for n in trained_epochs(root).values())
+    # Tune's record of the restarted trial starts at its restart; the leaderboard still has the
+    # epoch trained before the kill, and ranks the trial by its best epoch of the two.
+    row = next(r for r in json.loads((root / "search.json").read_text())["leaderboard"] if r["trial_id"] == interrupted)
+    trained = [json.loads(line) for line in epoch_lines(root, interrupted)]
+    assert [h["epoch"] for h in row["history"]] == [1, 2]
+    assert row["best_score"] == max(m["score"] for m in trained)
 
 
 def test_ray_job_submit_to_a_head_node(train_cache, tmp_path):

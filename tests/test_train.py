@@ -80,6 +80,20 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(train_cache, tmp_pa
     assert [m["score"] for m in again] == [m["score"] for m in straight]
 
 
+def test_restarted_after_its_last_epoch_it_reports_that_epoch_again(train_cache, tmp_path):
+    # A search driver killed after a run's last checkpoint was recorded restarts the run; it has
+    # nothing left to train, and must still report its final state (Tune keeps only what it hears).
+    cfg = tiny_config(train_cache, tmp_path / "done", epochs=2)
+    first = _run(cfg)
+    logs, again = [], []
+    best = fit(cfg, report=lambda m, d: again.append((m, d)), log=logs.append)
+    assert [m for m, _ in again] == [first[-1]] and again[0][1] == str(tmp_path / "done")
+    assert any("already trained all 2 epochs" in line for line in logs)
+    assert best == max(first, key=lambda m: m["score"])
+    assert load_checkpoint(tmp_path / "done" / LAST)["epoch"] == 1  # nothing retrained, nothing rewritten
+    assert len((tmp_path / "done" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def _run(cfg):
     out = []
     fit(cfg, report=lambda m, d: out.append(m), **QUIET)

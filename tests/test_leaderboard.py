@@ -1,0 +1,59 @@
+"""The search leaderboard from Tune's results, without Ray: a trial restarted by a resumed search."""
+
+import json
+import math
+import types
+
+import pandas as pd
+
+from search.run import leaderboard
+from search.space import encode, parse_space
+from search.storage import filesystem
+
+SPACE = parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}})
+BASE = {"train": {"epochs": 3, "lr": 1e-3}}
+
+
+def epoch(i, score):
+    return {"epoch": i, "score": score, "dice": score / 2, "hausdorff": 0.5, "epochs_done": i + 1,
+            "best_score": score, "best_epoch": i}
+
+
+def result(tmp_path, name, tune_rows, checkpoint_epochs=None, error=None):
+    """A stand-in for a Tune Result: its reported rows, and the metrics.jsonl of its latest checkpoint."""
+    checkpoint = tmp_path / name / "checkpoint_000002"
+    metrics = {**tune_rows[-1], "trial_id": name} if tune_rows else {"trial_id": name}
+    if checkpoint_epochs is not None:
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in checkpoint_epochs))
+        metrics["checkpoint_path"] = str(checkpoint)
+    return types.SimpleNamespace(config=encode(SPACE, {"train.lr": 1e-3}), metrics=metrics,
+                                 metrics_dataframe=pd.DataFrame(tune_rows), error=error, path=str(tmp_path / name))
+
+
+def test_a_restarted_trial_keeps_the_epochs_before_its_restart(tmp_path):
+    # Tune's record of a restarted trial holds only what it reported after the restart (epoch 3);
+    # its best epoch (the first) is in the checkpoint's metrics, written before the restart.
+    trained = [epoch(0, 0.9), epoch(1, 0.5), epoch(2, 0.6)]
+    restarted = result(tmp_path, "restarted", tune_rows=trained[2:], checkpoint_epochs=trained)
+    straight = result(tmp_path, "straight", tune_rows=[epoch(0, 0.7), epoch(1, 0.8), epoch(2, 0.75)],
+                      checkpoint_epochs=[epoch(0, 0.7), epoch(1, 0.8), epoch(2, 0.75)])
+    fs, _ = filesystem(str(tmp_path))
+    rows = leaderboard([straight, restarted], SPACE, BASE, fs)
+    assert [r["trial_id"] for r in rows] == ["restarted", "straight"]
+    assert rows[0]["best_score"] == 0.9 and rows[0]["best_epoch"] == 1
+    assert [h["epoch"] for h in rows[0]["history"]] == [1, 2, 3] and rows[0]["status"] == "finished"
+    assert rows[1]["best_score"] == 0.8 and rows[1]["best_epoch"] == 2
+
+
+def test_without_a_readable_checkpoint_tunes_record_is_used(tmp_path):
+    fs, _ = filesystem(str(tmp_path))
+    stopped = result(tmp_path, "stopped", tune_rows=[epoch(0, 0.4)])  # no checkpoint_path
+    gone = result(tmp_path, "gone", tune_rows=[epoch(0, 0.3), epoch(1, 0.35)], checkpoint_epochs=[])
+    (tmp_path / "gone" / "checkpoint_000002" / "metrics.jsonl").unlink()
+    failed = result(tmp_path, "failed", tune_rows=[], error=RuntimeError("loss is nan at epoch 0 step 1"))
+    rows = {r["trial_id"]: r for r in leaderboard([stopped, gone, failed], SPACE, BASE, fs)}
+    assert rows["stopped"]["best_score"] == 0.4 and rows["stopped"]["status"] == "stopped early"
+    assert rows["gone"]["best_score"] == 0.35 and rows["gone"]["epochs_run"] == 2
+    assert rows["failed"]["status"] == "failed" and math.isnan(rows["failed"]["best_score"])
+    assert "loss is nan" in rows["failed"]["error"]
