@@ -344,7 +344,7 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
                 f"{metrics['samples_per_s']:.0f} samples/s  {metrics['epoch_time']:.1f}s")
         if report is not None:
             report(metrics, str(out) if rank == 0 else None)
-    if start_epoch >= cfg.train.epochs and history and report is not None:
+    if start_epoch >= cfg.train.epochs and report is not None:  # (start_epoch > 0: resumed, history restored)
         # A search driver killed after this run's last checkpoint was recorded restarts the trial
         # here; Tune keeps only what the restarted trial reports, so without this the trial would
         # end with no result at all.

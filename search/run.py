@@ -182,7 +182,7 @@ def run_search(settings: SearchConfig, log=say) -> list[dict]:
 # Leaderboard
 
 
-def leaderboard(results, params, base: dict, fs=None) -> list[dict]:
+def leaderboard(results, params, base: dict, fs) -> list[dict]:
     """One row per trial, best first: configuration, best score and epoch, epochs run, status.
 
     The scores come from each trial's per-epoch record (`trial_history`), the epochs before a
@@ -234,16 +234,16 @@ def trial_history(fs, checkpoint_path: str | None, scored) -> list[dict]:
     continuing from its checkpoint) has lost the epochs before the restart from Tune's record.
     Tune's record (`scored`, its rows with a score) when there is no checkpoint to read.
     """
-    if fs is not None and checkpoint_path:
+    def epoch(m) -> dict:
+        return {"epoch": int(m["epoch"]) + 1, **{k: float(m[k]) for k in HISTORY_KEYS}}
+
+    if checkpoint_path:
         try:
             with fs.open_input_stream(f"{checkpoint_path}/metrics.jsonl") as f:
-                lines = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-            return [{"epoch": int(m["epoch"]) + 1, **{k: float(m[k]) for k in HISTORY_KEYS}} for m in lines]
+                return [epoch(json.loads(line)) for line in f.read().decode().splitlines() if line.strip()]
         except (OSError, ValueError, KeyError):  # gone, unreadable: Tune's record is next best
             pass
-    if scored is None:
-        return []
-    return [{"epoch": int(r["epoch"]) + 1, **{k: float(r[k]) for k in HISTORY_KEYS}} for _, r in scored.iterrows()]
+    return [] if scored is None else [epoch(r) for _, r in scored.iterrows()]
 
 
 def _short(value) -> str:
