@@ -31,9 +31,11 @@ import torch
 
 from gitseg.config import Config, from_dict
 from gitseg.data.cache import prepare
-from gitseg.data.dataset import Cache, SliceDataset
+from gitseg.data.cache import Cache
+from gitseg.data.dataset import SliceDataset
 from gitseg.data.synth import write_dataset
-from gitseg.train import fit, load_checkpoint, model_from_checkpoint, precise_bn, validate
+from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
+from gitseg.train import fit, precise_bn, score_fold
 
 from bench_asha import fixed_configurations  # benchmarks/ is on sys.path when this script runs
 
@@ -95,8 +97,8 @@ def main() -> None:
             def report(metrics, checkpoint_dir):
                 model = model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / "last.pt"))
                 ways["fold"].append(metrics["score"])
-                ways["large"].append(validate(model, large, large.case_days(), cfg, "cpu")["score"])
-                ways["bn"].append(validate(recompute_bn(model, small, cfg), small, small.case_days(folds=[0]),
+                ways["large"].append(score_fold(model, large, large.case_days(), cfg, "cpu")["score"])
+                ways["bn"].append(score_fold(recompute_bn(model, small, cfg), small, small.case_days(folds=[0]),
                                            cfg, "cpu")["score"])
 
             fit(cfg, report=report, device="cpu", log=lambda *_: None)

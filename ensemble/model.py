@@ -21,7 +21,7 @@ import torch
 from ensemble.postprocess import PostProcess, apply
 from gitseg.data.cache import preprocess_volume
 from gitseg.infer import predict_volume, prepare_for_inference
-from gitseg.train import default_device, load_checkpoint, model_from_checkpoint
+from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
 
 MANIFEST = "ensemble.json"
 MANIFEST_FORMAT = 1

@@ -10,7 +10,38 @@ import re
 import shutil
 import socket
 import tempfile
+import uuid
 from pathlib import Path
+
+
+def temporary_beside(path, suffix: str = "") -> Path:
+    """A hidden name in `path`'s folder, unique per process and call, for writing `path` whole.
+
+    `suffix` keeps an extension a writer needs (nibabel picks the format from `.nii.gz`).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = ""):
+    """Yield a temporary path beside `path`; it replaces `path` only when the block succeeds.
+
+    Readers see the old file or the new one, never a half-written one (rename is atomic on
+    POSIX filesystems, NFS included); a failure removes the temporary file.
+    """
+    tmp = temporary_beside(path, suffix)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager

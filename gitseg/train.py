@@ -9,9 +9,9 @@ process. Checkpoints are written by rank 0 only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -21,18 +21,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from gitseg.config import Config, ConfigError, from_dict, save_config, to_dict
-from gitseg.data.dataset import Cache, SliceDataset, build_augment, window_indices
+from gitseg.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, default_device, load_checkpoint, save_checkpoint
+from gitseg.config import Config, ConfigError, save_config, to_dict
+from gitseg.data.cache import Cache
+from gitseg.data.dataset import SliceDataset, build_augment, window_indices
 from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import autocast, predict_volume, prepare_for_inference
 from gitseg.losses import LossMix, check_loss_terms
 from gitseg.metrics import summarise, volume_stats
 from gitseg.models import build_model, check_input_size, check_model_names, split_outputs, unwrap
 from gitseg.progress import say
-
-CHECKPOINT_FORMAT = 1
-LAST, BEST = "last.pt", "best.pt"
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -52,12 +50,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def distributed() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -65,7 +57,7 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def validate_config(cfg: Config, cache: Cache) -> None:
+def check_config(cfg: Config, cache: Cache) -> None:
     """Everything that can be checked before training starts, with errors that name the key."""
     check_model_names(cfg.model)
     check_loss_terms(cfg.train.loss)
@@ -88,38 +80,10 @@ def validate_config(cfg: Config, cache: Cache) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (flat schema, rank 0, atomic, weights_only loadable)
+# Scoring a validation fold on whole volumes
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a gitseg checkpoint of format {CHECKPOINT_FORMAT}")
-    return state
-
-
-def model_from_checkpoint(state: dict, device="cpu") -> torch.nn.Module:
-    """Rebuild the model from a checkpoint alone (config + weights)."""
-    cfg = from_dict(Config, state["config"])
-    model = build_model(cfg.model, state["preprocessing"]["channels"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation on whole volumes
-
-
-def validate(model, cache: Cache, case_days: list[str], cfg: Config, device) -> dict:
+def score_fold(model, cache: Cache, case_days: list[str], cfg: Config, device) -> dict:
     """Competition score on the original-size volumes of `case_days`, correct under DDP.
 
     Each rank predicts a share of whole volumes; the per-volume statistics are gathered so every
@@ -184,7 +148,25 @@ def precise_bn(model: torch.nn.Module, loader, batches: int, device, channels_la
 
 
 # ---------------------------------------------------------------------------------------------
-# fit
+# fit: setup, then per epoch train_one_epoch -> settle BatchNorm -> score_fold -> save_epoch
+
+
+@dataclasses.dataclass
+class Run:
+    """What `fit` carries from one epoch to the next."""
+
+    model: torch.nn.Module           # DDP-wrapped under torch.distributed
+    optimizer: torch.optim.Optimizer
+    dataset: SliceDataset
+    augment: object | None           # albumentations pipeline, reseeded every epoch
+    loss_fn: LossMix
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    start_epoch: int = 0             # > 0 after a resume
+    history: list[dict] = dataclasses.field(default_factory=list)  # every epoch's metrics
+    best_score: float = -math.inf
+    best_epoch: int = -1
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -197,25 +179,17 @@ def _comparable(cfg_dict: dict) -> dict:
     return d
 
 
-def fit(cfg: Config, report=None, device=None, log=say) -> dict:
-    """Train `cfg.data.fold`, validating each epoch; returns the best epoch's metrics.
+def steps_per_epoch(samples: int, world: int, batch_size: int, cap: int | None) -> int:
+    """Optimiser steps per epoch: full batches of each rank's share, at least one, at most `cap`."""
+    per_rank = math.ceil(samples / world)
+    steps = max(1, per_rank // batch_size) if per_rank > batch_size else 1
+    return min(steps, cap) if cap else steps
 
-    `report(metrics, checkpoint_dir)` is called on every rank after every epoch; checkpoint_dir
-    is the run folder on rank 0 and None elsewhere. Restarted with the same `cfg.out`, training
-    resumes after the last saved epoch; restarted after the last epoch, it trains nothing and
-    reports the last epoch again, so that the caller still learns the run's final state.
-    """
+
+def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> Run:
+    """Model, optimizer and data of a run; resumed from `cfg.out/last.pt` when there is one."""
     rank, world = distributed()
-    device = torch.device(device) if device is not None else default_device()
-    cache = Cache(cfg.data.cache)
-    validate_config(cfg, cache)
     out = Path(cfg.out)
-    fold = cfg.data.fold
-    train_days = cache.case_days(folds=[f for f in range(cache.manifest["folds"]) if f != fold])
-    val_days = cache.case_days(folds=[fold])
-    if not train_days or not val_days:
-        raise ConfigError(f"data.fold {fold}: no training or validation case-days in {cache.root}")
-
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.channels)
     check_input_size(model, cfg.data.channels, cache.size, cfg.model.arch)
@@ -223,8 +197,7 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    start_epoch, history, best = 0, [], {"score": -math.inf, "epoch": -1}
+    resumed = {}
     if (out / LAST).is_file():
         state = load_checkpoint(out / LAST)
         if _comparable(state["config"]) != _comparable(to_dict(cfg)):
@@ -232,8 +205,8 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
                               f"or delete {out / LAST} to start over")
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, list(state["history"])
-        best = {"score": state["best_score"], "epoch": state["best_epoch"]}
+        resumed = dict(start_epoch=state["epoch"] + 1, history=list(state["history"]),
+                       best_score=state["best_score"], best_epoch=state["best_epoch"])
         if rank == 0:
             log(f"fit: resuming {out} after epoch {state['epoch']}")
     if world > 1:
@@ -242,116 +215,152 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
 
     augment = build_augment(cfg.data.augment)
     dataset = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride, augment=augment)
-    loss_fn = LossMix(cfg.train.loss).to(device)
+    steps = steps_per_epoch(len(dataset), world, cfg.train.batch_size, cfg.train.max_steps_per_epoch)
+    return Run(model=model, optimizer=optimizer, dataset=dataset, augment=augment,
+               loss_fn=LossMix(cfg.train.loss).to(device), steps_per_epoch=steps,
+               total_steps=steps * cfg.train.epochs, warmup_steps=int(cfg.train.warmup_epochs * steps), **resumed)
+
+
+def epoch_loader(run: Run, cfg: Config, epoch: int, device) -> DataLoader:
+    """This epoch's shuffled loader, seeded so that a resumed run continues exactly as an unbroken one."""
+    rank, world = distributed()
+    epoch_seed = cfg.train.seed * 100_003 + epoch * 101 + rank
+    seed_everything(epoch_seed)
+    if run.augment is not None:
+        run.augment.set_random_seed(epoch_seed)
+    if world > 1:
+        sampler = DistributedSampler(run.dataset, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(run.dataset, generator=torch.Generator().manual_seed(epoch_seed))
+    return DataLoader(run.dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                      num_workers=cfg.data.num_workers,
+                      drop_last=len(run.dataset) // world > cfg.train.batch_size,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, device) -> dict:
+    """At most `run.steps_per_epoch` optimiser steps; returns train_loss, lr and samples (all ranks)."""
+    _, world = distributed()
     gate_loss = torch.nn.BCEWithLogitsLoss()
-    per_rank = math.ceil(len(dataset) / world)
-    steps_per_epoch = max(1, per_rank // cfg.train.batch_size) if per_rank > cfg.train.batch_size else 1
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
+    run.model.train()
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
+    samples, lr = 0, cfg.train.lr
+    for step, (images, targets) in enumerate(loader):
+        if step >= run.steps_per_epoch:
+            break
+        lr = lr_at(epoch * run.steps_per_epoch + step, run.total_steps, run.warmup_steps, cfg.train.lr,
+                   cfg.train.min_lr_ratio)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.train.amp):
+            logits, gate_logits = split_outputs(run.model(images))
+            loss, _ = run.loss_fn(logits, targets)
+            if gate_logits is not None:
+                loss = loss + cfg.train.gate_weight * gate_loss(gate_logits.float(), targets.amax(dim=(2, 3)))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr "
+                                     f"or check the data")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+        run.optimizer.step()
+        loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        samples += len(images)
+    if world > 1:
+        totals = torch.tensor([loss_sum[0], loss_sum[1], samples], dtype=torch.float64)
+        dist.all_reduce(totals)
+        loss_sum, samples = totals[:2], int(totals[2])
+    return {"train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "lr": lr, "samples": samples}
+
+
+def settle_batchnorm(model: torch.nn.Module, loader: DataLoader, cfg: Config, device) -> None:
+    """Make the BatchNorm statistics that are validated and saved the same on every rank."""
+    _, world = distributed()
+    if cfg.train.precise_bn:
+        precise_bn(unwrap(model), loader, cfg.train.precise_bn, device, cfg.train.channels_last)
+    elif world > 1:
+        # Each rank's BatchNorm statistics moved with its own last batch; validate (and save) rank 0's.
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, 0)
+
+
+def save_epoch(run: Run, cfg: Config, cache: Cache, metrics: dict, improved: bool) -> None:
+    """Rank 0: best.pt when the score improved, last.pt (with the optimizer) and a metrics.jsonl line."""
+    out = Path(cfg.out)
+    state = {
+        "format": CHECKPOINT_FORMAT, "model": unwrap(run.model).state_dict(), "config": to_dict(cfg),
+        "fold": cfg.data.fold, "epoch": metrics["epoch"], "metrics": metrics, "history": run.history,
+        "best_score": run.best_score, "best_epoch": run.best_epoch,
+        "preprocessing": {"size": cache.size, "channels": cfg.data.channels, "stride": cfg.data.stride,
+                          "normalisation": cache.manifest["normalisation"], "classes": list(CLASSES)},
+    }
+    if improved:
+        save_checkpoint(out / BEST, state)
+    save_checkpoint(out / LAST, {**state, "optimizer": run.optimizer.state_dict()})
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def fit(cfg: Config, report=None, device=None, log=say) -> dict:
+    """Train `cfg.data.fold`, validating each epoch; returns the best epoch's metrics.
+
+    `report(metrics, checkpoint_dir)` is called on every rank after every epoch; checkpoint_dir
+    is the run folder on rank 0 and None elsewhere. Restarted with the same `cfg.out`, training
+    resumes after the last saved epoch; restarted after the last epoch, it trains nothing and
+    reports the last epoch again, so that the caller still learns the run's final state.
+    """
+    rank, _ = distributed()
+    device = torch.device(device) if device is not None else default_device()
+    cache = Cache(cfg.data.cache)
+    check_config(cfg, cache)
+    out, fold = Path(cfg.out), cfg.data.fold
+    train_days = cache.case_days(folds=[f for f in range(cache.manifest["folds"]) if f != fold])
+    val_days = cache.case_days(folds=[fold])
+    if not train_days or not val_days:
+        raise ConfigError(f"data.fold {fold}: no training or validation case-days in {cache.root}")
+    run = start_run(cfg, cache, train_days, device, log)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        # Reseeding per epoch (and rank) makes a resumed run continue exactly as an unbroken one.
-        epoch_seed = cfg.train.seed * 100_003 + epoch * 101 + rank
-        seed_everything(epoch_seed)
-        if augment is not None:
-            augment.set_random_seed(epoch_seed)
-        if world > 1:
-            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed))
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                            num_workers=cfg.data.num_workers, drop_last=len(dataset) // world > cfg.train.batch_size,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        model.train()
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        loader = epoch_loader(run, cfg, epoch, device)
         start = time.perf_counter()
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
-        samples = 0
-        for step, (images, targets) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
-            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, cfg.train.lr,
-                       cfg.train.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, cfg.train.amp):
-                logits, gate_logits = split_outputs(model(images))
-                loss, _ = loss_fn(logits, targets)
-                if gate_logits is not None:
-                    loss = loss + cfg.train.gate_weight * gate_loss(gate_logits.float(), targets.amax(dim=(2, 3)))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr "
-                                         f"or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-            samples += len(images)
+        trained = train_one_epoch(run, loader, cfg, epoch, device)
         train_time = time.perf_counter() - start
-        if world > 1:
-            totals = torch.tensor([loss_sum[0], loss_sum[1], samples], dtype=torch.float64)
-            dist.all_reduce(totals)
-            loss_sum, samples = totals[:2], int(totals[2])
-        if cfg.train.precise_bn:
-            precise_bn(unwrap(model), loader, cfg.train.precise_bn, device, cfg.train.channels_last)
-        elif world > 1:
-            # Each rank's BatchNorm statistics moved with its own last batch; validate (and save) rank 0's.
-            for buffer in unwrap(model).buffers():
-                dist.broadcast(buffer, 0)
+        settle_batchnorm(run.model, loader, cfg, device)
         val_start = time.perf_counter()
-        scores = validate(model, cache, val_days, cfg, device)
+        scores = score_fold(run.model, cache, val_days, cfg, device)
         metrics = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-            **scores,
-            "lr": lr,
-            "epoch_time": time.perf_counter() - start,
-            "val_time": time.perf_counter() - val_start,
-            "samples_per_s": samples / train_time if train_time > 0 else 0.0,
-            "fold": fold,
+            "epoch": epoch, "train_loss": trained["train_loss"], **scores, "lr": trained["lr"],
+            "epoch_time": time.perf_counter() - start, "val_time": time.perf_counter() - val_start,
+            "samples_per_s": trained["samples"] / train_time if train_time > 0 else 0.0, "fold": fold,
         }
-        improved = metrics["score"] > best["score"]
+        improved = metrics["score"] > run.best_score
         if improved:
-            best = {"score": metrics["score"], "epoch": epoch}
-        metrics["best_score"], metrics["best_epoch"] = best["score"], best["epoch"]
-        history.append(metrics)
+            run.best_score, run.best_epoch = metrics["score"], epoch
+        metrics["best_score"], metrics["best_epoch"] = run.best_score, run.best_epoch
+        run.history.append(metrics)
         if rank == 0:
-            state = {
-                "format": CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(), "config": to_dict(cfg),
-                "fold": fold, "epoch": epoch, "metrics": metrics, "history": history,
-                "best_score": best["score"], "best_epoch": best["epoch"],
-                "preprocessing": {"size": cache.size, "channels": cfg.data.channels, "stride": cfg.data.stride,
-                                  "normalisation": cache.manifest["normalisation"], "classes": list(CLASSES)},
-            }
-            if improved:
-                save_checkpoint(out / BEST, state)
-            save_checkpoint(out / LAST, {**state, "optimizer": optimizer.state_dict()})
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            save_epoch(run, cfg, cache, metrics, improved)
             log(f"fit: fold {fold} epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"score {metrics['score']:.4f} (dice {metrics['dice']:.3f}, hausdorff {metrics['hausdorff']:.3f})  "
                 f"{metrics['samples_per_s']:.0f} samples/s  {metrics['epoch_time']:.1f}s")
         if report is not None:
             report(metrics, str(out) if rank == 0 else None)
-    if start_epoch >= cfg.train.epochs and report is not None:  # (start_epoch > 0: resumed, history restored)
+    if run.start_epoch >= cfg.train.epochs and report is not None:  # (start_epoch > 0: resumed, history restored)
         # A search driver killed after this run's last checkpoint was recorded restarts the trial
         # here; Tune keeps only what the restarted trial reports, so without this the trial would
         # end with no result at all.
         if rank == 0:
             log(f"fit: {out} already trained all {cfg.train.epochs} epochs; reporting the last one again")
-        report(history[-1], str(out) if rank == 0 else None)
-    if not history:
+        report(run.history[-1], str(out) if rank == 0 else None)
+    if not run.history:
         raise ConfigError(f"train.epochs is {cfg.train.epochs}: nothing to train")
-    best_metrics = next((m for m in history if m["epoch"] == best["epoch"]), history[-1])
-    return best_metrics
+    return next((m for m in run.history if m["epoch"] == run.best_epoch), run.history[-1])

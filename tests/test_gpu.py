@@ -9,7 +9,8 @@ from conftest import tiny_config
 from gitseg.config import ModelConfig
 from gitseg.infer import predict_volume
 from gitseg.models import build_model
-from gitseg.train import BEST, fit, load_checkpoint, model_from_checkpoint
+from gitseg.checkpoint import BEST, load_checkpoint, model_from_checkpoint
+from gitseg.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

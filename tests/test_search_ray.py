@@ -83,8 +83,8 @@ def test_search_asha_failure_and_refit(train_cache, tmp_path):
     assert all(int(r["epochs_run"]) < 3 for r in stopped)
 
     # Refit: one model and one set of out-of-fold probabilities per fold, holdout never used.
-    from gitseg.data.dataset import Cache
-    from gitseg.train import load_checkpoint, model_from_checkpoint
+    from gitseg.data.cache import Cache
+    from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 
     cache = Cache(train_cache)
     refit = json.loads((root / "refit.json").read_text())

@@ -11,11 +11,12 @@ import torch.multiprocessing as mp
 from conftest import tiny_config
 
 from gitseg.config import ConfigError
-from gitseg.data.dataset import Cache, SliceDataset
+from gitseg.data.cache import Cache
+from gitseg.data.dataset import SliceDataset
 from gitseg.losses import LossMix
 from gitseg.models import build_model
-from gitseg.train import (BEST, LAST, fit, load_checkpoint, lr_at, model_from_checkpoint, precise_bn, seed_everything,
-                          validate)
+from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
+from gitseg.train import fit, lr_at, precise_bn, score_fold, seed_everything
 
 QUIET = dict(log=lambda *_: None)
 
@@ -46,7 +47,7 @@ def test_one_epoch_lowers_the_loss_and_checkpoint_rebuilds(train_cache, tmp_path
     assert after < before
     # the rebuilt model reproduces the validation numbers fit reported
     cache = Cache(train_cache)
-    again = validate(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
+    again = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
     assert again["score"] == pytest.approx(best["score"], abs=1e-12)
     assert (tmp_path / "run" / "config.yaml").is_file()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -137,7 +138,7 @@ def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, p
     # one process, same weights, same volumes: the same numbers
     model = model_from_checkpoint(load_checkpoint(tmp_path / "ddp" / LAST))
     cache = Cache(train_cache)
-    single = validate(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
+    single = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
     assert single["score"] == pytest.approx(s0, abs=1e-12)
     assert single["hausdorff"] == pytest.approx(h0, abs=1e-12)
 
