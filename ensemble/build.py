@@ -26,7 +26,7 @@ from ensemble.members import load_refit, oof_score, oof_volumes, select_greedy, 
 from ensemble.model import MANIFEST, MANIFEST_FORMAT, EnsembleModel, Member, member_from_checkpoint, sha256
 from ensemble.postprocess import PostProcess, row_sums, apply, tune
 from gitseg import __version__
-from gitseg.data.dataset import Cache
+from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
 from gitseg.infer import TTA_SETS

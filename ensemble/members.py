@@ -16,7 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from gitseg.data.dataset import Cache
+from gitseg.data.cache import Cache
+from gitseg.data.uwmgi import CLASSES
+from gitseg.metrics import ScoreSums
+from gitseg.oof import load_oof
 
 
 @dataclasses.dataclass
@@ -91,10 +94,10 @@ def oof_probs(configs: list[Configuration], weights: list[float], case_day: str,
     fold = entry["fold"]  # the manifest's split, never recomputed
     total = None
     for conf, weight in zip(configs, weights):
-        path = conf.folds[fold].oof / f"{case_day}.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"{conf.name} fold {fold} has no out-of-fold probabilities {path}; re-run the refit")
-        probs = np.load(path).astype(np.float32) * weight
+        try:
+            probs = load_oof(conf.folds[fold].oof, case_day) * weight
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{conf.name} fold {fold}: {exc}") from None
         total = probs if total is None else total + probs
     return total / float(sum(weights))
 
@@ -109,13 +112,11 @@ def oof_volumes(configs, weights, cache: Cache) -> Callable:
 
 def oof_score(configs, weights, cache: Cache, threshold: float = 0.5) -> float:
     """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
-    from ensemble.postprocess import row_sums, total_score
-
-    sums = np.zeros((3, 4))
+    sums = [ScoreSums()] * len(CLASSES)
     for probs, gt in oof_volumes(configs, weights, cache)():
-        for c in range(3):
-            sums[c] += row_sums(probs[c] >= threshold, gt[c])
-    return total_score(sums)
+        for c in range(len(CLASSES)):
+            sums[c] = sums[c] + ScoreSums.of_volume(probs[c] >= threshold, gt[c])
+    return sum(sums, ScoreSums()).score
 
 
 # ---------------------------------------------------------------------------------------------

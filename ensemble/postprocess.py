@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from gitseg.data.uwmgi import CLASSES
-from gitseg.metrics import dice_counts, dice_from_counts, hausdorff_3d, score_from_sums
+from gitseg.metrics import ScoreSums
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
 MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
@@ -87,21 +87,13 @@ def apply(probs: np.ndarray, post: PostProcess) -> np.ndarray:
 # Tuning on out-of-fold probabilities
 
 
-def row_sums(mask: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """What one (volume, class) adds to the score: [Dice sum, Dice rows, Hausdorff sum, Hausdorff rows]."""
-    dice = dice_from_counts(dice_counts(mask, gt))
-    valid = ~np.isnan(dice)
-    hd = hausdorff_3d(mask, gt)
-    return np.array([dice[valid].sum(), valid.sum(), 0.0 if np.isnan(hd) else hd, 0.0 if np.isnan(hd) else 1.0])
-
-
 def total_score(sums: np.ndarray) -> float:
-    """Competition score from per-class sums `(C, 4)`."""
-    return score_from_sums(*sums.sum(axis=0))["score"]
+    """Competition score from per-class ScoreSums stacked as `(C, 4)`."""
+    return ScoreSums(*sums.sum(axis=0)).score
 
 
 def _choose(sums: np.ndarray, current: list[int]) -> list[int]:
-    """Per-class candidate indices maximising the total score, from sums `(C, K, 4)`.
+    """Per-class candidate indices maximising the total score, from ScoreSums `(C, K, 4)`.
 
     Coordinate ascent: the classes interact only through the shared denominators, so a few rounds
     settle. A candidate replaces the current one only if it scores strictly higher (ties keep the
@@ -126,7 +118,7 @@ def _choose(sums: np.ndarray, current: list[int]) -> list[int]:
 
 
 def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.ndarray, int, int]:
-    """Sums `(C, K, 4)` over volumes for K candidates per class.
+    """ScoreSums `(C, K, 4)` over volumes for K candidates per class.
 
     `masks_for(prob, c, candidates)` yields `(key, mask)` per candidate, where equal keys promise
     equal masks; a mask is scored once per key. Returns the sums, the masks scored and the
@@ -140,7 +132,7 @@ def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.
             for k, (key, mask) in enumerate(masks_for(probs[c], c, candidates)):
                 evaluated += 1
                 if key not in seen:
-                    seen[key] = row_sums(mask(), gt[c])
+                    seen[key] = ScoreSums.of_volume(mask(), gt[c])
                     scored += 1
                 sums[c, k] += seen[key]
     return sums, scored, evaluated

@@ -14,6 +14,7 @@ import numpy as np
 from ensemble.model import EnsembleModel
 from gitseg.data.cache import problems_by_case_day
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, rle_encode, volume_from_rows
+from gitseg.files import atomic_path
 from gitseg.progress import say
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
@@ -45,9 +46,8 @@ def write_nifti(path: Path, volume: np.ndarray, spacing) -> None:
     data = np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))  # (W, H, D)
     image = nib.Nifti1Image(data, nifti_affine(spacing))
     image.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(image, tmp)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks the format from the name
+        nib.save(image, tmp)
 
 
 def predict_case_day(model: EnsembleModel, image: np.ndarray, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:

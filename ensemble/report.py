@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gitseg.data.cache import split_summary
-from gitseg.data.dataset import Cache
+from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
 from gitseg.metrics import score_from_sums

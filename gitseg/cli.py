@@ -35,7 +35,7 @@ def cmd_prepare(args) -> None:
 
 def cmd_summary(args) -> None:
     from gitseg.data.cache import split_summary
-    from gitseg.data.dataset import Cache
+    from gitseg.data.cache import Cache
     from gitseg.tables import format_table
 
     cache = Cache(args.cache)

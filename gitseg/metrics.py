@@ -16,7 +16,7 @@ nearest neighbour in the other mask is always one of its boundary voxels (see `_
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -201,6 +201,57 @@ def score_from_sums(dice_sum: float, dice_rows: int, hausdorff_sum: float, hausd
     dice = float(dice_sum / dice_rows) if dice_rows else 1.0
     hausdorff = float(hausdorff_sum / hausdorff_rows) if hausdorff_rows else 0.0
     return {"dice": dice, "hausdorff": hausdorff, "score": combine(dice, hausdorff)}
+
+
+class ScoreSums(NamedTuple):
+    """What a set of rows adds to the score: the sums and counts of its Dice and Hausdorff rows.
+
+    Sums add, so a score over any grouping (per class, per case, per candidate threshold) is the
+    sum of its parts' ScoreSums, scored once. Stacked in numpy, the last axis holds the fields in
+    this order (the ensemble's threshold search keeps arrays `(classes, candidates, 4)`).
+    """
+
+    dice_sum: float = 0.0
+    dice_rows: float = 0.0
+    hausdorff_sum: float = 0.0
+    hausdorff_rows: float = 0.0
+
+    @classmethod
+    def of_volume(cls, pred: np.ndarray, gt: np.ndarray) -> "ScoreSums":
+        """One (case-day, class): its slices' Dice rows and its Hausdorff row (both-empty skipped)."""
+        dice = dice_from_counts(dice_counts(pred, gt))
+        valid = ~np.isnan(dice)
+        hd = hausdorff_3d(pred, gt)
+        return cls(float(dice[valid].sum()), float(valid.sum()), 0.0 if np.isnan(hd) else hd,
+                   0.0 if np.isnan(hd) else 1.0)
+
+    def __add__(self, other) -> "ScoreSums":  # field-wise, not tuple concatenation
+        return ScoreSums(*(a + b for a, b in zip(self, other)))
+
+    def terms(self) -> dict:
+        """dice, hausdorff and score."""
+        return score_from_sums(*self)
+
+    @property
+    def score(self) -> float:
+        return self.terms()["score"]
+
+
+def class_scores(sums: Mapping[str, ScoreSums]) -> dict:
+    """score, dice, hausdorff over all classes, and `<name>/<class>` for each, from per-class sums."""
+    out = sum(sums.values(), ScoreSums()).terms()
+    for cls, part in sums.items():
+        for name, value in part.terms().items():
+            out[f"{name}/{cls}"] = value
+    return out
+
+
+def sum_rows(rows: Iterable[tuple[str, Iterable[float]]], classes) -> dict[str, ScoreSums]:
+    """Per-class ScoreSums of `(class, sums)` rows, every class of `classes` present."""
+    totals = {cls: ScoreSums() for cls in classes}
+    for cls, sums in rows:
+        totals[cls] = totals[cls] + ScoreSums(*sums)
+    return totals
 
 
 def volume_stats(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle") -> tuple[np.ndarray, float]:

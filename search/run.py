@@ -109,7 +109,7 @@ def prepare_base(settings: SearchConfig) -> Config:
 
 def validate(settings: SearchConfig, log=say):
     """Everything checkable before a cluster job starts: configs, space, every model in it."""
-    from gitseg.data.dataset import Cache
+    from gitseg.data.cache import Cache
     from gitseg.train import validate_config
 
     base_cfg = prepare_base(settings)

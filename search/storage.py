@@ -13,11 +13,12 @@ filesystems, NFS included). Object stores need nothing: an upload becomes visibl
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pyarrow
 import pyarrow.fs
+
+from gitseg.files import temporary_beside
 
 
 def filesystem(path: str):
@@ -35,8 +36,7 @@ class _ReplacedOnClose:
 
     def __init__(self, path: str):
         self.path = path
-        folder, name = os.path.split(path)
-        self.temporary = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.temporary = str(temporary_beside(path))
         self.file = open(self.temporary, "wb")
 
     def write(self, data) -> int:

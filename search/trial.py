@@ -73,22 +73,22 @@ def train_worker(loop_config: dict) -> None:
         device = ray.train.torch.get_device()
         best = fit(cfg, report=_report_to_ray, device=device, log=print if rank == 0 else (lambda *_: None))
         if loop_config.get("oof_tta"):
-            write_oof(cfg, out, best, loop_config["oof_tta"], device)
+            report_oof(cfg, out, best, loop_config["oof_tta"], device)
 
 
-def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
+def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     """Out-of-fold probabilities of the best epoch's model, each rank a share of the fold's volumes.
 
     Reported as one final checkpoint: Ray merges the workers' folders, so it holds best.pt,
     config.yaml and oof/<case_day>.npy for every validation case-day of the fold.
     """
-    import numpy as np
     import ray.train
     import torch.distributed as dist
 
-    from gitseg.data.dataset import Cache
-    from gitseg.infer import predict_volume, prepare_for_inference
-    from gitseg.train import load_checkpoint, model_from_checkpoint
+    from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from gitseg.data.cache import Cache
+    from gitseg.infer import prepare_for_inference
+    from gitseg.oof import OOF_FOLDER, write_oof
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -99,12 +99,8 @@ def write_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
         dist.broadcast_object_list(state, src=0)
     model = prepare_for_inference(model_from_checkpoint(state[0], device), cfg.train.channels_last)
     with scratch_folder(f"oof{rank}") as final:
-        (final / "oof").mkdir()
-        for case_day in cache.case_days(folds=[cfg.data.fold])[rank::world]:
-            entry = cache.entries[case_day]
-            probs = predict_volume(model, cache.image(case_day), cfg.data.channels, cfg.data.stride,
-                                   out_size=(entry["height"], entry["width"]), tta=tta, device=device)
-            np.save(final / "oof" / f"{case_day}.npy", probs)
+        write_oof(model, cache, cache.case_days(folds=[cfg.data.fold])[rank::world], final / OOF_FOLDER,
+                  cfg.data.channels, cfg.data.stride, tta, device)
         if rank == 0:
             for name in ("best.pt", "config.yaml", "metrics.jsonl"):
                 shutil.copy2(out / name, final / name)

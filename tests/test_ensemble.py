@@ -15,10 +15,11 @@ from ensemble.build import build_ensemble
 from ensemble.members import Configuration, FoldModel, load_refit, oof_probs, select_greedy, select_topk
 from ensemble.model import MANIFEST, EnsembleModel
 from ensemble.predict import predict_tree
-from gitseg.data.dataset import Cache
+from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
-from gitseg.infer import predict_volume
-from gitseg.train import fit, load_checkpoint, model_from_checkpoint
+from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
+from gitseg.oof import write_oof
+from gitseg.train import fit
 
 QUIET = dict(log=lambda *_: None)
 # Two refit configurations; the second uses a 1-slice window so members differ in their input.
@@ -46,12 +47,8 @@ def write_refit_run(cache_dir, root, configs=CONFIGS, failed=()):
             cfg.data.fold = fold
             best = fit(cfg, **QUIET)
             model = model_from_checkpoint(load_checkpoint(out / "best.pt"))
-            (out / "oof").mkdir()
-            for case_day in cache.case_days(folds=[fold]):
-                e = cache.entries[case_day]
-                np.save(out / "oof" / f"{case_day}.npy",
-                        predict_volume(model, cache.image(case_day), cfg.data.channels, cfg.data.stride,
-                                       out_size=(e["height"], e["width"]), tta="hflip"))
+            write_oof(model, cache, cache.case_days(folds=[fold]), out / "oof", cfg.data.channels, cfg.data.stride,
+                      "hflip")
             models.append({"rank": rank, "trial_id": f"t{rank}", "fold": fold, "values": values,
                            "score": best["score"], "best_epoch": 1, "checkpoint": str(out / "best.pt"),
                            "oof": str(out / "oof"), "error": None})

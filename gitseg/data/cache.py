@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
+from gitseg.files import write_text_atomic
 from gitseg.progress import say
 
 CACHE_FORMAT = 1
@@ -259,9 +260,62 @@ def _run_jobs(jobs: list, workers: int | None, progress) -> list:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the cache
+
+
+class Cache:
+    """A prepared cache folder: its manifest and memory-mapped arrays."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {MANIFEST} in {self.root}; build the cache with `gitseg prepare --data ROOT --out {self.root}`")
+        self.manifest = json.loads(path.read_text())
+        self.size = int(self.manifest["size"])
+        self.entries = {e["case_day"]: e for e in self.manifest["entries"]}
+        self._open: dict[str, tuple] = {}
+
+    def case_days(self, folds=None, holdout: bool = False) -> list[str]:
+        """Case-days of the given folds (all folds when None), or of the holdout."""
+        if holdout:
+            return [cd for cd, e in self.entries.items() if e["holdout"]]
+        return [cd for cd, e in self.entries.items()
+                if not e["holdout"] and (folds is None or e["fold"] in set(folds))]
+
+    def _arrays(self, case_day: str):
+        # Opened lazily per process: memmaps do not survive pickling into DataLoader workers.
+        if case_day not in self._open:
+            files = self.entries[case_day]["files"]
+            volumes = self.root / "volumes"
+            self._open[case_day] = (np.load(volumes / files["image"], mmap_mode="r"),
+                                    np.load(volumes / files["masks"], mmap_mode="r"))
+        return self._open[case_day]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def image(self, case_day: str) -> np.ndarray:
+        """float16 `(D, S, S)` memmap."""
+        return self._arrays(case_day)[0]
+
+    def masks(self, case_day: str, z=None) -> np.ndarray:
+        """bool `(3, D, S, S)`, or `(3, S, S)` for one slice z, at the cache size."""
+        packed = self._arrays(case_day)[1]
+        return unpack_masks(packed if z is None else packed[:, z], self.size)
+
+    def original_masks(self, case_day: str) -> np.ndarray:
+        """bool `(3, D, H, W)` at the original image size (for scoring at full resolution)."""
+        e = self.entries[case_day]
+        packed = np.load(self.root / "volumes" / e["files"]["orig"])
+        return unpack_masks(packed, e["width"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,14 +7,11 @@ window is clamped, so every slice of a volume yields exactly one sample.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gitseg.data.cache import MANIFEST, unpack_masks
+from gitseg.data.cache import Cache
 
 
 def window_indices(depth: int, channels: int, stride: int) -> np.ndarray:
@@ -25,57 +22,6 @@ def window_indices(depth: int, channels: int, stride: int) -> np.ndarray:
         raise ValueError(f"2.5D stride must be at least 1 (got {stride})")
     offsets = (np.arange(channels) - channels // 2) * stride
     return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
-
-
-class Cache:
-    """A prepared cache folder: its manifest and memory-mapped arrays."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        path = self.root / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no {MANIFEST} in {self.root}; build the cache with `gitseg prepare --data ROOT --out {self.root}`")
-        self.manifest = json.loads(path.read_text())
-        self.size = int(self.manifest["size"])
-        self.entries = {e["case_day"]: e for e in self.manifest["entries"]}
-        self._open: dict[str, tuple] = {}
-
-    def case_days(self, folds=None, holdout: bool = False) -> list[str]:
-        """Case-days of the given folds (all folds when None), or of the holdout."""
-        if holdout:
-            return [cd for cd, e in self.entries.items() if e["holdout"]]
-        return [cd for cd, e in self.entries.items()
-                if not e["holdout"] and (folds is None or e["fold"] in set(folds))]
-
-    def _arrays(self, case_day: str):
-        # Opened lazily per process: memmaps do not survive pickling into DataLoader workers.
-        if case_day not in self._open:
-            files = self.entries[case_day]["files"]
-            volumes = self.root / "volumes"
-            self._open[case_day] = (np.load(volumes / files["image"], mmap_mode="r"),
-                                    np.load(volumes / files["masks"], mmap_mode="r"))
-        return self._open[case_day]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_open"] = {}
-        return state
-
-    def image(self, case_day: str) -> np.ndarray:
-        """float16 `(D, S, S)` memmap."""
-        return self._arrays(case_day)[0]
-
-    def masks(self, case_day: str, z=None) -> np.ndarray:
-        """bool `(3, D, S, S)`, or `(3, S, S)` for one slice z, at the cache size."""
-        packed = self._arrays(case_day)[1]
-        return unpack_masks(packed if z is None else packed[:, z], self.size)
-
-    def original_masks(self, case_day: str) -> np.ndarray:
-        """bool `(3, D, H, W)` at the original image size (for scoring at full resolution)."""
-        e = self.entries[case_day]
-        packed = np.load(self.root / "volumes" / e["files"]["orig"])
-        return unpack_masks(packed, e["width"])
 
 
 class SliceDataset(Dataset):

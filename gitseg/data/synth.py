@@ -10,7 +10,6 @@ Rician noise. Organs are laid out in millimetres, so `size` only changes the pix
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import shutil
@@ -21,6 +20,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from gitseg.files import write_text_atomic
+from gitseg.tables import csv_text
 from gitseg.data.uwmgi import CLASSES, SLICE_THICKNESS_MM, case_day_name, rle_encode, slice_file_name, slice_id
 
 # (width, height, pixel spacing mm, slices, number of case-days in the real training set)
@@ -344,12 +345,8 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
                 if progress:
                     progress(i + 1, len(jobs))
     # train.csv last and atomically: a tree without it is visibly unfinished.
-    tmp = out / "train.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "class", "segmentation"])
-        writer.writerows(rows)
-    os.replace(tmp, out / "train.csv")
+    columns = ("id", "class", "segmentation")
+    write_text_atomic(out / "train.csv", csv_text([dict(zip(columns, row)) for row in rows], columns))
     with open(out / "sample_submission.csv", "w") as f:
         f.write("id,class,predicted\n")
     train = [j for j in jobs if j.split == "train"]
