@@ -23,6 +23,9 @@ import argparse
 import json
 from types import SimpleNamespace
 
+from gitseg import records
+from gitseg.records import SearchRecord
+
 
 def load_curves(path: str) -> dict:
     """bench_asha.py --save output as is; a search's search.json turned into the same shape."""
@@ -31,13 +34,14 @@ def load_curves(path: str) -> dict:
         return data
     if "leaderboard" not in data:
         raise SystemExit(f"{path} is neither a bench_asha.py --save file nor a search.json")
-    if data["settings"]["asha"]["enabled"]:
+    search = records.load(SearchRecord, path)
+    if search.settings["asha"]["enabled"]:
         raise SystemExit(f"{path} is a search with ASHA on: its stopped trials have no curves to replay; "
                          f"run the search with --set asha.enabled=false")
-    rows = sorted((r for r in data["leaderboard"] if r["status"] == "finished"), key=lambda r: r.get("started", 0))
+    rows = sorted((r for r in search.leaderboard if r.status == "finished"), key=lambda r: r.started or 0)
     if not rows:
         raise SystemExit(f"{path}: no finished trial to replay")
-    trials = [{"index": i + 1, "history": [{**h, "epochs_done": h["epoch"]} for h in r["history"]]}
+    trials = [{"index": i + 1, "history": [{**h, "epochs_done": h["epoch"]} for h in r.history]}
               for i, r in enumerate(rows)]
     epochs = min(len(t["history"]) for t in trials)
     return {"args": {"epochs": epochs}, "fifo": {"trials": trials}}
@@ -113,7 +117,8 @@ def main() -> None:
         real = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in data["asha"]["trials"]}
         again = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in replayed}
         if real != again:
-            diff = {i: (real.get(i), again.get(i)) for i in sorted(set(real) | set(again)) if real.get(i) != again.get(i)}
+            diff = {i: (real.get(i), again.get(i)) for i in sorted(set(real) | set(again))
+                    if real.get(i) != again.get(i)}
             raise SystemExit(f"the replay does not reproduce the recorded ASHA arm (trial: real, replayed): {diff}")
         print(f"check: the replay reproduces the recorded ASHA arm trial by trial "
               f"({sum(e for e, _ in real.values())} trial-epochs, best {max(b for _, b in real.values()):.4f})")
@@ -122,8 +127,8 @@ def main() -> None:
           f"{len(fifo)} trials), and where configuration {full_index} stands after k epochs:")
     for k, rho, rank in rank_table(fifo, rank_metric, max_t):
         print(f"  epoch {k}: rho {rho:+.2f}, configuration {full_index} ranks {rank} of {len(fifo)}")
-    metrics = [args.metric] if args.metric else [k for k in fifo[0]["history"][0]
-                                                  if k not in ("epoch", "epochs_done", "epoch_time", "train_loss", "hausdorff")]
+    not_ranks = ("epoch", "epochs_done", "epoch_time", "train_loss", "hausdorff")
+    metrics = [args.metric] if args.metric else [k for k in fifo[0]["history"][0] if k not in not_ranks]
     print(f"{'rung metric':22s} {'grace':>5s} {'rf':>3s} {'epochs':>7s} {'ratio':>6s} {'best':>7s} {'ratio':>6s}  "
           f"epochs given to configuration {full_index}")
     for metric in metrics:

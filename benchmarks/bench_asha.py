@@ -4,7 +4,8 @@ Both searches run exactly the same configurations in the same order (drawn once 
 with a seeded generator and given as `points`, so neither searcher's suggestions differ between
 the arms), the same epochs, on the same synthetic data (2-worker DDP trials on a local Ray
 instance): one with ASHA, one with FIFO (every trial runs all its epochs). Prints the
-trial-epochs each spent and the best validation score each reached, as ratios. Overhead: per trial, the time Tune measured for the trial minus the time its epochs
+trial-epochs each spent and the best validation score each reached, as ratios. Overhead: per trial,
+the time Tune measured for the trial minus the time its epochs
 took (Ray Train start, worker start, checkpoint upload), as a fraction of the trial's time; with
 --demo-cache also for one trial of the demo configuration (configs/demo.yaml, one epoch).
 
@@ -31,7 +32,6 @@ from gitseg.config import ModelConfig, TrainConfig
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
 from search.settings import AshaConfig
-
 
 SPACE = {"train.lr": {"loguniform": [1e-4, 3e-2]}, "model.arch": {"choice": ["Unet", "FPN"]},
          "train.weight_decay": {"loguniform": [1e-6, 1e-2]}}
@@ -86,7 +86,8 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
                            "best": max(r["score"] for r in rows), "first": rows[0]["score"],
                            "trial_time": rows[-1]["time_total_s"], "epoch_time": sum(r["epoch_time"] for r in rows),
                            # every epoch's validation figures, for benchmarks/asha_replay.py
-                           "history": [{k: v for k, v in r.items() if k in HISTORY_KEYS or k.startswith(("score/", "dice/"))}
+                           "history": [{k: v for k, v in r.items()
+                                        if k in HISTORY_KEYS or k.startswith(("score/", "dice/"))}
                                        for r in rows]})
     return {"wall": wall, "trials": trials_out}
 

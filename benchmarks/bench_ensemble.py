@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infer import naive_predict  # noqa: E402
+from naive_tune import tune_naive  # noqa: E402
 
 from ensemble.model import EnsembleModel, Member  # noqa: E402
-from ensemble.postprocess import tune, tune_naive  # noqa: E402
+from ensemble.postprocess import tune  # noqa: E402
 from gitseg.config import ModelConfig  # noqa: E402
 from gitseg.models import build_model  # noqa: E402
 
@@ -39,7 +40,8 @@ def bench_prediction(args, device) -> None:
     n = args.configs * args.folds
     nets = [build_model(ModelConfig(arch="Unet", encoder=args.encoder), in_channels=3).to(device).eval()
             .to(memory_format=torch.channels_last) for _ in range(n)]
-    members = [Member(file=f"m{i}", weight=1.0, size=args.size, channels=3, stride=2, configuration=f"rank{i // args.folds}",
+    members = [Member(file=f"m{i}", weight=1.0, size=args.size, channels=3, stride=2,
+                      configuration=f"rank{i // args.folds}",
                       fold=i % args.folds) for i in range(n)]
     model = EnsembleModel(".", {"members": [m.__dict__ for m in members], "tta": args.tta,
                                 "postprocess": {"thresholds": [0.5] * 3, "min_size": [0] * 3, "min_pixels": [0] * 3}},
@@ -47,7 +49,8 @@ def bench_prediction(args, device) -> None:
     volume = np.random.default_rng(0).random((args.slices, args.size, args.size)).astype(np.float16)
 
     start = time.perf_counter()
-    naive = np.mean([naive_predict(net, volume, 3, 2, args.tta, device, True).astype(np.float32) for net in nets], axis=0)
+    naive = np.mean([naive_predict(net, volume, 3, 2, args.tta, device, True).astype(np.float32) for net in nets],
+                    axis=0)
     t_naive = time.perf_counter() - start
     start = time.perf_counter()
     for m, net in zip(members, nets):  # what EnsembleModel.network does on first use, timed apart
@@ -89,10 +92,11 @@ def synthetic_oof(n, depth, size, seed=0):
 def bench_tuning(args) -> None:
     if args.run:
         from ensemble.members import load_refit, oof_volumes
-        from gitseg.data.dataset import Cache
+        from gitseg.data.cache import Cache
 
-        search, configs, _ = load_refit(args.run)
-        cache = Cache(search["base"]["data"]["cache"])
+        run = load_refit(args.run)
+        configs = run.configurations
+        cache = Cache(run.search.base["data"]["cache"])
         load = oof_volumes(configs, [1.0] * len(configs), cache)
         data = list(load())
         what = f"OOF of {len(configs)} refit configurations from {args.run}, {len(data)} case-days"

@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from gitseg.data.cache import prepare
-from gitseg.data.dataset import Cache, SliceDataset, window_indices
+from gitseg.data.cache import Cache, prepare
+from gitseg.data.dataset import SliceDataset, window_indices
 from gitseg.data.synth import write_dataset
 from gitseg.data.uwmgi import CLASSES, index_root, rle_decode
 
@@ -35,7 +35,8 @@ class NotebookDataset:
         self.groups = {cd: g.reset_index(drop=True) for cd, g in self.slices.groupby("case_day", sort=False)}
         self.items = [(cd, z) for cd, g in self.groups.items() for z in range(len(g))]
         # notebooks precompute the volume max once per case-day (from a csv); so do we
-        self.vmax = {cd: max(cv2.imread(p, cv2.IMREAD_UNCHANGED).max() for p in g["path"]) for cd, g in self.groups.items()}
+        self.vmax = {cd: max(cv2.imread(p, cv2.IMREAD_UNCHANGED).max() for p in g["path"])
+                     for cd, g in self.groups.items()}
 
     def __len__(self):
         return len(self.items)

@@ -28,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_asha import fixed_configurations  # benchmarks/ is on sys.path when this script runs
 
+from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.config import Config, from_dict
-from gitseg.data.cache import prepare
-from gitseg.data.cache import Cache
+from gitseg.data.cache import Cache, prepare
 from gitseg.data.dataset import SliceDataset
 from gitseg.data.synth import write_dataset
-from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.train import fit, precise_bn, score_fold
-
-from bench_asha import fixed_configurations  # benchmarks/ is on sys.path when this script runs
 
 
 def recompute_bn(model, cache: Cache, cfg: Config, batches: int = 32) -> torch.nn.Module:
@@ -105,7 +103,8 @@ def main() -> None:
             curves[number] = ways
             print(f"configuration {number} ({values}), {time.perf_counter() - start:.0f} s")
             for way, scores in ways.items():
-                print(f"  {way:6s} noise {noise(scores):.4f}  best {max(scores):.4f} (epoch {int(np.argmax(scores)) + 1})"
+                print(f"  {way:6s} noise {noise(scores):.4f}  best {max(scores):.4f} "
+                      f"(epoch {int(np.argmax(scores)) + 1})"
                       f"  final {scores[-1]:.4f}  per epoch {' '.join(f'{s:.3f}' for s in scores)}")
 
         if len(curves) > 2:

@@ -9,17 +9,18 @@ files, and holdout case-days have no OOF at all.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from gitseg import records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.metrics import ScoreSums
 from gitseg.oof import load_oof
+from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
 
 @dataclasses.dataclass
@@ -50,40 +51,44 @@ def _local(path: str) -> Path:
     return Path(path)
 
 
-def load_refit(run_dir) -> tuple[dict, list[Configuration], list[str]]:
-    """Search summary (search.json), the refit configurations with every fold, and the problems.
+@dataclasses.dataclass
+class RefitRun:
+    """A finished search folder as the ensemble sees it."""
+
+    search: SearchRecord
+    refit: RefitRecord
+    configurations: list[Configuration]  # those with a model for every fold
+    problems: list[str]                  # failed refits, and configurations left out for them
+
+
+def load_refit(run_dir) -> RefitRun:
+    """The search and refit records of `run_dir` and its refit configurations with every fold.
 
     A configuration missing a fold (its refit failed) cannot give OOF for every case, so it is left
     out and named among the problems.
     """
     run_dir = Path(run_dir)
-    refit_path, search_path = run_dir / "refit.json", run_dir / "search.json"
-    for path in (search_path, refit_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no {path.name} in {run_dir}; point --run at the folder of a finished search with its refit "
-                f"(<storage_path>/<name>, holding search.json and refit.json; run `gitseg search --config ...` "
-                f"with refit.topk > 0)")
-    search = json.loads(search_path.read_text())
-    refit = json.loads(refit_path.read_text())
-    folds = list(refit["folds"])
+    advice = ("point --run at the folder of a finished search with its refit (<storage_path>/<name>, holding "
+              f"{SEARCH_RECORD} and {REFIT_RECORD}; run `gitseg search --config ...` with refit.topk > 0)")
+    search = records.load(SearchRecord, run_dir / SEARCH_RECORD, advice)
+    refit = records.load(RefitRecord, run_dir / REFIT_RECORD, advice)
     by_rank: dict[int, Configuration] = {}
     problems = []
-    for entry in refit["models"]:
-        conf = by_rank.setdefault(entry["rank"], Configuration(entry["rank"], entry["trial_id"], entry["values"], {}))
-        if entry.get("error") or not entry.get("checkpoint"):
-            problems.append(f"rank{entry['rank']} fold {entry['fold']}: refit failed ({entry.get('error')})")
+    for entry in refit.models:
+        conf = by_rank.setdefault(entry.rank, Configuration(entry.rank, entry.trial_id, entry.values, {}))
+        if entry.error or not entry.checkpoint:
+            problems.append(f"rank{entry.rank} fold {entry.fold}: refit failed ({entry.error})")
             continue
-        conf.folds[entry["fold"]] = FoldModel(entry["fold"], _local(entry["checkpoint"]), _local(entry["oof"]),
-                                              float(entry["score"]))
+        conf.folds[entry.fold] = FoldModel(entry.fold, _local(entry.checkpoint), _local(entry.oof),
+                                           float(entry.score))
     configurations = []
     for conf in sorted(by_rank.values(), key=lambda c: c.rank):
-        missing = [f for f in folds if f not in conf.folds]
+        missing = [f for f in refit.folds if f not in conf.folds]
         if missing:
             problems.append(f"{conf.name} ({conf.trial_id}) left out: no model for fold(s) {missing}")
         else:
             configurations.append(conf)
-    return search, configurations, problems
+    return RefitRun(search, refit, configurations, problems)
 
 
 def oof_probs(configs: list[Configuration], weights: list[float], case_day: str, cache: Cache) -> np.ndarray:

@@ -10,33 +10,18 @@ each checkpoint carries its own config and preprocessing.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ensemble.postprocess import PostProcess, apply
+from gitseg import records
+from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import preprocess_volume
 from gitseg.infer import predict_volume, prepare_for_inference
-from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
-
-MANIFEST = "ensemble.json"
-MANIFEST_FORMAT = 1
-
-
-@dataclasses.dataclass
-class Member:
-    file: str            # checkpoint, relative to the ensemble folder
-    weight: float
-    size: int            # network input size (cache size it was trained at)
-    channels: int        # 2.5D window
-    stride: int
-    configuration: str   # e.g. rank0: the refit configuration it belongs to
-    fold: int
-    sha256: str = ""
+from gitseg.records import ENSEMBLE_MANIFEST, MANIFEST_FORMAT, EnsembleManifest, Member
 
 
 def sha256(path: Path) -> str:
@@ -57,24 +42,22 @@ def member_from_checkpoint(path: Path, file: str, weight: float, configuration: 
 class EnsembleModel:
     """Members averaged in probability space (weighted), with TTA, then post-processing."""
 
-    def __init__(self, folder, manifest: dict, device=None):
+    def __init__(self, folder, manifest: EnsembleManifest, device=None):
         self.folder = Path(folder)
         self.manifest = manifest
-        self.members = [Member(**m) for m in manifest["members"]]
-        self.tta = manifest["tta"]
-        self.post = PostProcess.from_dict(manifest["postprocess"])
+        self.members = list(manifest.members)
+        self.tta = manifest.tta
+        self.post = PostProcess.from_dict(manifest.postprocess)
         self.device = torch.device(device) if device is not None else default_device()
         self._models: dict[str, torch.nn.Module] = {}
 
     @classmethod
     def load(cls, folder, device=None, verify: bool = True) -> "EnsembleModel":
         folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST} in {folder}; build an ensemble with "
-                                    f"`gitseg ensemble --run SEARCH_DIR --out {folder}`")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
+        path = folder / ENSEMBLE_MANIFEST
+        manifest = records.load(EnsembleManifest, path,
+                                f"build an ensemble with `gitseg ensemble --run SEARCH_DIR --out {folder}`")
+        if manifest.format != MANIFEST_FORMAT:
             raise ValueError(f"{path} is not a gitseg ensemble manifest of format {MANIFEST_FORMAT}")
         model = cls(folder, manifest, device)
         for m in model.members:
@@ -82,7 +65,7 @@ class EnsembleModel:
             if not file.is_file():
                 raise FileNotFoundError(f"ensemble member {file} is missing; copy the whole ensemble folder")
             if verify and m.sha256 and sha256(file) != m.sha256:
-                raise ValueError(f"ensemble member {file} does not match its checksum in {MANIFEST}; "
+                raise ValueError(f"ensemble member {file} does not match its checksum in {ENSEMBLE_MANIFEST}; "
                                  f"the folder was modified or copied incompletely")
         return model
 

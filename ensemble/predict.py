@@ -7,6 +7,7 @@ loses what is already written; bad files are reported per file and their case-da
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from ensemble.model import EnsembleModel
 from gitseg.data.cache import problems_by_case_day
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, rle_encode, volume_from_rows
-from gitseg.files import atomic_path
+from gitseg.files import atomic_path, scratch_folder
 from gitseg.progress import say
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
@@ -41,7 +42,7 @@ def label_volume(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def write_nifti(path: Path, volume: np.ndarray, spacing) -> None:
     """Write `(D, H, W)` as NIfTI with axes (x, y, z) = (column, row, slice) and the spacing in mm."""
-    import nibabel as nib
+    import nibabel as nib  # only NIfTI output needs it
 
     data = np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))  # (W, H, D)
     image = nib.Nifti1Image(data, nifti_affine(spacing))
@@ -50,7 +51,8 @@ def write_nifti(path: Path, volume: np.ndarray, spacing) -> None:
         nib.save(image, tmp)
 
 
-def predict_case_day(model: EnsembleModel, image: np.ndarray, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_case_day(model: EnsembleModel, image: np.ndarray,
+                     with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Masks bool `(3, D, H, W)` and, if asked, the NIfTI label volume of one raw scan."""
     probs, masks = model.predict_scan(image)
     return masks, (label_volume(probs, masks) if with_labels else None)
@@ -88,7 +90,8 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     if ray_address:
         results = _predict_on_ray(ensemble_dir, volumes(), ray_address, nifti is not None, log)
     else:
-        results = ((cd, v, v if isinstance(v, Exception) else _guard(predict_case_day, model, v.image, nifti is not None))
+        results = ((cd, v, v if isinstance(v, Exception)
+                    else _guard(predict_case_day, model, v.image, nifti is not None))
                    for cd, v in volumes())
     written = []
     with open(submission, "w", newline="") as f:
@@ -137,10 +140,6 @@ def _ensemble_files(folder: Path) -> dict[str, bytes]:
 
 
 def _worker_predict(files: dict, image: np.ndarray, with_labels: bool):
-    import hashlib
-
-    from gitseg.files import scratch_folder
-
     key = hashlib.sha256(files["ensemble.json"]).hexdigest()
     if key not in _WORKER_MODELS:  # once per worker process
         with scratch_folder("ensemble") as folder:
@@ -156,7 +155,7 @@ def _worker_predict(files: dict, image: np.ndarray, with_labels: bool):
 
 def _predict_on_ray(ensemble_dir, volumes, address: str, with_labels: bool, log):
     """Yield (case_day, volume, result) in input order, predicting up to 2 volumes per slot at once."""
-    import ray
+    import ray  # heavy: only prediction spread over a cluster loads it
 
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, log_to_driver=False)

@@ -1,7 +1,7 @@
 """The `gitseg` command line: thin handlers over library functions.
 
-Heavy imports (torch, ray) happen inside the subcommand that needs them, so `gitseg --help` and
-the data commands start fast.
+Each handler imports its stage (and with it torch or Ray) when it runs: `gitseg --help` and the
+data commands start fast, and the core never imports `search` or `ensemble` at module level.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_summary(args) -> None:
-    from gitseg.data.cache import split_summary
-    from gitseg.data.cache import Cache
+    from gitseg.data.cache import Cache, split_summary
     from gitseg.tables import format_table
 
     cache = Cache(args.cache)
@@ -73,12 +72,12 @@ def cmd_ensemble(args) -> None:
 
     manifest = build_ensemble(args.run, topk=args.topk, out=args.out, tta=args.tta, method=args.method,
                               cache_dir=args.cache)
-    holdout = manifest["scores"].get("holdout")
+    holdout = manifest.scores.holdout
     if holdout:
         print(format_table([{k: r[k] for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain")}
-                            for r in holdout["ablation"]], floats="{:.4f}"))
-        print(format_table(holdout["per_class"], floats="{:.4f}"))
-        print(f"ensemble: holdout score {holdout['score']:.4f} on {len(holdout['case_days'])} case-days "
+                            for r in holdout.ablation], floats="{:.4f}"))
+        print(format_table(holdout.per_class, floats="{:.4f}"))
+        print(f"ensemble: holdout score {holdout.score:.4f} on {len(holdout.case_days)} case-days "
               f"(kaggle convention)")
 
 
@@ -101,7 +100,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from ensemble.demo import run_demo
+    from gitseg.demo import run_demo
 
     run_demo(out=args.out, trials=args.trials, epochs=args.epochs)
 

@@ -160,21 +160,38 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def get_dotted(data: dict, key: str):
+    """`data["a"]["b"]` for the key `a.b`; KeyError(key) when a part is missing."""
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def set_dotted(data: dict, key: str, value) -> None:
+    """`data["a"]["b"] = value` for the key `a.b`, creating missing sections."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in order."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a copy of a nested dict, in order."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = value
+        try:
+            set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        except ConfigError as exc:
+            raise ConfigError(f"override {exc}") from None
     return data
 
 

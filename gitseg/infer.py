@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from gitseg.data.dataset import window_indices
 from gitseg.models import split_outputs
@@ -71,8 +72,6 @@ def _fold_pairs(model: nn.Module) -> int:
     Two patterns cover the smp decoders and ResNet-style encoders: a Conv2d followed by a
     BatchNorm2d inside a Sequential, and sibling attributes conv{i} / bn{i}.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     folded = 0
     for parent in list(model.modules()):
         children = dict(parent.named_children())

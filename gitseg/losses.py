@@ -11,7 +11,7 @@ from gitseg.config import ConfigError, LossTerm
 
 
 def _smp_losses():
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # smp is heavy (it loads timm) and warns at import
         warnings.simplefilter("ignore")
         from segmentation_models_pytorch import losses
     return losses

@@ -22,7 +22,7 @@ ARCHITECTURES = ("Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "D
 
 
 def _smp():
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # smp is heavy (it loads timm) and warns at import
         warnings.simplefilter("ignore")
         import segmentation_models_pytorch as smp
     return smp
@@ -37,11 +37,12 @@ def check_model_names(cfg: ModelConfig) -> None:
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if cfg.encoder.startswith("tu-"):
-        import timm
+        import timm  # heavy: loaded only for tu- encoders
 
         if not timm.is_model(cfg.encoder[3:]):
             close = timm.list_models(f"*{cfg.encoder[3:].split('_')[0]}*")[:10]
-            raise ConfigError(f"model.encoder: timm has no model {cfg.encoder[3:]!r} (similar: {', '.join(close) or 'none'})")
+            raise ConfigError(f"model.encoder: timm has no model {cfg.encoder[3:]!r} "
+                              f"(similar: {', '.join(close) or 'none'})")
     elif cfg.encoder not in encoder_names():
         raise ConfigError(f"model.encoder: unknown encoder {cfg.encoder!r}; choose one of "
                           f"{', '.join(encoder_names())}, or tu-<timm model name>")
@@ -83,7 +84,8 @@ def set_head_prior(model: nn.Module, prior: float) -> None:
     say how fast a configuration stops predicting everything, not how well it segments.
     """
     # The head's last convolution to the class logits (DPT's head is not a plain Sequential).
-    conv = [m for m in model.segmentation_head.modules() if isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES][-1]
+    conv = [m for m in model.segmentation_head.modules()
+            if isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES][-1]
     with torch.no_grad():
         # Small weights as in RetinaNet, so the bias sets the start whatever the head's fan-in (DPT: 256).
         conv.weight.normal_(0.0, 0.01)
@@ -96,7 +98,7 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
         raise FileNotFoundError(f"model.encoder_weights: no file {path}; give a local weights file, a named "
                                 f"weight set, or null for random weights")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: only for .safetensors weights
 
         state = load_file(str(path))
     else:
@@ -126,7 +128,8 @@ def check_input_size(model: nn.Module, in_channels: int, size: int, arch: str) -
             logits, _ = split_outputs(model(torch.zeros(1, in_channels, size, size)))
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"model: {arch} cannot take {size}x{size} inputs ({str(exc).splitlines()[0]}); "
-                          f"choose another architecture or prepare the cache at a larger --size (PAN needs at least 128)") from None
+                          f"choose another architecture or prepare the cache at a larger --size "
+                          f"(PAN needs at least 128)") from None
     finally:
         model.train(was_training)
     if tuple(logits.shape[-2:]) != (size, size):

@@ -24,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from gitseg.config import Config, ConfigError, apply_overrides, from_dict
+from gitseg.config import Config, ConfigError, apply_overrides, from_dict, get_dotted, set_dotted
+from gitseg.data.dataset import window_indices
+from gitseg.losses import check_loss_terms
+from gitseg.models import build_model, check_input_size, check_model_names
 
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
@@ -164,23 +167,17 @@ def encode(params: list[Param], values: dict) -> dict:
 
 
 def _get(data: dict, key: str):
-    node = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"space: {key!r} is not a config key")
-        node = node[part]
-    return node
+    try:
+        return get_dotted(data, key)
+    except KeyError:
+        raise ConfigError(f"space: {key!r} is not a config key") from None
 
 
 def trial_config(base: dict, values: dict) -> Config:
     """The experiment config of one trial: the base with the trial's values set."""
-    data = apply_overrides(base, [])
+    data = apply_overrides(base, [])  # a copy
     for key, value in values.items():
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return from_dict(Config, data)
 
 
@@ -214,17 +211,13 @@ def enumerate_choices(params: list[Param], keys) -> list[dict]:
 MODEL_KEYS = ("model.arch", "model.encoder", "model.encoder_weights", "model.gate", "data.channels", "data.stride")
 
 
-def validate_space(params: list[Param], base: dict, cache_size: int) -> int:
+def check_space(params: list[Param], base: dict, cache_size: int) -> int:
     """Check every value against the schema and registries, and every network the space can build.
 
     Each value is checked on its own against the base config; the model keys are checked jointly
     (every architecture × encoder × window is built and run once at the cache size). Returns the
     number of networks checked. Raises ConfigError naming the key and value before any trial starts.
     """
-    from gitseg.data.dataset import window_indices
-    from gitseg.losses import check_loss_terms
-    from gitseg.models import build_model, check_input_size, check_model_names
-
     for p in params:
         _get(base, p.key)
         for value in _values(p):
@@ -240,7 +233,8 @@ def validate_space(params: list[Param], base: dict, cache_size: int) -> int:
         try:
             window_indices(1, cfg.data.channels, cfg.data.stride)
         except ValueError as exc:
-            raise ConfigError(f"space: data.channels/data.stride {cfg.data.channels}/{cfg.data.stride}: {exc}") from None
+            raise ConfigError(f"space: data.channels/data.stride {cfg.data.channels}/{cfg.data.stride}: "
+                              f"{exc}") from None
         model_key = (cfg.model.arch, cfg.model.encoder, cfg.model.gate, cfg.data.channels)
         if model_key not in built:
             check_model_names(cfg.model)

@@ -135,3 +135,18 @@ class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
 
     def open_append_stream(self, path, metadata):
         return self.local.open_append_stream(path)
+
+
+def experiment_root(storage_path: str, name: str) -> str:
+    """`<storage_path>/<name>`: the folder (or URI) of one search, an absolute path when local."""
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def write_text(uri_or_path: str, text: str) -> None:
+    """Write a whole file to a storage folder or URI (replaced whole, see AtomicLocalFiles)."""
+    fs, path = filesystem(uri_or_path)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())

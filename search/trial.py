@@ -13,15 +13,25 @@ import os
 import shutil
 from pathlib import Path
 
-from gitseg.config import Config, from_dict, to_dict
-from gitseg.files import scratch_folder
+import pyarrow.fs
+import torch.distributed as dist
 
-RESTORED_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
+from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
+from gitseg.config import Config, from_dict, to_dict
+from gitseg.data.cache import Cache
+from gitseg.files import scratch_folder
+from gitseg.infer import prepare_for_inference
+from gitseg.oof import OOF_FOLDER, write_oof
+from gitseg.train import fit
+from search.space import decode, trial_config
+from search.storage import filesystem
+
+RESTORED_FILES = (LAST, BEST, "metrics.jsonl", "config.yaml")
 
 
 def _restore_latest(out: Path) -> None:
     """Copy the Train run's latest checkpoint (if any) into this worker's run folder."""
-    import ray.train
+    import ray.train  # heavy: Ray loads only in the functions that run under it
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -37,8 +47,6 @@ def copy_checkpoint_files(checkpoint, out: Path) -> list[str]:
     restores saw files missing, 12 more raised). A rank missing last.pt would start from scratch
     while the others resume; here each worker reads the files itself.
     """
-    import pyarrow.fs
-
     fs = checkpoint.filesystem
     copied = []
     for info in fs.get_file_info([f"{checkpoint.path}/{name}" for name in RESTORED_FILES]):
@@ -50,7 +58,7 @@ def copy_checkpoint_files(checkpoint, out: Path) -> list[str]:
 
 
 def _report_to_ray(metrics: dict, checkpoint_dir: str | None) -> None:
-    import ray.train
+    import ray.train  # heavy: Ray loads only in the functions that run under it
 
     metrics = {**metrics, "epochs_done": metrics["epoch"] + 1}
     checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -59,10 +67,8 @@ def _report_to_ray(metrics: dict, checkpoint_dir: str | None) -> None:
 
 def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: fit() one fold; with `oof`, then out-of-fold probabilities."""
-    import ray.train
+    import ray.train  # heavy: Ray loads only in the functions that run under it
     import ray.train.torch
-
-    from gitseg.train import fit
 
     cfg = from_dict(Config, loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
@@ -82,19 +88,13 @@ def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
     Reported as one final checkpoint: Ray merges the workers' folders, so it holds best.pt,
     config.yaml and oof/<case_day>.npy for every validation case-day of the fold.
     """
-    import ray.train
-    import torch.distributed as dist
-
-    from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
-    from gitseg.data.cache import Cache
-    from gitseg.infer import prepare_for_inference
-    from gitseg.oof import OOF_FOLDER, write_oof
+    import ray.train  # heavy: Ray loads only in the functions that run under it
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cache = Cache(cfg.data.cache)
     # Only rank 0 wrote best.pt; the other ranks get it over the training process group.
-    state = [load_checkpoint(out / "best.pt") if rank == 0 else None]
+    state = [load_checkpoint(out / BEST) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(state, src=0)
     model = prepare_for_inference(model_from_checkpoint(state[0], device), cfg.train.channels_last)
@@ -102,7 +102,7 @@ def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
         write_oof(model, cache, cache.case_days(folds=[cfg.data.fold])[rank::world], final / OOF_FOLDER,
                   cfg.data.channels, cfg.data.stride, tta, device)
         if rank == 0:
-            for name in ("best.pt", "config.yaml", "metrics.jsonl"):
+            for name in (BEST, "config.yaml", "metrics.jsonl"):
                 shutil.copy2(out / name, final / name)
         metrics = {**best, "stage": "oof"}  # the best epoch's metrics, with its checkpoint and OOF
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
@@ -111,11 +111,9 @@ def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
 def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, max_failures: int,
                      oof_tta: str | None = None) -> None:
     """One Ray Train run of `cfg` (called inside a Tune trial); raises if training fails."""
-    import ray.train
+    import ray.train  # heavy: Ray loads only in the functions that run under it
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from search.storage import filesystem
 
     fs, fs_path = filesystem(storage_path)
     # Workers can take minutes to start on a busy node (60 s by default, then the run fails).
@@ -143,9 +141,7 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
 
 def search_trial(config: dict, *, params, base: dict, storage_path: str, workers, max_failures: int) -> None:
     """The Tune trial function of the search: decode the suggestion, launch its Train run."""
-    import ray.tune
-
-    from search.space import decode, trial_config
+    import ray.tune  # heavy: Ray loads only in the functions that run under it
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, decode(params, config))
@@ -155,8 +151,6 @@ def search_trial(config: dict, *, params, base: dict, storage_path: str, workers
 
 def refit_trial(config: dict, *, base: dict, storage_path: str, workers, max_failures: int, tta: str) -> None:
     """The Tune trial function of the refit: one (configuration, fold) with out-of-fold probabilities."""
-    from search.space import trial_config
-
     job = config["job"]
     cfg = trial_config(base, {**job["values"], "data.fold": job["fold"]})
     launch_train_run(cfg, run_name=f"refit-{job['rank']}-fold{job['fold']}", storage_path=storage_path,

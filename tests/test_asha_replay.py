@@ -1,10 +1,13 @@
 """benchmarks/asha_replay.py feeds recorded learning curves to Ray's own ASHA bracket."""
 
-import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from gitseg import records
+from gitseg.records import SearchRecord, TrialRow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -37,13 +40,15 @@ def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path, ca
     from asha_replay import load_curves
 
     def row(started, scores, status="finished"):
-        return {"status": status, "started": started,
-                "history": [{"epoch": e + 1, "score": s, "dice": s} for e, s in enumerate(scores)]}
-    search = {"settings": {"asha": {"enabled": False}},
-              "leaderboard": [row(30.0, [0.6, 0.55, 0.9, 0.95]), row(10.0, [0.5, 0.6, 0.7, 0.8]),
-                              row(20.0, [0.2, 0.9, 0.9, 0.9]), row(40.0, [], status="failed")]}
+        history = [{"epoch": e + 1, "score": s, "dice": s} for e, s in enumerate(scores)]
+        return TrialRow(trial_id=f"t{started:g}", config="", best_score=max(scores, default=math.nan),
+                        best_epoch=None, epochs_run=len(scores), status=status, checkpoint="", error="", values={},
+                        history=history, time_s=1.0, started=started)
+    search = SearchRecord(settings={"asha": {"enabled": False}}, base={}, cache="",
+                          leaderboard=[row(30.0, [0.6, 0.55, 0.9, 0.95]), row(10.0, [0.5, 0.6, 0.7, 0.8]),
+                                       row(20.0, [0.2, 0.9, 0.9, 0.9]), row(40.0, [], status="failed")])
     path = tmp_path / "search.json"
-    path.write_text(json.dumps(search))
+    records.save(search, path)
     data = load_curves(str(path))
     assert data["args"]["epochs"] == 4
     out = replay(data["fifo"]["trials"], "score", grace=1, rf=2, max_t=4)
@@ -58,7 +63,7 @@ def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path, ca
     assert "3 trials x 4 epochs without early stopping: 12 trial-epochs, best 0.9500" in printed
     assert "score" in printed.splitlines()[-1] and printed.splitlines()[-1].split()[3] == "7"  # 4 + 1 + 2 epochs
 
-    search["settings"]["asha"]["enabled"] = True
-    path.write_text(json.dumps(search))
+    search.settings["asha"]["enabled"] = True
+    records.save(search, path)
     with pytest.raises(SystemExit, match="asha.enabled=false"):
         load_curves(str(path))

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from gitseg.data import cache as cache_mod
-from gitseg.data.cache import assign_splits, prepare, resize_masks
-from gitseg.data.cache import Cache
+from gitseg.data.cache import Cache, assign_splits, prepare, resize_masks
 from gitseg.data.dataset import SliceDataset, VolumeDataset, build_augment, window_indices
 from gitseg.data.uwmgi import DataFormatError, index_root, load_volume
 

@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
-
 from test_search_ray import ENV, RAY
 
 pytestmark = pytest.mark.slow
 SECTIONS = ("Data", "Search", "Cross-validation of the refit configurations", "Ensemble", "Holdout evaluation",
             "Overlays", "Reproducibility")
 SCRIPT = """
-from ensemble.demo import run_demo
+from gitseg.demo import run_demo
 run_demo(out={out!r}, trials=2, epochs=1, folds=2, data=dict(cases=4, days=2, slices=24, size=64))
 """
 

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tiny_config
+
 from ensemble.build import build_ensemble
 from ensemble.members import Configuration, FoldModel, load_refit, oof_probs, select_greedy, select_topk
-from ensemble.model import MANIFEST, EnsembleModel
+from ensemble.model import EnsembleModel
 from ensemble.predict import predict_tree
+from gitseg import records
+from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
-from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.oof import write_oof
+from gitseg.records import (
+    ENSEMBLE_MANIFEST,
+    REFIT_RECORD,
+    SEARCH_RECORD,
+    EnsembleManifest,
+    RefitModel,
+    RefitRecord,
+    SearchRecord,
+)
 from gitseg.train import fit
 
 QUIET = dict(log=lambda *_: None)
@@ -36,11 +45,12 @@ def write_refit_run(cache_dir, root, configs=CONFIGS, failed=()):
     for rank, values in enumerate(configs):
         for fold in range(cache.manifest["folds"]):
             if (rank, fold) in failed:
-                models.append({"rank": rank, "trial_id": f"t{rank}", "fold": fold, "values": values,
-                               "score": None, "error": "RuntimeError: worker died"})
+                models.append(RefitModel(rank=rank, trial_id=f"t{rank}", fold=fold, values=values, score=None,
+                                         best_epoch=None, error="RuntimeError: worker died"))
                 continue
             out = root / "refit_runs" / f"refit-{rank}-fold{fold}"
-            cfg = tiny_config(cache_dir, out, **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("train.")})
+            train = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("train.")}
+            cfg = tiny_config(cache_dir, out, **train)
             for k, v in values.items():
                 if k.startswith("data."):
                     setattr(cfg.data, k.split(".", 1)[1], v)
@@ -49,13 +59,17 @@ def write_refit_run(cache_dir, root, configs=CONFIGS, failed=()):
             model = model_from_checkpoint(load_checkpoint(out / "best.pt"))
             write_oof(model, cache, cache.case_days(folds=[fold]), out / "oof", cfg.data.channels, cfg.data.stride,
                       "hflip")
-            models.append({"rank": rank, "trial_id": f"t{rank}", "fold": fold, "values": values,
-                           "score": best["score"], "best_epoch": 1, "checkpoint": str(out / "best.pt"),
-                           "oof": str(out / "oof"), "error": None})
-    (root / "search.json").write_text(json.dumps({"base": {"data": {"cache": str(cache_dir)}}, "leaderboard": []}))
-    (root / "refit.json").write_text(json.dumps({"folds": list(range(cache.manifest["folds"])), "tta": "hflip",
-                                                 "models": models}))
+            models.append(RefitModel(rank=rank, trial_id=f"t{rank}", fold=fold, values=values, score=best["score"],
+                                     best_epoch=1, error=None, checkpoint=str(out / "best.pt"), oof=str(out / "oof")))
+    write_records(root, cache_dir, list(range(cache.manifest["folds"])), models)
     return root
+
+
+def write_records(root, cache_dir, folds, models):
+    """search.json and refit.json as the search writes them (only what the ensemble reads is filled in)."""
+    records.save(SearchRecord(settings={}, base={"data": {"cache": str(cache_dir)}}, cache="", leaderboard=[]),
+                 root / SEARCH_RECORD)
+    records.save(RefitRecord(folds=folds, tta="hflip", models=models), root / REFIT_RECORD)
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +141,13 @@ def test_oof_assembly_never_uses_a_model_on_cases_it_trained_on(train_cache, tmp
 def test_a_configuration_with_a_failed_fold_is_left_out(train_cache, tmp_path):
     root = tmp_path / "run"
     root.mkdir()
-    models = [{"rank": r, "trial_id": f"t{r}", "fold": f, "values": {}, "score": 0.5, "error": None,
-               "checkpoint": str(tmp_path / "x.pt"), "oof": str(tmp_path)} for r in range(2) for f in range(2)]
-    models[3].update(error="OutOfMemoryError: boom", checkpoint=None)
-    (root / "search.json").write_text(json.dumps({"base": {"data": {"cache": str(train_cache)}}}))
-    (root / "refit.json").write_text(json.dumps({"folds": [0, 1], "tta": "hflip", "models": models}))
-    _, configs, problems = load_refit(root)
-    assert [c.rank for c in configs] == [0]
-    assert any("rank1" in p and "fold(s) [1]" in p for p in problems)
+    models = [RefitModel(rank=r, trial_id=f"t{r}", fold=f, values={}, score=0.5, best_epoch=1, error=None,
+                         checkpoint=str(tmp_path / "x.pt"), oof=str(tmp_path)) for r in range(2) for f in range(2)]
+    models[3].error, models[3].checkpoint = "OutOfMemoryError: boom", None
+    write_records(root, train_cache, [0, 1], models)
+    run = load_refit(root)
+    assert [c.rank for c in run.configurations] == [0]
+    assert any("rank1" in p and "fold(s) [1]" in p for p in run.problems)
     with pytest.raises(FileNotFoundError, match="refit.json"):
         load_refit(tmp_path)
 
@@ -145,19 +158,20 @@ def test_a_configuration_with_a_failed_fold_is_left_out(train_cache, tmp_path):
 
 def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, train_cache):
     out, manifest = built
-    on_disk = json.loads((out / MANIFEST).read_text())
-    assert len(on_disk["members"]) == 4 and {m["channels"] for m in on_disk["members"]} == {1, 3}
-    for key in ("tta", "postprocess", "preprocessing", "metric", "scores", "selection"):
-        assert key in on_disk
-    assert on_disk["metric"]["convention"] == "kaggle"
-    holdout = on_disk["scores"]["holdout"]
-    assert set(holdout["case_days"]) == set(Cache(train_cache).case_days(holdout=True))
-    assert [r["variant"] for r in holdout["ablation"]][0] == "best single fold model"
-    assert len(holdout["ablation"]) == 5 and all(0 <= r["score"] <= 1 for r in holdout["ablation"])
-    assert [r["class"] for r in holdout["per_class"]] == list(CLASSES)
+    on_disk = records.load(EnsembleManifest, out / ENSEMBLE_MANIFEST)
+    text = (out / ENSEMBLE_MANIFEST).read_text()
+    assert text == records.to_json(manifest) == records.to_json(on_disk)  # returned = saved = read back
+    assert len(on_disk.members) == 4 and {m.channels for m in on_disk.members} == {1, 3}
+    assert on_disk.postprocess and on_disk.preprocessing["classes"] == list(CLASSES)
+    assert on_disk.metric["convention"] == "kaggle"
+    holdout = on_disk.scores.holdout
+    assert set(holdout.case_days) == set(Cache(train_cache).case_days(holdout=True))
+    assert [r["variant"] for r in holdout.ablation][0] == "best single fold model"
+    assert len(holdout.ablation) == 5 and all(0 <= r["score"] <= 1 for r in holdout.ablation)
+    assert [r["class"] for r in holdout.per_class] == list(CLASSES)
     for name in ("ablation.csv", "holdout_per_class.csv", "holdout_per_case.csv", "evaluation.json"):
         assert (out / name).is_file()
-    steps = on_disk["scores"]["oof"]["tuning_steps"]
+    steps = on_disk.scores.oof["tuning_steps"]
     assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"]
     assert not list(out.parent.glob(".ensemble.tmp-*"))
 
@@ -173,7 +187,7 @@ def test_copied_ensemble_predicts_the_same_probabilities(built, synth_root, tmp_
     assert a_probs.shape == (3, *volume.image.shape) and a_probs.dtype == np.float16
     assert np.array_equal(a_probs, b_probs) and np.array_equal(a_masks, b_masks)
     # A damaged copy is refused rather than silently predicting something else.
-    member = json.loads((copy / MANIFEST).read_text())["members"][0]["file"]
+    member = records.load(EnsembleManifest, copy / ENSEMBLE_MANIFEST).members[0].file
     with open(copy / member, "ab") as f:
         f.write(b"0")
     with pytest.raises(ValueError, match="checksum"):
@@ -237,8 +251,8 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capsys):
                  "--out", str(tmp_path / "ens"), "--tta", "none"]) == 0
     text = capsys.readouterr().out
     assert "best single fold model" in text and "holdout score" in text
-    manifest = json.loads((tmp_path / "ens" / MANIFEST).read_text())
-    assert manifest["selection"]["method"] == "greedy" and manifest["tta"] == "none"
+    manifest = records.load(EnsembleManifest, tmp_path / "ens" / ENSEMBLE_MANIFEST)
+    assert manifest.selection.method == "greedy" and manifest.tta == "none"
     assert main(["predict", "--ensemble", str(tmp_path / "ens"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p")]) == 0
     assert main(["ensemble", "--run", str(tmp_path), "--topk", "1"]) == 2

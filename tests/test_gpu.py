@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from gitseg.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 from gitseg.config import ModelConfig
 from gitseg.infer import predict_volume
 from gitseg.models import build_model
-from gitseg.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 from gitseg.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,7 +6,7 @@ import types
 
 import pandas as pd
 
-from search.run import leaderboard
+from search.leaderboard import leaderboard
 from search.space import encode, parse_space
 from search.storage import filesystem
 
@@ -40,10 +40,10 @@ def test_a_restarted_trial_keeps_the_epochs_before_its_restart(tmp_path):
                       checkpoint_epochs=[epoch(0, 0.7), epoch(1, 0.8), epoch(2, 0.75)])
     fs, _ = filesystem(str(tmp_path))
     rows = leaderboard([straight, restarted], SPACE, BASE, fs)
-    assert [r["trial_id"] for r in rows] == ["restarted", "straight"]
-    assert rows[0]["best_score"] == 0.9 and rows[0]["best_epoch"] == 1
-    assert [h["epoch"] for h in rows[0]["history"]] == [1, 2, 3] and rows[0]["status"] == "finished"
-    assert rows[1]["best_score"] == 0.8 and rows[1]["best_epoch"] == 2
+    assert [r.trial_id for r in rows] == ["restarted", "straight"]
+    assert rows[0].best_score == 0.9 and rows[0].best_epoch == 1
+    assert [h["epoch"] for h in rows[0].history] == [1, 2, 3] and rows[0].status == "finished"
+    assert rows[1].best_score == 0.8 and rows[1].best_epoch == 2
 
 
 def test_without_a_readable_checkpoint_tunes_record_is_used(tmp_path):
@@ -52,8 +52,8 @@ def test_without_a_readable_checkpoint_tunes_record_is_used(tmp_path):
     gone = result(tmp_path, "gone", tune_rows=[epoch(0, 0.3), epoch(1, 0.35)], checkpoint_epochs=[])
     (tmp_path / "gone" / "checkpoint_000002" / "metrics.jsonl").unlink()
     failed = result(tmp_path, "failed", tune_rows=[], error=RuntimeError("loss is nan at epoch 0 step 1"))
-    rows = {r["trial_id"]: r for r in leaderboard([stopped, gone, failed], SPACE, BASE, fs)}
-    assert rows["stopped"]["best_score"] == 0.4 and rows["stopped"]["status"] == "stopped early"
-    assert rows["gone"]["best_score"] == 0.35 and rows["gone"]["epochs_run"] == 2
-    assert rows["failed"]["status"] == "failed" and math.isnan(rows["failed"]["best_score"])
-    assert "loss is nan" in rows["failed"]["error"]
+    rows = {r.trial_id: r for r in leaderboard([stopped, gone, failed], SPACE, BASE, fs)}
+    assert rows["stopped"].best_score == 0.4 and rows["stopped"].status == "stopped early"
+    assert rows["gone"].best_score == 0.35 and rows["gone"].epochs_run == 2
+    assert rows["failed"].status == "failed" and math.isnan(rows["failed"].best_score)
+    assert "loss is nan" in rows["failed"].error

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from ensemble.postprocess import (PostProcess, apply, empty_sparse_slices, remove_small_components, tune,
-                                  tune_naive)
+from ensemble.postprocess import PostProcess, apply, empty_sparse_slices, remove_small_components, tune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from naive_tune import tune_naive  # noqa: E402  (the benchmark's baseline, checked against tune)
 
 QUIET = dict(log=lambda *_: None)
 

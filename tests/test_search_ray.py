@@ -18,6 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
+from gitseg import records
+from gitseg.oof import oof_file
+from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
+
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI; CI does not put .venv/bin on PATH
@@ -83,21 +87,21 @@ def test_search_asha_failure_and_refit(train_cache, tmp_path):
     assert all(int(r["epochs_run"]) < 3 for r in stopped)
 
     # Refit: one model and one set of out-of-fold probabilities per fold, holdout never used.
-    from gitseg.data.cache import Cache
     from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from gitseg.data.cache import Cache
 
     cache = Cache(train_cache)
-    refit = json.loads((root / "refit.json").read_text())
-    assert [(m["rank"], m["fold"]) for m in refit["models"]] == [(0, 0), (0, 1)]
-    for model in refit["models"]:
-        assert model["trial_id"] == best["trial_id"] and model["error"] is None
-        state = load_checkpoint(model["checkpoint"])
-        assert state["fold"] == model["fold"]
+    refit = records.load(RefitRecord, root / REFIT_RECORD)
+    assert [(m.rank, m.fold) for m in refit.models] == [(0, 0), (0, 1)]
+    for model in refit.models:
+        assert model.trial_id == best["trial_id"] and model.error is None
+        state = load_checkpoint(model.checkpoint)
+        assert state["fold"] == model.fold
         model_from_checkpoint(state)
-        oof = sorted(p.stem for p in Path(model["oof"]).glob("*.npy"))
-        assert oof == sorted(cache.case_days(folds=[model["fold"]]))
+        oof = sorted(p.stem for p in Path(model.oof).glob("*.npy"))
+        assert oof == sorted(cache.case_days(folds=[model.fold]))
         assert not set(oof) & set(cache.case_days(holdout=True))
-        probs = np.load(Path(model["oof"]) / f"{oof[0]}.npy")
+        probs = np.load(oof_file(model.oof, oof[0]))  # as stored: float16
         entry = cache.entries[oof[0]]
         assert probs.shape == (3, entry["slices"], entry["height"], entry["width"]) and probs.dtype == np.float16
         assert 0 <= probs.min() and probs.max() <= 1
@@ -135,7 +139,8 @@ def interruption(epochs: dict[str, int], kill_at: str, root: Path):
     if kill_at == "after-last-epoch" and list(epochs.values()).count(2) == 2:
         # The second trial's last checkpoint is recorded, but its Train run is still winding down
         # (workers shut down, result on its way to Tune): restarted, it has nothing left to train.
-        last = max(epochs, key=lambda t: (root / "train_runs" / f"trial-{t}" / "checkpoint_manager_snapshot.json").stat().st_mtime)
+        snapshot = lambda t: root / "train_runs" / f"trial-{t}" / "checkpoint_manager_snapshot.json"
+        last = max(epochs, key=lambda t: snapshot(t).stat().st_mtime)
         return {t for t in epochs if t != last}, last
     return None
 
@@ -188,7 +193,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
     # through Ray's log forwarding, which does not always deliver it before the driver exits.
     assert epoch_lines(root, interrupted)[:1] == [first_epoch], "the interrupted trial restarted instead of resuming"
     for trial in finished:  # not trained again: no new checkpoint, Tune kept its two results
-        assert sorted(p.name for p in (root / "train_runs" / f"trial-{trial}").glob("checkpoint_*")) == checkpoints[trial]
+        run = root / "train_runs" / f"trial-{trial}"
+        assert sorted(p.name for p in run.glob("checkpoint_*")) == checkpoints[trial]
         assert [r["epochs_done"] for r in trial_results(root)[trial]] == [1, 2]
     rows = leaderboard(root)
     assert len(rows) == 3 and all(r["status"] == "finished" for r in rows), (
@@ -199,10 +205,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tm
     assert all(n == 2 for n in trained_epochs(root).values())
     # Tune's record of the restarted trial starts at its restart; the leaderboard still has the
     # epoch trained before the kill, and ranks the trial by its best epoch of the two.
-    row = next(r for r in json.loads((root / "search.json").read_text())["leaderboard"] if r["trial_id"] == interrupted)
+    row = next(r for r in records.load(SearchRecord, root / SEARCH_RECORD).leaderboard if r.trial_id == interrupted)
     trained = [json.loads(line) for line in epoch_lines(root, interrupted)]
-    assert [h["epoch"] for h in row["history"]] == [1, 2]
-    assert row["best_score"] == max(m["score"] for m in trained)
+    assert [h["epoch"] for h in row.history] == [1, 2]
+    assert row.best_score == max(m["score"] for m in trained)
 
 
 def test_ray_job_submit_to_a_head_node(train_cache, tmp_path):

@@ -6,7 +6,7 @@ import yaml
 
 from gitseg.config import ConfigError, load_config, to_dict
 from search.settings import load_search_config
-from search.space import DefineByRun, base_values, decode, encode, parse_space, trial_config, validate_space
+from search.space import DefineByRun, base_values, check_space, decode, encode, parse_space, trial_config
 
 SPACE = {
     "model.arch": {"choice": ["Unet", "FPN"]},
@@ -54,7 +54,7 @@ def test_default_point_round_trips():
 
 def test_validation_builds_every_model():
     params = parse_space(SPACE)
-    assert validate_space(params, base(), cache_size=64) == 3
+    assert check_space(params, base(), cache_size=64) == 3
 
 
 @pytest.mark.parametrize("space, message", [
@@ -72,7 +72,7 @@ def test_validation_builds_every_model():
 ])
 def test_space_errors_name_the_key(space, message):
     with pytest.raises(ConfigError, match=message):
-        validate_space(parse_space(space), base(), cache_size=64)
+        check_space(parse_space(space), base(), cache_size=64)
 
 
 def test_search_config_strict(tmp_path):
@@ -112,4 +112,4 @@ def test_large_space_is_checked_value_by_value():
                   "train.loss": {"choice": [[{"name": "bce", "weight": 1}], [{"name": "bce", "weight": 1}],
                                             [{"name": "focal", "weight": 1}], [{"name": "lovaszz", "weight": 1}]]}})
     with pytest.raises(ConfigError, match="unknown loss 'lovaszz'"):
-        validate_space(parse_space(space), base(), cache_size=64)
+        check_space(parse_space(space), base(), cache_size=64)

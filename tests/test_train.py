@@ -10,12 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_config
 
+from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
 from gitseg.config import ConfigError
 from gitseg.data.cache import Cache
 from gitseg.data.dataset import SliceDataset
 from gitseg.losses import LossMix
 from gitseg.models import build_model
-from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
 from gitseg.train import fit, lr_at, precise_bn, score_fold, seed_everything
 
 QUIET = dict(log=lambda *_: None)

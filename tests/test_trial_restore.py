@@ -79,7 +79,8 @@ def test_two_workers_restoring_at_once_both_get_every_file(tmp_path, rounds=150)
     blob = pickle.dumps(checkpoint_on_storage(tmp_path / "checkpoint_1", files))  # the same checkpoint, as Ray sends it
     ctx = multiprocessing.get_context("spawn")
     together, results = ctx.Barrier(2), ctx.Queue()
-    workers = [ctx.Process(target=_restore_repeatedly, args=(blob, str(tmp_path / f"rank{r}"), rounds, r, together, results))
+    workers = [ctx.Process(target=_restore_repeatedly,
+                           args=(blob, str(tmp_path / f"rank{r}"), rounds, r, together, results))
                for r in range(2)]
     for r, worker in enumerate(workers):
         (tmp_path / f"rank{r}").mkdir()

@@ -56,7 +56,7 @@ def normalise_volume(image: np.ndarray) -> np.ndarray:
 
 def _resize_stack(stack: np.ndarray, size: tuple[int, int], interpolation) -> np.ndarray:
     """Resize `(N, H, W)` slices to `size` `(h, w)`, one slice per call (INTER_AREA takes at most 4 channels)."""
-    import cv2
+    import cv2  # heavy: OpenCV loads only where images are resized
 
     return np.stack([cv2.resize(np.ascontiguousarray(s), (size[1], size[0]), interpolation=interpolation)
                      for s in stack])
@@ -64,7 +64,7 @@ def _resize_stack(stack: np.ndarray, size: tuple[int, int], interpolation) -> np
 
 def preprocess_volume(image: np.ndarray, size: int) -> np.ndarray:
     """uint16 `(D, H, W)` scan → float16 `(D, size, size)` network input."""
-    import cv2
+    import cv2  # heavy: OpenCV loads only where images are resized
 
     norm = normalise_volume(image)
     shrink = size < max(image.shape[1:])
@@ -74,7 +74,7 @@ def preprocess_volume(image: np.ndarray, size: int) -> np.ndarray:
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """bool `(C, D, H, W)` → bool `(C, D, *size)` by nearest neighbour."""
-    import cv2
+    import cv2  # heavy: OpenCV loads only where images are resized
 
     c, d = masks.shape[:2]
     flat = masks.reshape(c * d, *masks.shape[2:]).view(np.uint8)

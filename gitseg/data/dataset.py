@@ -81,7 +81,7 @@ def build_augment(strength: float):
         raise ValueError(f"augmentation strength must be >= 0 (got {strength})")
     if strength == 0:
         return None
-    import albumentations as A
+    import albumentations as A  # heavy (it loads pydantic and OpenCV): only training augments
     import cv2
 
     s = float(strength)

@@ -20,9 +20,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from gitseg.data.uwmgi import CLASSES, SLICE_THICKNESS_MM, case_day_name, rle_encode, slice_file_name, slice_id
 from gitseg.files import write_text_atomic
 from gitseg.tables import csv_text
-from gitseg.data.uwmgi import CLASSES, SLICE_THICKNESS_MM, case_day_name, rle_encode, slice_file_name, slice_id
 
 # (width, height, pixel spacing mm, slices, number of case-days in the real training set)
 REAL_SCANS = (
@@ -269,7 +269,7 @@ def _write_scan(out: Path, job: _Job) -> list[tuple[str, str, str]]:
     if job.day_index > 0:
         anatomy = deform_for_day(anatomy, day_rng)
     image, masks = render_scan(anatomy, job.geo, day_rng)
-    import cv2
+    import cv2  # heavy: OpenCV loads only where PNGs are read or written
 
     case_day = case_day_name(job.case, job.day)
     scans = out / job.split / f"case{job.case}" / case_day / "scans"

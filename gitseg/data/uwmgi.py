@@ -137,7 +137,7 @@ def png_header(path: Path) -> tuple[int, int, int]:
 
 def read_slice(path: Path, height: int, width: int) -> np.ndarray:
     """Decode one 16-bit slice PNG and check it against the size in its name."""
-    import cv2
+    import cv2  # heavy: OpenCV loads only where PNGs are read or written
 
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
@@ -157,7 +157,8 @@ def read_slice(path: Path, height: int, width: int) -> np.ndarray:
 
 def _find_split_dir(root: Path, split: str) -> Path:
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist; point it at the folder that holds train.csv and train/")
+        raise FileNotFoundError(f"data root {root} does not exist; point it at the folder that holds train.csv "
+                                f"and train/")
     split_dir = root / split
     if not split_dir.is_dir():
         have = sorted(p.name for p in root.iterdir())[:10]
@@ -322,7 +323,8 @@ def load_volume(root, case_day: str, split: str | None = None) -> Volume:
         split = "train" if (root / "train" / f"case{case}" / case_day).is_dir() else "test"
     day_dir = _find_split_dir(root, split) / f"case{case}" / case_day
     if not day_dir.is_dir():
-        raise FileNotFoundError(f"no scan folder {day_dir}; list the case-days with `gitseg prepare` or ls {root}/{split}")
+        raise FileNotFoundError(f"no scan folder {day_dir}; list the case-days with `gitseg prepare` "
+                                f"or ls {root}/{split}")
     slices, problems = index_root(root, split, case_days={case_day})
     if problems:
         raise DataFormatError(f"{case_day} has format problems", problems)

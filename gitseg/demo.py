@@ -1,6 +1,7 @@
 """`gitseg demo`: the whole pipeline on the embedded default, each stage a library call.
 
 synth → prepare → search (local Ray, ASHA, 2-worker DDP) + refit → ensemble → report.
+Part of the CLI layer: the one place besides `gitseg.cli` that knows every stage.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from gitseg.data.cache import prepare
+from gitseg.data.synth import write_dataset
 from gitseg.progress import say
 
 # The embedded default data set: 10 cases x 3 days, 64 slices, 128 px; a 64 px network input.
@@ -23,12 +26,12 @@ def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | N
              log=say) -> dict:
     """Run every stage into `out`; returns the headline numbers. `trials`, `epochs`, `data` and `folds`
     shorten it (the test suite runs a small one)."""
+    # The stages are imported here, as in gitseg.cli: the core never imports them at module level.
     from ensemble.build import build_ensemble
     from ensemble.report import build_report
-    from gitseg.data.cache import prepare
-    from gitseg.data.synth import write_dataset
-    from search.run import experiment_root, run_search
+    from search.run import run_search
     from search.settings import load_search_config
+    from search.storage import experiment_root
 
     out = Path(out)
     timings: dict[str, float] = {}
@@ -51,16 +54,16 @@ def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | N
         settings.set.append(f"train.epochs={epochs}")
     if trials:
         settings.num_samples = trials
-    run_dir = Path(experiment_root(settings))
+    run_dir = Path(experiment_root(settings.storage_path, settings.name))
     stage("search + refit", lambda: run_search(settings, log))
     manifest = stage("ensemble", lambda: build_ensemble(run_dir, topk=topk, log=log))
     (run_dir / "timings.json").write_text(json.dumps({f"demo {k}": v for k, v in timings.items()}, indent=1))
     index = stage("report", lambda: build_report(run_dir, log=log))
-    holdout = manifest["scores"]["holdout"]
-    ablation = {r["variant"]: r["score"] for r in holdout["ablation"]}
+    holdout = manifest.scores.holdout
+    ablation = {r["variant"]: r["score"] for r in holdout.ablation}
     headline = {"report": str(index), "ensemble": str(run_dir / "ensemble"), "elapsed_s": time.perf_counter() - started,
-                "holdout_score": holdout["score"], "best_single_fold_model": ablation["best single fold model"],
-                "holdout_case_days": len(holdout["case_days"])}
+                "holdout_score": holdout.score, "best_single_fold_model": ablation["best single fold model"],
+                "holdout_case_days": len(holdout.case_days)}
     log(f"demo: finished in {headline['elapsed_s'] / 60:.1f} min")
     log(f"demo: holdout score (kaggle convention, {headline['holdout_case_days']} case-days): ensemble "
         f"{headline['holdout_score']:.4f} vs best single fold model {headline['best_single_fold_model']:.4f}")

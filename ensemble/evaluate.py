@@ -1,0 +1,159 @@
+"""The holdout evaluation: the ensemble and its ablation on case-days no earlier step has seen.
+
+The ablation runs from the best single fold model to the tuned ensemble, one change per row, all
+scored with the competition metric on the same holdout case-days; the final variant also gets
+the clinical figures (3D Dice, HD95 and ASSD in mm per class).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.members import Configuration
+from ensemble.model import EnsembleModel, Member, member_from_checkpoint
+from ensemble.postprocess import PostProcess, apply
+from gitseg import records
+from gitseg.data.cache import Cache
+from gitseg.data.uwmgi import CLASSES
+from gitseg.files import write_text_atomic
+from gitseg.metrics import ScoreSums, assd_mm, class_scores, dice_3d, hd95_mm, sum_rows
+from gitseg.progress import say
+from gitseg.records import EVALUATION, Evaluation, HoldoutScores
+from gitseg.tables import csv_text
+
+ABLATION = (
+    ("best single fold model", "the fold model with the best validation score; no TTA, threshold 0.5"),
+    ("best single configuration", "its fold models averaged; no TTA, threshold 0.5"),
+    ("ensemble, no TTA", "selected configurations x folds; threshold 0.5"),
+    ("ensemble + TTA", "threshold 0.5"),
+    ("ensemble + TTA + tuned post-processing", "thresholds, component size, empty-slice rule from OOF"),
+)
+
+
+def scores_from_rows(rows: list[dict]) -> dict:
+    """Score, Dice, Hausdorff overall and per class from per-(case-day, class) evaluation rows."""
+    return class_scores(sum_rows(((r["class"], r["sums"]) for r in rows), CLASSES))
+
+
+def _finite_mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say) -> Evaluation:
+    """Per-volume score sums of every ablation variant on the holdout case-days.
+
+    `variants` maps a name to (members, tta, post-processing). Each (member, TTA) pair is predicted
+    once per volume and added to every variant that uses it, so the ablation costs no more
+    forward passes than its distinct members. The last variant also gets the clinical figures.
+    """
+    case_days = cache.case_days(holdout=True)
+    rows = {name: [] for name in variants}
+    clinical = []
+    final = list(variants)[-1]
+
+    def key(m: Member) -> tuple:
+        return (m.configuration, m.fold)
+
+    # Variants with the same members and TTA (e.g. with and without post-processing) share probabilities.
+    sources = {name: (tuple(sorted((key(m), m.weight) for m in members)), tta)
+               for name, (members, tta, _) in variants.items()}
+    uses: dict[tuple, list] = {}  # (member key, tta) -> [(source, weight)]
+    by_key = {}
+    for (members, tta, _), source in zip(variants.values(), sources.values()):
+        for m in members:
+            by_key[key(m)] = m
+            if (source, m.weight) not in uses.setdefault((key(m), tta), []):
+                uses[(key(m), tta)].append((source, m.weight))
+    for i, case_day in enumerate(case_days):
+        entry = cache.entries[case_day]
+        inputs, out_size = {cache.size: cache.image(case_day)}, (entry["height"], entry["width"])
+        gt = cache.original_masks(case_day)
+        sums: dict = {}
+        for (member_key, tta), targets in uses.items():
+            p = model.probs(inputs, out_size, tta=tta, members=[by_key[member_key]])
+            for source, weight in targets:
+                sums[source] = sums.get(source, 0.0) + weight * p
+        for name, (members, tta, post) in variants.items():
+            source = sources[name]
+            masks = apply(sums[source] / sum(w for _, w in source[0]), post)
+            for c, cls in enumerate(CLASSES):
+                rows[name].append({"case_day": case_day, "case": entry["case"], "class": cls,
+                                   "sums": list(ScoreSums.of_volume(masks[c], gt[c]))})
+                if name == final:
+                    spacing = entry["spacing"]
+                    clinical.append({"case_day": case_day, "case": entry["case"], "class": cls,
+                                     "dice_3d": dice_3d(masks[c], gt[c]), "hd95_mm": hd95_mm(masks[c], gt[c], spacing),
+                                     "assd_mm": assd_mm(masks[c], gt[c], spacing),
+                                     "gt_voxels": int(gt[c].sum()), "pred_voxels": int(masks[c].sum())})
+        log(f"ensemble: holdout {i + 1}/{len(case_days)} {case_day}")
+    return Evaluation(rows=rows, clinical=clinical)
+
+
+def per_case_table(rows: list[dict]) -> list[dict]:
+    """Competition score per case-day (worst first)."""
+    by_cd: dict[str, list] = {}
+    for r in rows:
+        by_cd.setdefault(r["case_day"], []).append(r)
+    table = []
+    for case_day, items in by_cd.items():
+        s = scores_from_rows(items)
+        table.append({"case_day": case_day, "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"],
+                      **{f"score/{c}": s[f"score/{c}"] for c in CLASSES}})
+    return sorted(table, key=lambda r: r["score"])
+
+
+def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configuration], tta: str,
+                     post: PostProcess, log=say) -> tuple[HoldoutScores, Evaluation]:
+    """Evaluate the ABLATION variants of `model` on the holdout; `configs` are every refit configuration."""
+    holdout = cache.case_days(holdout=True)
+    best_conf = max(configs, key=lambda c: c.cv_score)
+    best_fold = max(((c, f) for c in configs for f in c.folds.values()), key=lambda cf: cf[1].score)
+
+    def reference(conf, fold_model):  # a model outside the selection, read in place
+        return member_from_checkpoint(fold_model.checkpoint, str(fold_model.checkpoint.resolve()), 1.0, conf.name)
+
+    plain = PostProcess()
+    variants = {
+        ABLATION[0][0]: ([reference(*best_fold)], "none", plain),
+        ABLATION[1][0]: ([reference(best_conf, fm) for fm in best_conf.folds.values()], "none", plain),
+        ABLATION[2][0]: (model.members, "none", plain),
+        ABLATION[3][0]: (model.members, tta, plain),
+        ABLATION[4][0]: (model.members, tta, post),
+    }
+    log(f"ensemble: evaluating {len(variants)} variants on {len(holdout)} holdout case-days")
+    ev = evaluate_holdout(model, cache, variants, log)
+    ablation = []
+    for (name, detail), (members_v, tta_v, _) in zip(ABLATION, variants.values()):
+        s = scores_from_rows(ev.rows[name])
+        ablation.append({"variant": name, "detail": detail, "members": len(members_v), "tta": tta_v,
+                         "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"]})
+    for i in range(1, len(ablation)):
+        ablation[i]["gain"] = ablation[i]["score"] - ablation[i - 1]["score"]
+    ablation[0]["gain"] = 0.0
+    final = scores_from_rows(ev.rows[ABLATION[-1][0]])
+    per_class = []
+    for cls in CLASSES:
+        clin = [r for r in ev.clinical if r["class"] == cls]
+        per_class.append({"class": cls, "score": final[f"score/{cls}"], "dice": final[f"dice/{cls}"],
+                          "hausdorff": final[f"hausdorff/{cls}"],
+                          "dice_3d": _finite_mean(r["dice_3d"] for r in clin),
+                          "hd95_mm": _finite_mean(r["hd95_mm"] for r in clin),
+                          "assd_mm": _finite_mean(r["assd_mm"] for r in clin),
+                          "missed_or_spurious_volumes": sum(1 for r in clin if r["hd95_mm"] == math.inf)})
+    scores = HoldoutScores(case_days=holdout, score=final["score"], dice=final["dice"], hausdorff=final["hausdorff"],
+                           per_class=per_class, ablation=ablation,
+                           best_single_fold_model=f"{best_fold[0].name} fold {best_fold[1].fold}",
+                           best_single_configuration=best_conf.name)
+    return scores, ev
+
+
+def write_holdout_files(folder: Path, scores: HoldoutScores, ev: Evaluation) -> None:
+    """evaluation.json and the ablation, per-class and per-case tables as CSV."""
+    records.save(ev, folder / EVALUATION, indent=None)
+    write_text_atomic(folder / "ablation.csv", csv_text(scores.ablation))
+    write_text_atomic(folder / "holdout_per_class.csv", csv_text(scores.per_class))
+    write_text_atomic(folder / "holdout_per_case.csv", csv_text(per_case_table(ev.rows[ABLATION[-1][0]])))

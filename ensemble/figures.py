@@ -1,0 +1,112 @@
+"""The report's figures: matplotlib figures from leaderboard rows and volumes, nothing written here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gitseg.data.uwmgi import CLASSES
+from gitseg.records import TrialRow
+from gitseg.tables import label
+
+COLOURS = {"large_bowel": "#e6194b", "small_bowel": "#3cb44b", "stomach": "#4363d8"}
+
+
+def _plt():
+    import matplotlib  # heavy: only a report loads it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the headless backend is chosen
+
+    return plt
+
+
+def learning_curves(rows: list[TrialRow]):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if not r.history:
+            continue
+        epochs, scores = [p["epoch"] for p in r.history], [p["score"] for p in r.history]
+        line, = ax.plot(epochs, scores, marker="o", ms=3, label=f"{r.trial_id} ({r.status})")
+        if r.status == "stopped early":
+            ax.plot(epochs[-1], scores[-1], "x", color=line.get_color(), ms=10, mew=2)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_ylabel("validation score")
+    ax.set_title("Score per epoch (x: stopped by ASHA)")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def best_so_far(rows: list[TrialRow]):
+    plt = _plt()
+    done = sorted([r for r in rows if r.history], key=lambda r: r.started or 0.0)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    best = np.maximum.accumulate([r.best_score for r in done]) if done else []
+    ax.step(range(1, len(done) + 1), best, where="post")
+    ax.scatter(range(1, len(done) + 1), [r.best_score for r in done], s=12, color="grey")
+    ax.set_xlabel("trial (in start order)")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_ylabel("best validation score so far")
+    ax.set_title("Best-so-far")
+    return fig
+
+
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator  # heavy, as above
+
+    return MaxNLocator(integer=True)
+
+
+def parameter_effects(rows: list[TrialRow]):
+    """One panel per searched parameter: score by value (categorical) or against it (numeric)."""
+    plt = _plt()
+    ok = [r for r in rows if not math.isnan(r.best_score)]
+    params = sorted({k for r in ok for k in r.values})
+    if not params:
+        return None, []
+    cols = min(4, len(params))
+    nrows = -(-len(params) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(params):]:
+        ax.axis("off")
+    table = []
+    for ax, p in zip(axes.flat, params):
+        pairs = [(r.values[p], r.best_score) for r in ok if p in r.values]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in pairs)
+        if numeric and len({v for v, _ in pairs}) > 3:
+            ax.scatter([v for v, _ in pairs], [s for _, s in pairs], s=15)
+            if all(v > 0 for v, _ in pairs) and max(v for v, _ in pairs) / min(v for v, _ in pairs) > 20:
+                ax.set_xscale("log")
+        else:
+            groups: dict[str, list[float]] = {}
+            for v, s in pairs:
+                groups.setdefault(label(v), []).append(s)
+            names = sorted(groups)
+            ax.bar(names, [max(groups[n]) for n in names], color="#bbb", label="best")
+            ax.scatter(names, [np.mean(groups[n]) for n in names], color="k", zorder=3, s=12, label="mean")
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+            table += [{"parameter": p, "value": n, "trials": len(groups[n]), "mean score": float(np.mean(groups[n])),
+                       "best score": float(max(groups[n]))} for n in names]
+        ax.set_title(p, fontsize=9)
+    for row in axes:
+        row[0].set_ylabel("best score of the trial")
+    fig.tight_layout()
+    return fig, table
+
+
+def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str):
+    """Scan slice with ground-truth (solid) and predicted (dashed) contours per class."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(image, cmap="gray")
+    for c, cls in enumerate(CLASSES):
+        if gt[c].any():
+            ax.contour(gt[c], levels=[0.5], colors=COLOURS[cls], linewidths=1.5)
+        if pred[c].any():
+            ax.contour(pred[c], levels=[0.5], colors=COLOURS[cls], linewidths=1.2, linestyles="dashed")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    return fig

@@ -1,0 +1,180 @@
+"""The run records one stage writes and a later one reads, as dataclasses with one load/save each.
+
+    <run>/search.json          SearchRecord    the search's settings, base config and leaderboard
+    <run>/refit.json           RefitRecord     per (configuration, fold): checkpoint and OOF folder
+    <ensemble>/ensemble.json   EnsembleManifest members, TTA, post-processing, selection, scores
+    <ensemble>/evaluation.json Evaluation      per-volume score sums of every holdout variant
+
+Writing goes through `to_json` and reading through `from_json`, so both sides share one
+definition; reading is strict (an unknown or mistyped field is an error naming the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TypeVar
+
+from gitseg.config import ConfigError, from_dict
+from gitseg.files import write_text_atomic
+
+SEARCH_RECORD, REFIT_RECORD = "search.json", "refit.json"
+ENSEMBLE_MANIFEST, EVALUATION = "ensemble.json", "evaluation.json"
+MANIFEST_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# search.json
+
+
+@dataclasses.dataclass
+class TrialRow:
+    """One leaderboard row: a search trial's configuration and its best validation epoch."""
+
+    trial_id: str
+    config: str                  # the searched values as one line of key=value
+    best_score: float            # NaN when the trial never scored
+    best_epoch: int | None       # 1-based
+    epochs_run: int
+    status: str                  # finished, stopped early, failed
+    checkpoint: str              # <trial's latest checkpoint>/best.pt, "" when none
+    error: str
+    values: dict                 # dotted key -> value of each searched parameter
+    history: list[dict]          # {epoch (from 1), score, dice, hausdorff} for every epoch trained
+    time_s: float
+    started: float | None = None  # Unix time the trial started (Tune's record)
+
+
+@dataclasses.dataclass
+class SearchRecord:
+    settings: dict               # the resolved search config
+    base: dict                   # the resolved experiment config every trial started from
+    cache: str                   # the data the cache was prepared from
+    leaderboard: list[TrialRow]  # best first
+
+
+# ---------------------------------------------------------------------------------------------
+# refit.json
+
+
+@dataclasses.dataclass
+class RefitModel:
+    """One (configuration, fold) Train run of the refit."""
+
+    rank: int                    # the configuration's place on the leaderboard (0 = best)
+    trial_id: str
+    fold: int
+    values: dict
+    score: float | None          # validation score of the fold at its best epoch
+    best_epoch: int | None       # 1-based
+    error: str | None
+    checkpoint: str | None = None  # .../best.pt
+    oof: str | None = None         # folder of the fold's out-of-fold probabilities (gitseg.oof)
+
+
+@dataclasses.dataclass
+class RefitRecord:
+    folds: list[int]
+    tta: str                     # TTA of the out-of-fold probabilities
+    models: list[RefitModel]
+
+
+# ---------------------------------------------------------------------------------------------
+# ensemble.json and evaluation.json
+
+
+@dataclasses.dataclass
+class Member:
+    file: str            # checkpoint, relative to the ensemble folder
+    weight: float
+    size: int            # network input size (cache size it was trained at)
+    channels: int        # 2.5D window
+    stride: int
+    configuration: str   # e.g. rank0: the refit configuration it belongs to
+    fold: int
+    sha256: str = ""
+
+
+@dataclasses.dataclass
+class Selection:
+    method: str                  # topk or greedy
+    topk: int
+    why: str
+    log: list[str]
+    configurations: list[dict]   # name, trial_id, values, oof_score, fold_scores, selected, weight
+    problems: list[str]
+
+
+@dataclasses.dataclass
+class HoldoutScores:
+    case_days: list[str]
+    score: float
+    dice: float
+    hausdorff: float
+    per_class: list[dict]        # class, competition terms, dice_3d, hd95_mm, assd_mm, missed_or_spurious_volumes
+    ablation: list[dict]         # variant, detail, members, tta, score, dice, hausdorff, gain
+    best_single_fold_model: str
+    best_single_configuration: str
+
+
+@dataclasses.dataclass
+class EnsembleScores:
+    oof: dict                    # selected_at_0.5, tuning_steps, case_days
+    holdout: HoldoutScores | None = None
+
+
+@dataclasses.dataclass
+class EnsembleManifest:
+    format: int
+    gitseg_version: str
+    created: str
+    source: dict                 # run, cache
+    members: list[Member]
+    tta: str
+    postprocess: dict            # ensemble.postprocess.PostProcess as a dict
+    preprocessing: dict          # sizes, normalisation, classes, windows
+    metric: dict                 # the convention of every score in the file
+    selection: Selection
+    scores: EnsembleScores
+    timings: dict
+    machine: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    rows: dict                   # variant -> [{case_day, case, class, sums (metrics.ScoreSums)}]
+    clinical: list[dict]         # the final variant per (case_day, class): dice_3d, hd95_mm, assd_mm, voxels
+
+
+# ---------------------------------------------------------------------------------------------
+
+Record = TypeVar("Record")
+
+
+def _plain(value):
+    """numpy scalars as their Python value; anything else JSON cannot hold as text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def to_json(record, indent: int | None = 1) -> str:
+    return json.dumps(dataclasses.asdict(record), indent=indent, default=_plain)
+
+
+def from_json(cls: type[Record], text: str, source="") -> Record:
+    try:
+        return from_dict(cls, json.loads(text))
+    except (ConfigError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{source or cls.__name__} is not a valid {cls.__name__}: {exc}") from None
+
+
+def save(record, path, indent: int | None = 1) -> None:
+    write_text_atomic(path, to_json(record, indent))
+
+
+def load(cls: type[Record], path, missing: str = "") -> Record:
+    """Read `path` as `cls`; `missing` is the advice given when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}" + (f"; {missing}" if missing else ""))
+    return from_json(cls, path.read_text(), path)

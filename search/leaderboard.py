@@ -1,0 +1,86 @@
+"""The search leaderboard: one TrialRow per Tune trial, best first, as CSV and as a terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from gitseg.records import TrialRow
+from gitseg.tables import csv_text, format_table, label
+from search.space import decode
+
+HISTORY_KEYS = ("score", "dice", "hausdorff")
+LEADERBOARD_COLUMNS = ("trial_id", "status", "best_score", "best_epoch", "epochs_run", "config", "checkpoint", "error")
+
+
+def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
+    """One row per trial, best first: configuration, best score and epoch, epochs run, status.
+
+    The scores come from each trial's per-epoch record (`trial_history`), the epochs before a
+    resume included.
+    """
+    rows = []
+    for result in results:
+        values = decode(params, {k: v for k, v in (result.config or {}).items() if not k.startswith("__")})
+        epochs_planned = int(values.get("train.epochs", base["train"]["epochs"]))
+        frame = result.metrics_dataframe
+        metrics = result.metrics or {}
+        scored = frame.dropna(subset=["score"]) if frame is not None and "score" in frame else None
+        # Per-epoch scores (also the report's learning curves and ASHA's stops).
+        history = trial_history(fs, metrics.get("checkpoint_path"), scored)
+        row = TrialRow(trial_id=metrics.get("trial_id") or Path(result.path).name,
+                       config=" ".join(f"{k}={label(v)}" for k, v in values.items()),
+                       best_score=math.nan, best_epoch=None, epochs_run=0, status="failed", checkpoint="",
+                       error="", values=values, history=history, time_s=math.nan)
+        scores = [h for h in history if not math.isnan(h["score"])]
+        if scores:
+            best = max(scores, key=lambda h: h["score"])
+            row.best_score, row.best_epoch, row.epochs_run = best["score"], best["epoch"], history[-1]["epoch"]
+        if scored is not None and len(scored):
+            if "time_total_s" in scored:
+                row.time_s = float(scored["time_total_s"].max())
+            if "timestamp" in scored:
+                row.started = float(scored["timestamp"].min() - scored["time_total_s"].min())
+        if metrics.get("checkpoint_path"):
+            row.checkpoint = f"{metrics['checkpoint_path']}/best.pt"
+        if result.error is not None:
+            row.error = str(result.error).strip().splitlines()[-1][:300]
+        elif row.epochs_run >= epochs_planned:
+            row.status = "finished"
+        else:
+            row.status = "stopped early"
+        rows.append(row)
+    rows.sort(key=lambda r: (-r.best_score if not math.isnan(r.best_score) else math.inf))
+    return rows
+
+
+def trial_history(fs, checkpoint_path: str | None, scored) -> list[dict]:
+    """Every epoch a trial trained: {epoch (from 1), score, dice, hausdorff}, in order.
+
+    Read from the metrics.jsonl of the trial's latest checkpoint: Tune keeps only what a trial
+    reported since it last started, so a trial restarted by a resumed search (its Train run
+    continuing from its checkpoint) has lost the epochs before the restart from Tune's record.
+    Tune's record (`scored`, its rows with a score) when there is no checkpoint to read.
+    """
+    def epoch(m) -> dict:
+        return {"epoch": int(m["epoch"]) + 1, **{k: float(m[k]) for k in HISTORY_KEYS}}
+
+    if checkpoint_path:
+        try:
+            with fs.open_input_stream(f"{checkpoint_path}/metrics.jsonl") as f:
+                return [epoch(json.loads(line)) for line in f.read().decode().splitlines() if line.strip()]
+        except (OSError, ValueError, KeyError):  # gone, unreadable: Tune's record is next best
+            pass
+    return [] if scored is None else [epoch(r) for _, r in scored.iterrows()]
+
+
+def leaderboard_csv(rows: list[TrialRow]) -> str:
+    return csv_text([vars(r) for r in rows], LEADERBOARD_COLUMNS)
+
+
+def format_leaderboard(rows: list[TrialRow]) -> str:
+    shown = [{"trial": r.trial_id, "status": r.status, "score": r.best_score,
+              "best epoch": "" if r.best_epoch is None else r.best_epoch, "epochs": r.epochs_run,
+              "configuration": r.config[:90]} for r in rows]
+    return format_table(shown, floats="{:.4f}")

@@ -1,0 +1,66 @@
+"""The refit: the top-k search configurations trained on every fold, in parallel Ray Train runs,
+each leaving its best checkpoint and the out-of-fold probabilities of its fold (refit.json)."""
+
+from __future__ import annotations
+
+import math
+
+from gitseg.data.cache import Cache
+from gitseg.oof import OOF_FOLDER
+from gitseg.progress import say
+from gitseg.records import REFIT_RECORD, RefitModel, RefitRecord, TrialRow, to_json
+from search.cluster import concurrent_trials, trainable
+from search.settings import SearchConfig
+from search.storage import experiment_root, filesystem, write_text
+from search.trial import refit_trial
+
+REFIT_EXPERIMENT = "refit"
+
+
+def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: Cache, log=say) -> list[RefitModel]:
+    """Refit (or resume refitting) the top `settings.refit.topk` rows on every fold; writes refit.json."""
+    import ray.tune  # heavy
+
+    top = [r for r in rows if r.status != "failed" and not math.isnan(r.best_score)][: settings.refit.topk]
+    if not top:
+        log("search: no successful trial to refit")
+        return []
+    folds = settings.refit.folds if settings.refit.folds is not None else list(range(cache.manifest["folds"]))
+    jobs = [{"rank": i, "trial_id": r.trial_id, "values": r.values, "fold": f}
+            for i, r in enumerate(top) for f in folds]
+    root = experiment_root(settings.storage_path, settings.name)
+    fn = trainable(refit_trial, base=base, storage_path=f"{root}/refit_runs", workers=settings.workers,
+                   max_failures=settings.max_failures, tta=settings.refit.tta)
+    log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs")
+    fs, fs_root = filesystem(root)
+    experiment = f"{fs_root}/{REFIT_EXPERIMENT}"
+    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        tuner = ray.tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
+    else:
+        tuner = ray.tune.Tuner(
+            fn,
+            param_space={"job": ray.tune.grid_search(jobs)},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(settings)),
+            run_config=ray.tune.RunConfig(name=REFIT_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
+                                          verbose=1),
+        )
+    results = tuner.fit()
+    refits = []
+    for result in results:
+        job = result.config["job"]
+        metrics = result.metrics or {}
+        done = metrics.get("stage") == "oof"
+        entry = RefitModel(rank=job["rank"], trial_id=job["trial_id"], fold=job["fold"], values=job["values"],
+                           score=metrics.get("score"), best_epoch=metrics["epoch"] + 1 if done else None,
+                           error=None if result.error is None else str(result.error).strip().splitlines()[-1][:300])
+        if done and metrics.get("checkpoint_path"):
+            entry.checkpoint = f"{metrics['checkpoint_path']}/best.pt"
+            entry.oof = f"{metrics['checkpoint_path']}/{OOF_FOLDER}"
+        refits.append(entry)
+    refits.sort(key=lambda e: (e.rank, e.fold))
+    write_text(f"{root}/{REFIT_RECORD}", to_json(RefitRecord(folds=folds, tta=settings.refit.tta, models=refits)))
+    failed = [e for e in refits if e.error]
+    log(f"search: refit wrote {len(refits) - len(failed)} fold models with out-of-fold probabilities to "
+        f"{root}/{REFIT_RECORD}" + (f"; {len(failed)} failed" if failed else ""))
+    return refits

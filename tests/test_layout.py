@@ -1,0 +1,96 @@
+"""The import rules of DESIGN.md, read from the source: stages are siblings, the core knows no stage.
+
+- nothing in `gitseg/` outside its CLI layer imports `search` or `ensemble`;
+- `search` and `ensemble` never import each other;
+- neither imports `gitseg.cli`, except through its `__main__.py` entry point (CLI layer);
+- an import inside a function outside the CLI layer is of a heavy or optional third-party
+  library, with its reason in a comment.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("gitseg", "search", "ensemble")
+# The CLI layer knows the stages: the commands, the demo that chains them, and entry points.
+CLI_LAYER = {"gitseg/cli.py", "gitseg/__main__.py", "gitseg/demo.py", "search/__main__.py"}
+
+
+def imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(module, line, inside a function) for every import in a file, nested ones included."""
+    tree = ast.parse(path.read_text())
+    nested = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(fn)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno, id(node) in nested) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.module, node.lineno, id(node) in nested))
+    return found
+
+
+def sources():
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            yield path.relative_to(ROOT).as_posix(), path
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def broken_rules(name: str, path: Path) -> list[str]:
+    package = name.split("/")[0]
+    problems = []
+    for module, line, _ in imports(path):
+        where = f"{name}:{line} imports {module}"
+        if name in CLI_LAYER:
+            continue
+        if package == "gitseg" and (within(module, "search") or within(module, "ensemble")):
+            problems.append(f"{where}: the core imports no stage")
+        if package in ("search", "ensemble"):
+            other = "ensemble" if package == "search" else "search"
+            if within(module, other):
+                problems.append(f"{where}: stages are siblings")
+            if within(module, "gitseg.cli"):
+                problems.append(f"{where}: a stage never imports the CLI")
+    return problems
+
+
+def test_import_rules_hold():
+    problems = [p for name, path in sources() for p in broken_rules(name, path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_rules_see_imports_inside_functions(tmp_path):
+    # The CLI imports its stages lazily; were it a core module, the rule would have to catch it.
+    assert ("search.run", True) in {(m, lazy) for m, _, lazy in imports(ROOT / "gitseg" / "cli.py")}
+    core = tmp_path / "core.py"
+    core.write_text("def f():\n    from ensemble.build import build_ensemble\n")
+    expected = "gitseg/core.py:2 imports ensemble.build: the core imports no stage"
+    assert broken_rules("gitseg/core.py", core) == [expected]
+    stage = tmp_path / "stage.py"
+    stage.write_text("import gitseg.cli\nfrom search import run\n")
+    assert len(broken_rules("ensemble/stage.py", stage)) == 2
+
+
+def test_lazy_imports_are_heavy_third_party_libraries_with_a_reason():
+    problems = []
+    for name, path in sources():
+        if name in CLI_LAYER:
+            continue
+        lines = path.read_text().splitlines()
+        previous = None
+        for module, line, lazy in sorted(imports(path), key=lambda item: item[1]):
+            if not lazy:
+                continue
+            if module.split(".")[0] in PACKAGES:
+                problems.append(f"{name}:{line}: {module} is imported inside a function; import it at the top")
+            # One reason covers a run of consecutive imports; it sits on the line or just above it.
+            elif previous != line - 1 and not any("#" in text for text in lines[max(0, line - 3):line]):
+                problems.append(f"{name}:{line}: say in a comment why {module} is imported lazily")
+            previous = line
+    assert not problems, "\n".join(problems)
