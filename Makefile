@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gitseg demo --out runs/demo
 
+# Lint first (ruff, configured in pyproject.toml): CI enforces it through this target.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

@@ -26,7 +26,7 @@ def nifti_affine(spacing) -> np.ndarray:
 
     Columns run to the patient's left and rows to posterior (radiological display of an axial
     slice); slice numbers run from head to feet in this data (the stomach is only on low slice
-    numbers, DATA.md). The scan is written with the same affine, so the labels overlay it
+    numbers, docs/DATA.md). The scan is written with the same affine, so the labels overlay it
     exactly in any viewer whatever the true anatomical direction.
     """
     thickness, row_mm, col_mm = spacing

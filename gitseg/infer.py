@@ -1,6 +1,6 @@
 """Volume inference: 2.5D windows from a cached volume, batched, with TTA fused into the batch.
 
-Output follows the probability contract of DESIGN.md: `(3, D, H, W)` float16 in [0, 1], class
+Output follows the probability contract (docs/ARCHITECTURE.md): `(3, D, H, W)` float16 in [0, 1], class
 order large_bowel, small_bowel, stomach, at the original image size. Works for one model or a
 weighted list; members and TTA views are averaged in probability space.
 """

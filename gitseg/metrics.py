@@ -1,7 +1,7 @@
 """The competition metric and clinical distances: pure functions, numpy/scipy in, floats out.
 
 This is the only implementation of the score in gitseg (training validation, search, ensemble
-tuning and reports all call it). Definitions: ../shared/DATA.md.
+tuning and reports all call it). Definitions: docs/DATA.md.
 
   score = 0.4 * Dice + 0.6 * (1 - Hausdorff)
 

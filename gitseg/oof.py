@@ -2,7 +2,7 @@
 
 A fold model's OOF folder holds `<case_day>.npy` for each validation case-day of its fold:
 float16 `(3, D, H, W)` in [0, 1], class order CLASSES, at the original image size (the
-probability contract of DESIGN.md). Holdout case-days never have one.
+probability contract, docs/ARCHITECTURE.md). Holdout case-days never have one.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from gitseg.cli import main as gitseg_main  # the entry point, not a library import: see DESIGN.md
+    from gitseg.cli import main as gitseg_main  # an entry point (CLI layer), see docs/ARCHITECTURE.md
 
     return gitseg_main(["search", *(sys.argv[1:] if argv is None else argv)])
 

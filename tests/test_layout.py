@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md, read from the source: stages are siblings, the core knows no stage.
+"""The import rules of docs/ARCHITECTURE.md, read from the source: stages are siblings, the core knows no stage.
 
 - nothing in `gitseg/` outside its CLI layer imports `search` or `ensemble`;
 - `search` and `ensemble` never import each other;

@@ -1,6 +1,6 @@
 """The UW-Madison GI Tract on-disk format: slice file names, train.csv, RLE, volumes.
 
-Everything here follows ../shared/DATA.md. The same code reads the real Kaggle download and the
+Everything here follows docs/DATA.md. The same code reads the real Kaggle download and the
 synthetic data written by `gitseg synth`, so the synthetic generator writes through the helpers
 in this module (file names, RLE) rather than its own copies.
 """
