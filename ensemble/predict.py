@@ -94,6 +94,8 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
                     else _guard(predict_case_day, model, v.image, nifti is not None))
                    for cd, v in volumes())
     written = []
+    # Streamed row by row, not through tables.csv_text: the whole submission of the real test set
+    # never sits in memory, and a later failure keeps the volumes already written.
     with open(submission, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(SUBMISSION_COLUMNS)

@@ -48,8 +48,7 @@ def write_text_atomic(path, text: str) -> None:
 def staged_folder(out):
     """Yield a staging folder beside `out`; it replaces `out` only when the block succeeds."""
     out = Path(out)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temporary_beside(out)
     staging.mkdir(parents=True)
     try:
         yield staging
