@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -30,9 +29,11 @@ from bench_infer import naive_predict  # noqa: E402
 from naive_tune import tune_naive  # noqa: E402
 
 from ensemble.model import EnsembleModel, Member  # noqa: E402
-from ensemble.postprocess import tune  # noqa: E402
+from ensemble.postprocess import PostProcess, tune  # noqa: E402
+from gitseg import records  # noqa: E402
 from gitseg.config import ModelConfig  # noqa: E402
 from gitseg.models import build_model  # noqa: E402
+from gitseg.records import ENSEMBLE_MANIFEST, EnsembleManifest  # noqa: E402
 
 
 def bench_prediction(args, device) -> None:
@@ -43,9 +44,7 @@ def bench_prediction(args, device) -> None:
     members = [Member(file=f"m{i}", weight=1.0, size=args.size, channels=3, stride=2,
                       configuration=f"rank{i // args.folds}",
                       fold=i % args.folds) for i in range(n)]
-    model = EnsembleModel(".", {"members": [m.__dict__ for m in members], "tta": args.tta,
-                                "postprocess": {"thresholds": [0.5] * 3, "min_size": [0] * 3, "min_pixels": [0] * 3}},
-                          device)
+    model = EnsembleModel(".", members, args.tta, PostProcess(), device)
     volume = np.random.default_rng(0).random((args.slices, args.size, args.size)).astype(np.float16)
 
     start = time.perf_counter()
@@ -123,10 +122,9 @@ def bench_tuning(args) -> None:
 
 
 def print_ablation(folder) -> None:
-    manifest = json.loads((Path(folder) / "ensemble.json").read_text())
-    holdout = manifest["scores"]["holdout"]
-    print(f"\n3. Holdout ablation of {folder} ({len(holdout['case_days'])} case-days, kaggle convention)")
-    for row in holdout["ablation"]:
+    holdout = records.load(EnsembleManifest, Path(folder) / ENSEMBLE_MANIFEST).scores.holdout
+    print(f"\n3. Holdout ablation of {folder} ({len(holdout.case_days)} case-days, kaggle convention)")
+    for row in holdout.ablation:
         print(f"   {row['variant']:<42} {row['score']:.4f}  gain {row['gain']:+.4f}")
 
 

@@ -42,12 +42,11 @@ def member_from_checkpoint(path: Path, file: str, weight: float, configuration: 
 class EnsembleModel:
     """Members averaged in probability space (weighted), with TTA, then post-processing."""
 
-    def __init__(self, folder, manifest: EnsembleManifest, device=None):
-        self.folder = Path(folder)
-        self.manifest = manifest
-        self.members = list(manifest.members)
-        self.tta = manifest.tta
-        self.post = PostProcess.from_dict(manifest.postprocess)
+    def __init__(self, folder, members: list[Member], tta: str, post: PostProcess, device=None):
+        self.folder = Path(folder)  # member files are relative to it
+        self.members = list(members)
+        self.tta = tta
+        self.post = post
         self.device = torch.device(device) if device is not None else default_device()
         self._models: dict[str, torch.nn.Module] = {}
 
@@ -59,7 +58,7 @@ class EnsembleModel:
                                 f"build an ensemble with `gitseg ensemble --run SEARCH_DIR --out {folder}`")
         if manifest.format != MANIFEST_FORMAT:
             raise ValueError(f"{path} is not a gitseg ensemble manifest of format {MANIFEST_FORMAT}")
-        model = cls(folder, manifest, device)
+        model = cls(folder, manifest.members, manifest.tta, PostProcess.from_dict(manifest.postprocess), device)
         for m in model.members:
             file = folder / m.file
             if not file.is_file():
