@@ -179,6 +179,11 @@ def _comparable(cfg_dict: dict) -> dict:
     return d
 
 
+def can_resume(checkpoint_config: dict, cfg: Config) -> bool:
+    """Whether a run of `cfg` may continue from a checkpoint saved with `checkpoint_config`."""
+    return _comparable(checkpoint_config) == _comparable(to_dict(cfg))
+
+
 def steps_per_epoch(samples: int, world: int, batch_size: int, cap: int | None) -> int:
     """Optimiser steps per epoch: full batches of each rank's share, at least one, at most `cap`."""
     per_rank = math.ceil(samples / world)
@@ -200,7 +205,7 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
     resumed = {}
     if (out / LAST).is_file():
         state = load_checkpoint(out / LAST)
-        if _comparable(state["config"]) != _comparable(to_dict(cfg)):
+        if not can_resume(state["config"], cfg):
             raise ConfigError(f"{out} holds a run with a different configuration; choose another out folder "
                               f"or delete {out / LAST} to start over")
         unwrap(model).load_state_dict(state["model"])

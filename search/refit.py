@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from gitseg.checkpoint import BEST
 from gitseg.data.cache import Cache
 from gitseg.oof import OOF_FOLDER
 from gitseg.progress import say
@@ -26,12 +27,17 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
         log("search: no successful trial to refit")
         return []
     folds = settings.refit.folds if settings.refit.folds is not None else list(range(cache.manifest["folds"]))
-    jobs = [{"rank": i, "trial_id": r.trial_id, "values": r.values, "fold": f}
+    # The search trained each configuration on the search fold already: that fold's refit run
+    # continues the trial's run (to the last epoch if ASHA stopped it) instead of training again.
+    jobs = [{"rank": i, "trial_id": r.trial_id, "values": r.values, "fold": f,
+             "start_from": r.checkpoint.removesuffix(f"/{BEST}") if f == settings.fold and r.checkpoint else None}
             for i, r in enumerate(top) for f in folds]
     root = experiment_root(settings.storage_path, settings.name)
     fn = trainable(refit_trial, base=base, storage_path=f"{root}/refit_runs", workers=settings.workers,
                    max_failures=settings.max_failures, tta=settings.refit.tta)
-    log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs")
+    reused = sum(1 for job in jobs if job["start_from"])
+    log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs"
+        + (f", {reused} of them continuing the search trial's run on fold {settings.fold}" if reused else ""))
     fs, fs_root = filesystem(root)
     experiment = f"{fs_root}/{REFIT_EXPERIMENT}"
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):

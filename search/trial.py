@@ -22,20 +22,30 @@ from gitseg.data.cache import Cache
 from gitseg.files import scratch_folder
 from gitseg.infer import prepare_for_inference
 from gitseg.oof import OOF_FOLDER, write_oof
-from gitseg.train import fit
+from gitseg.train import can_resume, fit
 from search.space import decode, trial_config
 from search.storage import filesystem
 
 RESTORED_FILES = (LAST, BEST, "metrics.jsonl", "config.yaml")
 
 
-def _restore_latest(out: Path) -> None:
-    """Copy the Train run's latest checkpoint (if any) into this worker's run folder."""
+def _restore_latest(out: Path, cfg: Config, start_from: str | None = None, log=print) -> None:
+    """Copy the Train run's latest checkpoint into this worker's run folder; without one, the
+    checkpoint folder `start_from` (a search trial's latest, when the refit trains its fold)."""
     import ray.train  # heavy: Ray loads only in the functions that run under it
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         copy_checkpoint_files(checkpoint, out)
+    elif start_from:
+        fs, path = filesystem(start_from)
+        copied = copy_checkpoint_files(ray.train.Checkpoint(path, filesystem=fs), out)
+        if LAST in copied and can_resume(load_checkpoint(out / LAST)["config"], cfg):
+            log(f"refit: continuing the search trial's run from {start_from}")
+            return
+        for name in copied:  # not the same run after all: train from scratch
+            (out / name).unlink()
+        log(f"refit: {start_from} is not a run of this configuration; training from scratch")
 
 
 def copy_checkpoint_files(checkpoint, out: Path) -> list[str]:
@@ -75,9 +85,10 @@ def train_worker(loop_config: dict) -> None:
     # Node-local run folder, removed at the end: ray.train.report has uploaded the checkpoints by then.
     with scratch_folder(f"rank{rank}") as out:
         cfg.out = str(out)
-        _restore_latest(out)
+        log = print if rank == 0 else (lambda *_: None)
+        _restore_latest(out, cfg, loop_config.get("start_from"), log)
         device = ray.train.torch.get_device()
-        best = fit(cfg, report=_report_to_ray, device=device, log=print if rank == 0 else (lambda *_: None))
+        best = fit(cfg, report=_report_to_ray, device=device, log=log)
         if loop_config.get("oof_tta"):
             report_oof(cfg, out, best, loop_config["oof_tta"], device)
 
@@ -109,8 +120,12 @@ def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
 
 
 def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, max_failures: int,
-                     oof_tta: str | None = None) -> None:
-    """One Ray Train run of `cfg` (called inside a Tune trial); raises if training fails."""
+                     oof_tta: str | None = None, start_from: str | None = None) -> None:
+    """One Ray Train run of `cfg` (called inside a Tune trial); raises if training fails.
+
+    `start_from`: a checkpoint folder of an earlier run of the same configuration and fold; a run
+    without a checkpoint of its own continues from it instead of starting over.
+    """
     import ray.train  # heavy: Ray loads only in the functions that run under it
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -123,7 +138,7 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "oof_tta": oof_tta},
+        train_loop_config={"config": to_dict(cfg), "oof_tta": oof_tta, "start_from": start_from},
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -154,4 +169,4 @@ def refit_trial(config: dict, *, base: dict, storage_path: str, workers, max_fai
     job = config["job"]
     cfg = trial_config(base, {**job["values"], "data.fold": job["fold"]})
     launch_train_run(cfg, run_name=f"refit-{job['rank']}-fold{job['fold']}", storage_path=storage_path,
-                     workers=workers, max_failures=max_failures, oof_tta=tta)
+                     workers=workers, max_failures=max_failures, oof_tta=tta, start_from=job.get("start_from"))

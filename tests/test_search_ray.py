@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from gitseg import records
@@ -56,10 +57,10 @@ def leaderboard(root: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def trial_results(root: Path) -> dict[str, list[dict]]:
-    """Every result Tune recorded, per trial id."""
+def trial_results(root: Path, experiment: str = "tune") -> dict[str, list[dict]]:
+    """Every result Tune recorded, per trial id, for the search (tune) or the refit experiment."""
     out = {}
-    for path in (root / "tune").glob("*/result.json"):
+    for path in (root / experiment).glob("*/result.json"):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if lines:
             out[lines[0]["trial_id"]] = lines
@@ -105,6 +106,14 @@ def test_search_asha_failure_and_refit(train_cache, tmp_path):
         entry = cache.entries[oof[0]]
         assert probs.shape == (3, entry["slices"], entry["height"], entry["width"]) and probs.dtype == np.float16
         assert 0 <= probs.min() and probs.max() <= 1
+    # On the search fold the refit continued the finished trial's run instead of training again:
+    # it reported the trial's last epoch once, then its OOF (fold 1 trained 3 epochs, then OOF),
+    # and its model is the trial's best model.
+    reported = {lines[0]["config"]["job"]["fold"]: [r.get("stage") for r in lines]
+                for lines in trial_results(root, experiment="refit").values()}
+    assert reported == {0: [None, "oof"], 1: [None, None, None, "oof"]}
+    trial_state, refit_state = (load_checkpoint(path) for path in (best["checkpoint"], refit.models[0].checkpoint))
+    assert all(torch.equal(trial_state["model"][k], refit_state["model"][k]) for k in trial_state["model"])
 
 
 def trained_epochs(root: Path) -> dict[str, int]:
