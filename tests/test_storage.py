@@ -33,7 +33,11 @@ def test_a_writer_killed_mid_write_leaves_the_previous_file_whole(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "first written"
     assert proc.stdout.readline().strip() == "second started"
-    time.sleep(0.2)  # some 100 kB of the second version are on disk, in the hidden temporary file
+    # Kill once the second version is on disk in part: its hidden temporary file holds 10 kB.
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".state.json.tmp-") and p.stat().st_size > 10_000 for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the writer never wrote 10 kB"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "state.json").read_text() == '{"version": 1}'

@@ -1,4 +1,3 @@
-import time
 
 import cv2
 import numpy as np
@@ -82,7 +81,10 @@ def test_bad_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_twenty_case_days_at_128px_well_under_a_minute(tmp_path):
-    start = time.perf_counter()
-    write_dataset(tmp_path / "d", cases=5, days=4, size=128, test_cases=0)
-    assert time.perf_counter() - start < 30
+def test_twenty_case_days_at_128px_of_every_real_slice_count(tmp_path):
+    # Its time is a benchmark's business (no test asserts a duration); the tree is the test's.
+    summary = write_dataset(tmp_path / "d", cases=5, days=4, size=128, test_cases=0)
+    slices, problems = index_root(tmp_path / "d", "train")
+    assert summary["train_case_days"] == 20 and not problems
+    assert slices["case_day"].nunique() == 20 and len(slices) == summary["train_slices"]
+    assert set(slices.groupby("case_day").size()) <= {144, 80}
