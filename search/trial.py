@@ -38,14 +38,24 @@ def _restore_latest(out: Path, cfg: Config, start_from: str | None = None, log=p
     if checkpoint is not None:
         copy_checkpoint_files(checkpoint, out)
     elif start_from:
-        fs, path = filesystem(start_from)
-        copied = copy_checkpoint_files(ray.train.Checkpoint(path, filesystem=fs), out)
-        if LAST in copied and can_resume(load_checkpoint(out / LAST)["config"], cfg):
+        if continue_from(start_from, out, cfg):
             log(f"refit: continuing the search trial's run from {start_from}")
-            return
-        for name in copied:  # not the same run after all: train from scratch
-            (out / name).unlink()
-        log(f"refit: {start_from} is not a run of this configuration; training from scratch")
+        else:
+            log(f"refit: {start_from} is not a run of this configuration; training from scratch")
+
+
+def continue_from(start_from: str, out: Path, cfg: Config) -> bool:
+    """Copy the run files of the checkpoint folder `start_from` into `out` when they are a run of
+    `cfg` (`train.can_resume`); otherwise leave `out` as it was. Returns whether they were copied."""
+    import ray.train  # heavy: Ray loads only in the functions that run under it
+
+    fs, path = filesystem(start_from)
+    copied = copy_checkpoint_files(ray.train.Checkpoint(path, filesystem=fs), out)
+    if LAST in copied and can_resume(load_checkpoint(out / LAST)["config"], cfg):
+        return True
+    for name in copied:  # another configuration's run, or no last.pt: fit starts from scratch
+        (out / name).unlink()
+    return False
 
 
 def copy_checkpoint_files(checkpoint, out: Path) -> list[str]:

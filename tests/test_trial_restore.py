@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from search.storage import filesystem
-from search.trial import RESTORED_FILES, copy_checkpoint_files
+from search.trial import RESTORED_FILES, continue_from, copy_checkpoint_files
 
 
 def checkpoint_on_storage(folder: Path, files: dict[str, bytes]):
@@ -89,3 +89,24 @@ def test_two_workers_restoring_at_once_both_get_every_file(tmp_path, rounds=150)
     for worker in workers:
         worker.join(timeout=30)
     assert outcome == [(0, 0), (0, 0)], f"(incomplete folders, errors) per worker: {outcome}"
+
+
+def test_the_refit_continues_only_a_run_of_its_own_configuration(tmp_path):
+    import torch
+
+    from gitseg.checkpoint import CHECKPOINT_FORMAT
+    from gitseg.config import load_config, to_dict
+
+    cfg = load_config(None, ["train.lr=0.003", f"out={tmp_path / 'trial'}"])
+    other = load_config(None, ["train.lr=0.001"])
+    for name, run_cfg in (("same", cfg), ("other", other)):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save({"format": CHECKPOINT_FORMAT, "config": to_dict(run_cfg)}, folder / "last.pt")
+        (folder / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    cfg.out = str(tmp_path / "refit")  # the out folder differs between trial and refit: still the same run
+    for name, expected in (("same", ["last.pt", "metrics.jsonl"]), ("other", [])):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        assert continue_from(str(tmp_path / name), out, cfg) == bool(expected)
+        assert sorted(p.name for p in out.iterdir()) == expected
