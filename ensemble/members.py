@@ -18,7 +18,7 @@ import numpy as np
 from gitseg import records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
-from gitseg.metrics import ScoreSums
+from gitseg.metrics import ScoreSums, class_scores, sum_rows
 from gitseg.oof import load_oof
 from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
@@ -117,11 +117,9 @@ def oof_volumes(configs, weights, cache: Cache) -> Callable:
 
 def oof_score(configs, weights, cache: Cache, threshold: float = 0.5) -> float:
     """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
-    sums = [ScoreSums()] * len(CLASSES)
-    for probs, gt in oof_volumes(configs, weights, cache)():
-        for c in range(len(CLASSES)):
-            sums[c] = sums[c] + ScoreSums.of_volume(probs[c] >= threshold, gt[c])
-    return sum(sums, ScoreSums()).score
+    rows = ((cls, ScoreSums.of_volume(probs[c] >= threshold, gt[c]))
+            for probs, gt in oof_volumes(configs, weights, cache)() for c, cls in enumerate(CLASSES))
+    return class_scores(sum_rows(rows, CLASSES))["score"]
 
 
 # ---------------------------------------------------------------------------------------------

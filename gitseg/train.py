@@ -157,8 +157,7 @@ class Run:
 
     model: torch.nn.Module           # DDP-wrapped under torch.distributed
     optimizer: torch.optim.Optimizer
-    dataset: SliceDataset
-    augment: object | None           # albumentations pipeline, reseeded every epoch
+    dataset: SliceDataset            # its augment pipeline is reseeded every epoch
     loss_fn: LossMix
     steps_per_epoch: int
     total_steps: int
@@ -221,9 +220,9 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
     augment = build_augment(cfg.data.augment)
     dataset = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride, augment=augment)
     steps = steps_per_epoch(len(dataset), world, cfg.train.batch_size, cfg.train.max_steps_per_epoch)
-    return Run(model=model, optimizer=optimizer, dataset=dataset, augment=augment,
-               loss_fn=LossMix(cfg.train.loss).to(device), steps_per_epoch=steps,
-               total_steps=steps * cfg.train.epochs, warmup_steps=int(cfg.train.warmup_epochs * steps), **resumed)
+    return Run(model=model, optimizer=optimizer, dataset=dataset, loss_fn=LossMix(cfg.train.loss).to(device),
+               steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,
+               warmup_steps=int(cfg.train.warmup_epochs * steps), **resumed)
 
 
 def epoch_loader(run: Run, cfg: Config, epoch: int, device) -> DataLoader:
@@ -231,8 +230,8 @@ def epoch_loader(run: Run, cfg: Config, epoch: int, device) -> DataLoader:
     rank, world = distributed()
     epoch_seed = cfg.train.seed * 100_003 + epoch * 101 + rank
     seed_everything(epoch_seed)
-    if run.augment is not None:
-        run.augment.set_random_seed(epoch_seed)
+    if run.dataset.augment is not None:
+        run.dataset.augment.set_random_seed(epoch_seed)
     if world > 1:
         sampler = DistributedSampler(run.dataset, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
         sampler.set_epoch(epoch)

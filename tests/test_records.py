@@ -1,0 +1,41 @@
+"""gitseg/records.py: a run record is read back as written, and a damaged one is refused by name."""
+
+import json
+import math
+
+import pytest
+
+from gitseg import records
+from gitseg.records import RefitModel, RefitRecord, SearchRecord, TrialRow
+
+
+def row(trial_id, score):
+    return TrialRow(trial_id=trial_id, config="train.lr=0.003", best_score=score, best_epoch=None, epochs_run=0,
+                    status="failed", checkpoint="", error="boom", values={"train.lr": 0.003},
+                    history=[], time_s=math.nan)
+
+
+def test_a_record_reads_back_as_written(tmp_path):
+    search = SearchRecord(settings={"name": "s"}, base={"data": {"cache": "c"}}, cache="src",
+                          leaderboard=[row("a", 0.5), row("b", math.nan)])
+    records.save(search, tmp_path / "search.json")
+    again = records.load(SearchRecord, tmp_path / "search.json")
+    assert records.to_json(again) == (tmp_path / "search.json").read_text()
+    assert again.leaderboard[0].best_score == 0.5 and math.isnan(again.leaderboard[1].best_score)
+    refit = RefitRecord(folds=[0, 1], tta="hflip", models=[RefitModel(rank=0, trial_id="a", fold=0, values={},
+                                                                      score=None, best_epoch=None, error="x")])
+    records.save(refit, tmp_path / "refit.json")
+    assert records.load(RefitRecord, tmp_path / "refit.json") == refit
+
+
+def test_a_damaged_or_missing_record_is_refused_by_name(tmp_path):
+    path = tmp_path / "refit.json"
+    data = {"folds": [0], "tta": "hflip", "models": [], "extra": 1}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"refit.json is not a valid RefitRecord.*extra"):
+        records.load(RefitRecord, path)
+    path.write_text('{"folds": [0], "tta": "hflip", "mod')  # truncated
+    with pytest.raises(ValueError, match="refit.json is not a valid RefitRecord"):
+        records.load(RefitRecord, path)
+    with pytest.raises(FileNotFoundError, match="no search.json in .*; run the search first"):
+        records.load(SearchRecord, tmp_path / "search.json", "run the search first")
