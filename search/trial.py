@@ -141,8 +141,13 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     fs, fs_path = filesystem(storage_path)
-    # Workers can take minutes to start on a busy node (60 s by default, then the run fails).
+    # Ray Train propagates these from the process calling fit() to its controller. Workers can take
+    # minutes to start on a busy node (60 s by default, then the run fails). The controller polls
+    # its workers every 2 s by default and notices a start, a report or a finish only then: at 0.2 s,
+    # four trivial Train runs took 77 s instead of 111 s (BENCHMARKS.md; a poll is one small actor
+    # call per worker).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1
