@@ -16,7 +16,7 @@ from ensemble.model import EnsembleModel
 from gitseg.data.cache import problems_by_case_day
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, rle_encode, volume_from_rows
 from gitseg.files import atomic_path, scratch_folder
-from gitseg.progress import say
+from gitseg.progress import bar, say
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
 
@@ -100,7 +100,9 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
         writer = csv.writer(f)
         writer.writerow(SUBMISSION_COLUMNS)
         f.flush()
-        for i, (case_day, volume, result) in enumerate(results):
+        progress = bar(len(case_days), "predict", unit="case-day")
+        for case_day, volume, result in results:
+            progress.update()
             if isinstance(result, Exception):
                 failed[case_day] = [str(result), *getattr(result, "problems", [])]
                 log(f"predict: {case_day} failed: {result}")
@@ -113,7 +115,7 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
                 write_nifti(nifti / f"{case_day}.nii.gz", labels, volume.spacing)
                 write_nifti(nifti / f"{case_day}_scan.nii.gz", volume.image, volume.spacing)
             written.append(case_day)
-            log(f"predict: {i + 1}/{len(case_days)} {case_day} ({len(volume.slice_ids)} slices)")
+        progress.close()
     for case_day, msgs in failed.items():
         for msg in msgs:
             log(f"predict: problem in {case_day}: {msg}")

@@ -25,7 +25,7 @@ from gitseg.data.cache import Cache, split_summary
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
 from gitseg.metrics import ScoreSums, dice_per_slice
-from gitseg.progress import say
+from gitseg.progress import note, say
 from gitseg.records import (
     ENSEMBLE_MANIFEST,
     EVALUATION,
@@ -120,7 +120,7 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
                "both-empty rows skipped) + 0.6 x (1 - Hausdorff) (per case-day and class, unit-cube "
                "coordinates divided by sqrt(3)).")
 
-    log("report: data")
+    note("report: data")
     rep.section("Data")
     rep.text(f"Cache {cache.root.resolve()} ({cache.size} px network input), source {cache.manifest['source']}, "
              f"{cache.manifest['folds']} folds grouped by case; holdout cases are used by the ensemble's final "
@@ -128,7 +128,7 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
     rep.table("data_splits", split_summary(cache.manifest), "Case-days, slices, image sizes, empty-slice fraction "
               "and the fraction of slices showing each organ, per split")
 
-    log("report: search")
+    note("report: search")
     rows = search.leaderboard
     rep.section("Search")
     settings = search.settings
@@ -154,7 +154,7 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
 
     refit_path = run_dir / REFIT_RECORD
     if refit_path.is_file():
-        log("report: cross-validation")
+        note("report: cross-validation")
         refit = records.load(RefitRecord, refit_path)
         rep.section("Cross-validation of the refit configurations")
         oof = {c["name"]: c["oof_score"] for c in manifest.selection.configurations} if manifest else {}
@@ -196,7 +196,7 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
 
 
 def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Path, cache: Cache, log) -> None:
-    log("report: ensemble")
+    note("report: ensemble")
     rep.section("Ensemble")
     sel = manifest.selection
     rep.text(f"Selection: {sel.method}: {sel.why}. TTA: {manifest.tta}.")
@@ -222,9 +222,10 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     rep.text(f"{len(holdout.case_days)} holdout case-days from {len(cases)} "
              f"cases, never used for training, selection or tuning. Best single fold model: "
              f"{holdout.best_single_fold_model}; best single configuration: {holdout.best_single_configuration}.")
-    rep.table("ablation", [{k: r[k] for k in ("variant", "detail", "members", "tta", "score", "dice", "hausdorff",
-                                              "gain")} for r in holdout.ablation],
-              "Ablation on the holdout (gain: over the row above)")
+    rep.table("ablation", [{k: r.get(k, "") for k in ("variant", "detail", "members", "tta", "score", "dice",
+                                                      "hausdorff", "gain", "gain_over")} for r in holdout.ablation],
+              "Ablation on the holdout (gain: over the variant in gain_over). What the ensemble adds is its "
+              "final row against the best single fold model with TTA and post-processing tuned the same way")
     evaluation = records.load(Evaluation, ensemble_dir / EVALUATION)
     final_rows = evaluation.rows[holdout.ablation[-1]["variant"]]
     rep.table("holdout_per_class", holdout.per_class, "Per class: competition terms, 3D Dice, HD95 and ASSD in mm "

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
-from gitseg.progress import counter
+from gitseg.progress import captured, counter, error, say
 
 
 def cmd_synth(args) -> None:
@@ -18,7 +20,7 @@ def cmd_synth(args) -> None:
     summary = write_dataset(args.out, cases=args.cases, days=args.days, slices=args.slices, size=args.size,
                             seed=args.seed, test_cases=args.test_cases, workers=args.workers,
                             overwrite=args.overwrite, progress=counter("synth: case-days"))
-    print(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
+    say(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
           f"case-days ({summary['train_slices']} labelled slices; sizes {', '.join(summary['sizes'])}) to {args.out}")
 
 
@@ -29,8 +31,8 @@ def cmd_prepare(args) -> None:
     manifest = prepare(args.data, args.out, size=args.size, folds=args.folds, holdout=args.holdout,
                        seed=args.seed, skip_bad=args.skip_bad, workers=args.workers,
                        progress=counter("prepare: case-days"))
-    print(format_table(split_summary(manifest)))
-    print(f"prepare: cache ready in {args.out}")
+    say(format_table(split_summary(manifest)))
+    say(f"prepare: cache ready in {args.out}")
 
 
 def cmd_summary(args) -> None:
@@ -74,10 +76,10 @@ def cmd_ensemble(args) -> None:
                               cache_dir=args.cache)
     holdout = manifest.scores.holdout
     if holdout:
-        print(format_table([{k: r[k] for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain")}
-                            for r in holdout.ablation], floats="{:.4f}"))
-        print(format_table(holdout.per_class, floats="{:.4f}"))
-        print(f"ensemble: holdout score {holdout.score:.4f} on {len(holdout.case_days)} case-days "
+        say(format_table([{k: r[k] for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain")}
+                          for r in holdout.ablation], floats="{:.4f}"))
+        say(format_table(holdout.per_class, floats="{:.4f}"))
+        say(f"ensemble: holdout score {holdout.score:.4f} on {len(holdout.case_days)} case-days "
               f"(kaggle convention)")
 
 
@@ -87,8 +89,8 @@ def cmd_predict(args) -> int:
     result = predict_tree(args.ensemble, args.data, args.out, nifti=args.nifti, split=args.split,
                           device=args.device, ray_address=args.ray)
     if result["failed"]:
-        print(f"gitseg predict: {len(result['failed'])} case-day(s) failed (listed above); the others are in "
-              f"{result['submission']}", file=sys.stderr)
+        error(f"gitseg predict: {len(result['failed'])} case-day(s) failed (listed above); the others are in "
+              f"{result['submission']}")
         return 1
     return 0
 
@@ -102,7 +104,23 @@ def cmd_report(args) -> None:
 def cmd_demo(args) -> None:
     from gitseg.demo import run_demo
 
-    run_demo(out=args.out, trials=args.trials, epochs=args.epochs)
+    run_demo(out=args.out, config=args.config, trials=args.trials, epochs=args.epochs)
+
+
+def log_file(args) -> Path | None:
+    """Where a command's Ray, Tune and worker output goes: a file in its run folder. None (the
+    terminal) with --verbose, and for the commands that print only their own lines."""
+    if getattr(args, "verbose", True):
+        return None
+    if args.command == "search":
+        from search.settings import load_search_config
+
+        settings = load_search_config(args.config, args.set)
+        if "://" in settings.storage_path:  # an object store: the log stays on this machine
+            return Path(f"{settings.name}-search.log").resolve()
+        return Path(settings.storage_path, settings.name, "search.log").resolve()
+    folder = getattr(args, {"ensemble": "run", "report": "run", "predict": "out", "demo": "out"}[args.command])
+    return Path(folder, f"{args.command}.log").resolve()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="distributed search (Ray Tune + Optuna + ASHA), then refit over folds")
     p.add_argument("--config", required=True, help="search config YAML (see configs/search_demo.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a search setting")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ensemble", help="select refit models, tune thresholds/post-processing on OOF, "
@@ -157,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="topk", choices=("topk", "greedy"),
                    help="topk: the best configurations by OOF score; greedy: forward selection (Caruana)")
     p.add_argument("--cache", default=None, help="prepared cache (default: the search's data.cache)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("predict", help="predict a UWMGI tree: submission.csv and optional NIfTI masks")
@@ -168,38 +190,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="spread volumes over a Ray cluster: auto (the running cluster), an address, or local")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="static HTML/Markdown/CSV report of a search and its ensemble")
     p.add_argument("--run", required=True, help="search folder: <storage_path>/<name>")
     p.add_argument("--ensemble", default=None, help="ensemble folder (default RUN/ensemble when present)")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data: synth, prepare, search, refit, "
                                     "ensemble, report")
     p.add_argument("--out", default="runs/demo", help="folder for everything (default runs/demo)")
+    p.add_argument("--config", default="configs/search_demo.yaml", help="search config (default %(default)s)")
     p.add_argument("--trials", type=int, default=None, help="search trials (default: configs/search_demo.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: configs/demo.yaml)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def run_handled(command: str, action) -> int:
-    """Run `action`; input and configuration errors become one line on stderr and exit code 2."""
+    """Run `action`; input and configuration errors become one line on stderr and exit code 2. Any
+    other failure prints its whole traceback to the terminal (even while output is captured), and
+    exit code 1."""
     from gitseg.data.uwmgi import DataFormatError
 
     try:
         code = action()
     except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as exc:
-        print(f"gitseg {command}: error: {exc}", file=sys.stderr)
+        error(f"gitseg {command}: error: {exc}")
         return 2
+    except Exception as exc:
+        error(traceback.format_exc().rstrip())
+        error(f"gitseg {command}: failed: {type(exc).__name__}: {exc}")
+        return 1
     return code if isinstance(code, int) else 0  # handlers may return an exit code; other values are results
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_handled(args.command, lambda: args.func(args))
+    try:
+        log = log_file(args)
+    except (FileNotFoundError, ValueError) as exc:  # a search config that cannot be read
+        error(f"gitseg {args.command}: error: {exc}")
+        return 2
+    with captured(log) as capture:
+        code = run_handled(args.command, lambda: args.func(args))
+    if capture:
+        (say if code == 0 else error)(f"{args.command}: Ray's, Tune's and the workers' output is in {capture.path} "
+                                      f"(--verbose prints it here)")
+    return code
 
 
 if __name__ == "__main__":

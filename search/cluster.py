@@ -5,24 +5,26 @@ from __future__ import annotations
 import functools
 import os
 
-from gitseg.progress import say
+from gitseg.progress import note
 from search.settings import SearchConfig
 
 # The trial driver only waits for its Train run; Ray needs it to reserve something, so a sliver.
 TRIAL_DRIVER_CPU = 0.01
 
 
-def init_ray(settings: SearchConfig, log=say) -> None:
-    """Join the cluster named by RAY_ADDRESS (ray job submit, ray submit), or start a local instance."""
+def init_ray(settings: SearchConfig) -> bool:
+    """Join the cluster named by RAY_ADDRESS (ray job submit, ray submit), or start a local instance.
+    Returns whether this call connected (False: Ray was initialised already)."""
     import ray  # heavy: starts nothing, but loads Ray's whole client
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
         ray.init(num_cpus=settings.num_cpus, log_to_driver=True)
-    log(f"search: Ray resources {ray.cluster_resources()}")
+    note(f"search: Ray resources {ray.cluster_resources()}")
+    return True
 
 
 def trial_resources(settings: SearchConfig) -> dict:

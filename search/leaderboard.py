@@ -45,7 +45,7 @@ def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
         if metrics.get("checkpoint_path"):
             row.checkpoint = f"{metrics['checkpoint_path']}/best.pt"
         if result.error is not None:
-            row.error = str(result.error).strip().splitlines()[-1][:300]
+            row.error = error_line(result.error)
         elif row.epochs_run >= epochs_planned:
             row.status = "finished"
         else:
@@ -53,6 +53,12 @@ def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
         rows.append(row)
     rows.sort(key=lambda r: (-r.best_score if not math.isnan(r.best_score) else math.inf))
     return rows
+
+
+def error_line(error) -> str:
+    """The last line of a trial's error: for a training failure, the exception and its message."""
+    lines = str(error or "").strip().splitlines()
+    return lines[-1][:300] if lines else "(no error text)"
 
 
 def trial_history(fs, checkpoint_path: str | None, scored) -> list[dict]:

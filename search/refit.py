@@ -11,6 +11,8 @@ from gitseg.oof import OOF_FOLDER
 from gitseg.progress import say
 from gitseg.records import REFIT_RECORD, RefitModel, RefitRecord, TrialRow, to_json
 from search.cluster import concurrent_trials, trainable
+from search.leaderboard import error_line
+from search.progress import tune_progress
 from search.settings import SearchConfig
 from search.storage import experiment_root, filesystem, write_text
 from search.trial import refit_trial
@@ -49,7 +51,7 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
             param_space={"job": ray.tune.grid_search(jobs)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(settings)),
             run_config=ray.tune.RunConfig(name=REFIT_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
-                                          verbose=1),
+                                          verbose=1, callbacks=[tune_progress("refit", len(jobs))]),
         )
     results = tuner.fit()
     refits = []
@@ -59,7 +61,7 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
         done = metrics.get("stage") == "oof"
         entry = RefitModel(rank=job["rank"], trial_id=job["trial_id"], fold=job["fold"], values=job["values"],
                            score=metrics.get("score"), best_epoch=metrics["epoch"] + 1 if done else None,
-                           error=None if result.error is None else str(result.error).strip().splitlines()[-1][:300])
+                           error=None if result.error is None else error_line(result.error))
         if done and metrics.get("checkpoint_path"):
             entry.checkpoint = f"{metrics['checkpoint_path']}/best.pt"
             entry.oof = f"{metrics['checkpoint_path']}/{OOF_FOLDER}"

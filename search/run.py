@@ -23,6 +23,7 @@ from gitseg.records import SEARCH_RECORD, SearchRecord, TrialRow, to_json
 from gitseg.train import check_config
 from search.cluster import concurrent_trials, init_ray, trainable
 from search.leaderboard import format_leaderboard, leaderboard, leaderboard_csv
+from search.progress import tune_progress
 from search.refit import run_refit
 from search.settings import SearchConfig
 from search.space import DefineByRun, base_values, check_space, encode, max_epochs, parse_space
@@ -58,14 +59,27 @@ def check_search(settings: SearchConfig, log=say):
     return base, params, points, cache
 
 
-def run_search(settings: SearchConfig, log=say) -> list[TrialRow]:
-    """Run (or resume) the search and its refit; returns the leaderboard rows."""
+def run_search(settings: SearchConfig, log=say, callbacks: list | None = None) -> list[TrialRow]:
+    """Run (or resume) the search and its refit; returns the leaderboard rows. `callbacks`: more Tune
+    callbacks for the search (a resumed search keeps those it started with: Tune stores them)."""
+    base, params, points, cache = check_search(settings, log)
+    progress = tune_progress("search", settings.num_samples, settings.metric)
+    connected = init_ray(settings)
+    try:
+        return _search_and_refit(settings, base, params, points, cache, log, [progress, *(callbacks or [])])
+    finally:
+        if connected:  # and not later: the workers' last lines then reach a captured log, not the terminal
+            import ray  # heavy
+
+            ray.shutdown()
+
+
+def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache: Cache, log,
+                      callbacks: list) -> list[TrialRow]:
     import ray.tune  # heavy: Ray's Tune, schedulers and the Optuna bridge
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    base, params, points, cache = check_search(settings, log)
-    init_ray(settings, log)
     root = experiment_root(settings.storage_path, settings.name)
     fn = trainable(search_trial, params=params, base=base, storage_path=f"{root}/train_runs",
                    workers=settings.workers, max_failures=settings.max_failures)
@@ -90,7 +104,8 @@ def run_search(settings: SearchConfig, log=say) -> list[TrialRow]:
                                             scheduler=scheduler, num_samples=settings.num_samples,
                                             max_concurrent_trials=concurrent_trials(settings)),
             run_config=ray.tune.RunConfig(name=SEARCH_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
-                                          verbose=1, failure_config=ray.tune.FailureConfig(max_failures=0)),
+                                          verbose=1, failure_config=ray.tune.FailureConfig(max_failures=0),
+                                          callbacks=callbacks),
         )
     results = tuner.fit()
     rows = leaderboard(results, params, base, fs)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -25,3 +26,45 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_console_script_module_runs():
     out = subprocess.run([sys.executable, "-m", "gitseg", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "synth" in out.stdout and "prepare" in out.stdout
+
+
+def test_a_failing_stage_shows_its_whole_error_while_the_noise_goes_to_the_log(tmp_path, capfd, monkeypatch):
+    # What a stage's libraries print (Python, C code, child processes alike) goes to the run's log
+    # file; the failure's traceback still reaches the terminal, and the log keeps it too.
+    def broken_stage(*args, **kwargs):
+        print("a worker's metrics dict")
+        os.write(2, b"a C++ warning\n")
+        subprocess.run([sys.executable, "-c", "print('a child process line')"])
+        raise RuntimeError("the stage broke half-way")
+
+    monkeypatch.setattr("ensemble.build.build_ensemble", broken_stage)
+    assert main(["ensemble", "--run", str(tmp_path)]) == 1
+    out, err = capfd.readouterr()
+    assert "Traceback (most recent call last)" in err and "RuntimeError: the stage broke half-way" in err
+    assert "in broken_stage" in err  # the whole traceback, not only its last line
+    assert f"output is in {tmp_path / 'ensemble.log'}" in err
+    for noise in ("metrics dict", "C++ warning", "child process line"):
+        assert noise not in out + err
+    log = (tmp_path / "ensemble.log").read_text()
+    for line in ("a worker's metrics dict", "a C++ warning", "a child process line", "the stage broke half-way"):
+        assert line in log
+    # --verbose: the same output on the terminal, no log file.
+    assert main(["ensemble", "--run", str(tmp_path / "other"), "--verbose"]) == 1
+    out, err = capfd.readouterr()
+    assert "a worker's metrics dict" in out and "a C++ warning" in err and "the stage broke half-way" in err
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_search_that_fails_before_its_folder_exists_leaves_no_folder(tmp_path):
+    # Run as a user would: the error on the terminal, the log in the temporary folder, and no run
+    # folder made for a search that never started.
+    config = tmp_path / "search.yaml"
+    config.write_text(f"name: broken\nbase: {tmp_path / 'missing.yaml'}\nstorage_path: {tmp_path / 'storage'}\n")
+    done = subprocess.run([sys.executable, "-m", "gitseg", "search", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "gitseg search: error:" in done.stderr and "missing.yaml" in done.stderr
+    log = done.stderr.split("output is in ")[1].split(" (--verbose")[0]
+    assert "missing.yaml" in open(log).read()
+    os.remove(log)
+    assert not (tmp_path / "storage").exists()
