@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ensemble.evaluate import holdout_ablation, write_holdout_files
+from ensemble.evaluate import best_single_fold, holdout_ablation, write_holdout_files
 from ensemble.members import load_refit, oof_score, oof_volumes, select_greedy, select_topk
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
 from ensemble.postprocess import tune
@@ -25,7 +25,7 @@ from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
 from gitseg.infer import TTA_SETS
-from gitseg.progress import say
+from gitseg.progress import note, say
 from gitseg.records import ENSEMBLE_MANIFEST, MANIFEST_FORMAT, EnsembleManifest, EnsembleScores, Selection
 
 METHODS = ("topk", "greedy")
@@ -75,6 +75,10 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
     tune_start = time.perf_counter()
     post, steps = tune(oof_volumes(chosen, weights, cache), log=log)
     tune_seconds = time.perf_counter() - tune_start
+    # The same tuning for the best single fold model on its own OOF (its validation fold): the
+    # reference the ensemble must beat post-processed the same way.
+    single_conf, single_fold = best_single_fold(configs)
+    single_post, single_steps = tune(oof_volumes([single_conf], [1.0], cache, folds=[single_fold.fold]), log=note)
 
     # The folder is staged next to `out` and moved in only when complete.
     with staged_folder(out) as staging:
@@ -108,14 +112,18 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
                                                 for c in configs],
                                 problems=problems),
             scores=EnsembleScores(oof={"selected_at_0.5": oof_selected, "tuning_steps": steps,
-                                       "case_days": len(cache.case_days())}),
+                                       "case_days": len(cache.case_days()),
+                                       "best_single_fold_model": {
+                                           "model": f"{single_conf.name} fold {single_fold.fold}",
+                                           "postprocess": single_post.to_dict(), "tuning_steps": single_steps}}),
             timings={"tuning_s": tune_seconds},
         )
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
 
         # 4. Holdout: ablation from the best single model to the tuned ensemble.
         if cache.case_days(holdout=True):
-            holdout, evaluation = holdout_ablation(EnsembleModel.load(staging), cache, configs, tta, post, log)
+            holdout, evaluation = holdout_ablation(EnsembleModel.load(staging), cache, configs, tta, post, single_post,
+                                                   log)
             manifest.scores.holdout = holdout
             write_holdout_files(staging, holdout, evaluation)
         else:

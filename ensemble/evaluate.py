@@ -20,17 +20,29 @@ from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import write_text_atomic
 from gitseg.metrics import ScoreSums, assd_mm, class_scores, dice_3d, hd95_mm, sum_rows
-from gitseg.progress import say
+from gitseg.progress import bar, say
 from gitseg.records import EVALUATION, Evaluation, HoldoutScores
 from gitseg.tables import csv_text
 
+# (variant, what it is, the variant its gain is measured over: None for the first). The tuned single
+# fold model is the honest reference of the ensemble: both have TTA and post-processing tuned on
+# their own out-of-fold predictions (a fold model's are its validation fold's).
 ABLATION = (
-    ("best single fold model", "the fold model with the best validation score; no TTA, threshold 0.5"),
-    ("best single configuration", "its fold models averaged; no TTA, threshold 0.5"),
-    ("ensemble, no TTA", "selected configurations x folds; threshold 0.5"),
-    ("ensemble + TTA", "threshold 0.5"),
-    ("ensemble + TTA + tuned post-processing", "thresholds, component size, empty-slice rule from OOF"),
+    ("best single fold model", "the fold model with the best validation score; no TTA, threshold 0.5", None),
+    ("best single fold model + TTA + tuned post-processing",
+     "the same model; post-processing tuned on its own validation fold's OOF", "best single fold model"),
+    ("best single configuration", "its fold models averaged; no TTA, threshold 0.5", "best single fold model"),
+    ("ensemble, no TTA", "selected configurations x folds; threshold 0.5", "best single configuration"),
+    ("ensemble + TTA", "threshold 0.5", "ensemble, no TTA"),
+    ("ensemble + TTA + tuned post-processing", "thresholds, component size, empty-slice rule from OOF",
+     "ensemble + TTA"),
 )
+TUNED_SINGLE, FINAL = ABLATION[1][0], ABLATION[-1][0]
+
+
+def best_single_fold(configs: list[Configuration]):
+    """(configuration, fold model) of the refit fold model with the best validation score."""
+    return max(((c, f) for c in configs for f in c.folds.values()), key=lambda cf: cf[1].score)
 
 
 def scores_from_rows(rows: list[dict]) -> dict:
@@ -68,7 +80,8 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
             by_key[key(m)] = m
             if (source, m.weight) not in uses.setdefault((key(m), tta), []):
                 uses[(key(m), tta)].append((source, m.weight))
-    for i, case_day in enumerate(case_days):
+    progress = bar(len(case_days), "ensemble: holdout", unit="case-day")
+    for case_day in case_days:
         entry = cache.entries[case_day]
         inputs, out_size = {cache.size: cache.image(case_day)}, (entry["height"], entry["width"])
         gt = cache.original_masks(case_day)
@@ -89,7 +102,8 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
                                      "dice_3d": dice_3d(masks[c], gt[c]), "hd95_mm": hd95_mm(masks[c], gt[c], spacing),
                                      "assd_mm": assd_mm(masks[c], gt[c], spacing),
                                      "gt_voxels": int(gt[c].sum()), "pred_voxels": int(masks[c].sum())})
-        log(f"ensemble: holdout {i + 1}/{len(case_days)} {case_day}")
+        progress.update()
+    progress.close()
     return Evaluation(rows=rows, clinical=clinical)
 
 
@@ -107,34 +121,33 @@ def per_case_table(rows: list[dict]) -> list[dict]:
 
 
 def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configuration], tta: str,
-                     post: PostProcess, log=say) -> tuple[HoldoutScores, Evaluation]:
-    """Evaluate the ABLATION variants of `model` on the holdout; `configs` are every refit configuration."""
+                     post: PostProcess, single_post: PostProcess, log=say) -> tuple[HoldoutScores, Evaluation]:
+    """Evaluate the ABLATION variants of `model` on the holdout; `configs` are every refit configuration,
+    `single_post` the post-processing tuned on the best single fold model's own OOF."""
     holdout = cache.case_days(holdout=True)
     best_conf = max(configs, key=lambda c: c.cv_score)
-    best_fold = max(((c, f) for c in configs for f in c.folds.values()), key=lambda cf: cf[1].score)
+    best_fold = best_single_fold(configs)
 
     def reference(conf, fold_model):  # a model outside the selection, read in place
         return member_from_checkpoint(fold_model.checkpoint, str(fold_model.checkpoint.resolve()), 1.0, conf.name)
 
     plain = PostProcess()
-    variants = {
-        ABLATION[0][0]: ([reference(*best_fold)], "none", plain),
-        ABLATION[1][0]: ([reference(best_conf, fm) for fm in best_conf.folds.values()], "none", plain),
-        ABLATION[2][0]: (model.members, "none", plain),
-        ABLATION[3][0]: (model.members, tta, plain),
-        ABLATION[4][0]: (model.members, tta, post),
-    }
+    members = [[reference(*best_fold)], [reference(*best_fold)],
+               [reference(best_conf, fm) for fm in best_conf.folds.values()], model.members, model.members,
+               model.members]
+    settings = [("none", plain), (tta, single_post), ("none", plain), ("none", plain), (tta, plain), (tta, post)]
+    variants = {name: (m, t, p) for (name, _, _), m, (t, p) in zip(ABLATION, members, settings)}
     log(f"ensemble: evaluating {len(variants)} variants on {len(holdout)} holdout case-days")
     ev = evaluate_holdout(model, cache, variants, log)
     ablation = []
-    for (name, detail), (members_v, tta_v, _) in zip(ABLATION, variants.values()):
+    for (name, detail, over), (members_v, tta_v, _) in zip(ABLATION, variants.values()):
         s = scores_from_rows(ev.rows[name])
         ablation.append({"variant": name, "detail": detail, "members": len(members_v), "tta": tta_v,
-                         "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"]})
-    for i in range(1, len(ablation)):
-        ablation[i]["gain"] = ablation[i]["score"] - ablation[i - 1]["score"]
-    ablation[0]["gain"] = 0.0
-    final = scores_from_rows(ev.rows[ABLATION[-1][0]])
+                         "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"], "gain_over": over or ""})
+    score = {r["variant"]: r["score"] for r in ablation}
+    for row in ablation:
+        row["gain"] = row["score"] - score[row["gain_over"]] if row["gain_over"] else 0.0
+    final = scores_from_rows(ev.rows[FINAL])
     per_class = []
     for cls in CLASSES:
         clin = [r for r in ev.clinical if r["class"] == cls]

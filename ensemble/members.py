@@ -107,10 +107,11 @@ def oof_probs(configs: list[Configuration], weights: list[float], case_day: str,
     return total / float(sum(weights))
 
 
-def oof_volumes(configs, weights, cache: Cache) -> Callable:
-    """A loader for `postprocess.tune`: yields (OOF probabilities, ground truth) per case-day."""
+def oof_volumes(configs, weights, cache: Cache, folds: list[int] | None = None) -> Callable:
+    """A loader for `postprocess.tune`: yields (OOF probabilities, ground truth) per case-day of
+    `folds` (default: every fold)."""
     def load():
-        for case_day in cache.case_days():
+        for case_day in cache.case_days(folds=folds):
             yield oof_probs(configs, weights, case_day, cache), cache.original_masks(case_day)
     return load
 

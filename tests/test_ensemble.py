@@ -167,7 +167,11 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     holdout = on_disk.scores.holdout
     assert set(holdout.case_days) == set(Cache(train_cache).case_days(holdout=True))
     assert [r["variant"] for r in holdout.ablation][0] == "best single fold model"
-    assert len(holdout.ablation) == 5 and all(0 <= r["score"] <= 1 for r in holdout.ablation)
+    assert len(holdout.ablation) == 6 and all(0 <= r["score"] <= 1 for r in holdout.ablation)
+    tuned = holdout.ablation[1]  # the honest reference: TTA and post-processing tuned on its own OOF
+    assert tuned["gain_over"] == "best single fold model" and tuned["tta"] == manifest.tta
+    assert tuned["gain"] == pytest.approx(tuned["score"] - holdout.ablation[0]["score"])
+    assert manifest.scores.oof["best_single_fold_model"]["model"] == holdout.best_single_fold_model
     assert [r["class"] for r in holdout.per_class] == list(CLASSES)
     for name in ("ablation.csv", "holdout_per_class.csv", "holdout_per_case.csv", "evaluation.json"):
         assert (out / name).is_file()
@@ -244,23 +248,25 @@ def test_predict_reports_bad_files_and_keeps_the_rest(built, synth_copy, tmp_pat
     assert set(sub["id"].str.rsplit("_", n=2).str[0]) == {d.name for d in days}
 
 
-def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capsys):
+def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capfd):
     from gitseg.cli import main
 
     assert main(["ensemble", "--run", str(refit_run), "--topk", "1", "--method", "greedy",
                  "--out", str(tmp_path / "ens"), "--tta", "none"]) == 0
-    text = capsys.readouterr().out
+    # On the terminal: the results, and where the rest of the output went (the run's log file).
+    text = capfd.readouterr().out
     assert "best single fold model" in text and "holdout score" in text
+    assert f"output is in {refit_run / 'ensemble.log'}" in text and (refit_run / "ensemble.log").is_file()
     manifest = records.load(EnsembleManifest, tmp_path / "ens" / ENSEMBLE_MANIFEST)
     assert manifest.selection.method == "greedy" and manifest.tta == "none"
     assert main(["predict", "--ensemble", str(tmp_path / "ens"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p")]) == 0
     assert main(["ensemble", "--run", str(tmp_path), "--topk", "1"]) == 2
-    assert "refit.json" in capsys.readouterr().err
+    assert "refit.json" in capfd.readouterr().err
     # A folder that is not an ensemble: a clear error, and nothing is written.
     assert main(["predict", "--ensemble", str(tmp_path / "nope"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p2")]) == 2
-    assert "gitseg ensemble" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+    assert "gitseg ensemble" in capfd.readouterr().err and not (tmp_path / "p2").exists()
 
 
 @pytest.mark.slow
