@@ -1,10 +1,16 @@
-"""Shared fixtures: one tiny synthetic UWMGI tree and its cache per test session."""
+"""Shared fixtures: one tiny synthetic UWMGI tree and its cache per test session, and one small
+demo run on real local Ray whose search, refit, ensemble and report the slow tests read."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
@@ -51,3 +57,58 @@ def synth_copy(synth_root, tmp_path):
     root = tmp_path / "uwmgi"
     shutil.copytree(synth_root, root)
     return root
+
+
+# --- Ray runs -------------------------------------------------------------------------------------
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI; CI does not put .venv/bin on PATH
+
+
+def write_configs(tmp: Path, cache: Path, name: str, epochs: int, **settings) -> Path:
+    base = {"out": str(tmp / "unused"),
+            "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.0},
+            # smp's head init: 4 steps at lr 3e-3 already draw masks that score above 0 after one
+            # epoch, so ASHA has a difference to act on; from the 1% head prior they need more steps
+            # than these tests can afford (every trial would score 0, and ASHA does not stop ties)
+            "model": {"arch": "Unet", "encoder": "tu-test_resnet", "head_prior": None},
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 4, "lr": 0.003}}
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    search = {"name": name, "base": str(tmp / "base.yaml"), "storage_path": str(tmp / "storage"),
+              "num_cpus": 3, "seed": 0, "max_failures": 0,
+              "workers": {"num_workers": 2, "cpus_per_worker": 1},
+              "asha": {"grace_period": 1, "reduction_factor": 2},
+              "space": {"train.lr": {"loguniform": [1e-7, 1e30]}}, **settings}
+    path = tmp / "search.yaml"
+    path.write_text(yaml.safe_dump(search))
+    return path
+
+
+# `gitseg demo` as a user runs it, on a smaller embedded data set (4 cases x 2 days of 24 slices, 2
+# folds) and with a search that shows every outcome: the base configuration (learns, finishes),
+# lr 1e-7 (learns nothing: ASHA stops it at its first rung), lr 1e30 (diverges: the trial fails).
+DEMO_SCRIPT = """
+import sys
+import gitseg.demo
+from gitseg.cli import main
+gitseg.demo.DATA = dict(cases=4, days=2, slices=24, size=64, seed=0, test_cases=1)
+gitseg.demo.FOLDS = 2
+sys.exit(main(["demo", "--out", {out!r}, "--config", {config!r}]))
+"""
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """(demo folder, terminal stdout, terminal stderr) of one small `gitseg demo` on local Ray: the
+    slow tests that only read a search, its refit, ensemble or report share it."""
+    tmp = tmp_path_factory.mktemp("demo")
+    config = write_configs(tmp, tmp / "set-by-the-demo", "demo", epochs=3, num_samples=3,
+                           points=[{"train.lr": 1e-7}, {"train.lr": 1e30}], refit={"topk": 1})
+    out = tmp / "demo"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV)
+    done = subprocess.run([sys.executable, "-c", DEMO_SCRIPT.format(out=str(out), config=str(config))], env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    log = out / "demo.log"
+    assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-4000:]
+                                  + (log.read_text()[-6000:] if log.is_file() else ""))
+    return out, done.stdout, done.stderr

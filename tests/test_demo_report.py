@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
-from test_search_ray import ENV, RAY
 
 pytestmark = pytest.mark.slow
 SECTIONS = ("Data", "Search", "Cross-validation of the refit configurations", "Ensemble", "Holdout evaluation",
             "Overlays", "Reproducibility")
-SCRIPT = """
-from gitseg.demo import run_demo
-run_demo(out={out!r}, trials=2, epochs=1, folds=2, data=dict(cases=4, days=2, slices=24, size=64))
-"""
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV)
-    done = subprocess.run([sys.executable, "-c", SCRIPT.format(out=str(out))], env=ENV, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return out, done.stdout
+def demo(small_demo):
+    out, stdout, _ = small_demo
+    return out, stdout
 
 
 def test_shortened_demo_runs_every_stage(demo):
@@ -38,6 +27,22 @@ def test_shortened_demo_runs_every_stage(demo):
     assert 0 <= headline["holdout_score"] <= 1 and headline["holdout_case_days"] > 0
     assert "holdout score (kaggle convention" in stdout and str(run / "report" / "index.html") in stdout
     assert (run / "ensemble" / "ensemble.json").is_file()
+
+
+def test_the_console_reads_like_a_tool_and_the_rest_is_in_the_log(small_demo):
+    out, stdout, stderr = small_demo
+    terminal = stdout + stderr
+    # Stage lines, progress bars (carriage-return updates of one line each), the leaderboard, the
+    # failed trial's reason and the results; the demo itself prints about 45 lines at full size.
+    assert len(terminal.splitlines()) <= 60, terminal
+    assert len(re.findall(r"^\s*trial\s+status\s+score", stdout, re.M)) == 1, stdout  # the leaderboard, once
+    assert re.search(r"search: trial \w+ failed: .*loss is", terminal)
+    for noise in ("RayTrainWorker", "TrainController", "metrics={", "Trial status", "INFO", "WARNING"):
+        assert noise not in terminal, noise
+    log = out / "demo.log"
+    assert f"output is in {log}" in stdout
+    text = log.read_text()
+    assert "RayTrainWorker" in text and "fit: fold 0 epoch 1/3" in text and "Trial status" in text
 
 
 def test_report_has_every_section_and_no_network_reference(demo):

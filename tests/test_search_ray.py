@@ -1,50 +1,27 @@
 """The search on a real local Ray instance: Tune + Optuna + ASHA over 2-worker DDP trials on CPU.
 
-Each test runs the search as a user would, in its own process (`python -m search`), so a killed
-driver, a fresh resume and a Ray head started with `ray start --head` are all real.
+The search of the small demo (conftest.small_demo) is checked here; the kill test runs the search
+in its own processes, so a killed driver, a fresh resume and a Ray head started with `ray start
+--head` are all real.
 """
 
 import csv
 import json
-import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import ENV, RAY, write_configs
 
 from gitseg import records
 from gitseg.oof import oof_file
 from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI; CI does not put .venv/bin on PATH
-
-
-def write_configs(tmp: Path, cache: Path, name: str, epochs: int, **settings) -> Path:
-    base = {"out": str(tmp / "unused"),
-            "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.0},
-            # smp's head init: 4 steps at lr 3e-3 already draw masks that score above 0 after one
-            # epoch, so ASHA has a difference to act on; from the 1% head prior they need more steps
-            # than these tests can afford (every trial would score 0, and ASHA does not stop ties)
-            "model": {"arch": "Unet", "encoder": "tu-test_resnet", "head_prior": None},
-            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": 4, "lr": 0.003}}
-    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
-    search = {"name": name, "base": str(tmp / "base.yaml"), "storage_path": str(tmp / "storage"),
-              "num_cpus": 3, "seed": 0, "max_failures": 0,
-              "workers": {"num_workers": 2, "cpus_per_worker": 1},
-              "asha": {"grace_period": 1, "reduction_factor": 2},
-              "space": {"train.lr": {"loguniform": [1e-7, 1e30]}}, **settings}
-    path = tmp / "search.yaml"
-    path.write_text(yaml.safe_dump(search))
-    return path
 
 
 def run_search(config: Path, *extra, timeout=600) -> subprocess.CompletedProcess:
@@ -67,31 +44,28 @@ def trial_results(root: Path, experiment: str = "tune") -> dict[str, list[dict]]
     return out
 
 
-def test_search_asha_failure_and_refit(train_cache, tmp_path):
-    # Three configurations first: the base (learns), lr 1e-7 (learns nothing: ASHA stops it at
-    # its first rung) and lr 1e30 (diverges: the trial fails), then one TPE suggestion.
-    config = write_configs(tmp_path, train_cache, "e2e", epochs=3, num_samples=4,
-                           points=[{"train.lr": 1e-7}, {"train.lr": 1e30}], refit={"topk": 1, "folds": [0, 1]})
-    done = run_search(config)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    root = tmp_path / "storage" / "e2e"
+def test_search_asha_failure_and_refit(small_demo):
+    # Three configurations (conftest.small_demo): the base learns, lr 1e-7 learns nothing and ASHA
+    # stops it at its first rung, lr 1e30 diverges and the trial fails; then the refit of the best.
+    out, _, _ = small_demo
+    root = out / "search" / "demo"
     rows = leaderboard(root)
-    assert len(rows) == 4
+    assert len(rows) == 3
     status = [r["status"] for r in rows]
-    assert "finished" in status and "stopped early" in status and "failed" in status
+    assert sorted(status) == ["failed", "finished", "stopped early"], rows
     failed = next(r for r in rows if r["status"] == "failed")
     assert "train.lr=1e+30" in failed["config"] and "loss is" in failed["error"]
     best = rows[0]
     assert best["status"] == "finished" and float(best["best_score"]) > 0
     assert Path(best["checkpoint"]).is_file()
-    stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert all(int(r["epochs_run"]) < 3 for r in stopped)
+    stopped = next(r for r in rows if r["status"] == "stopped early")
+    assert "train.lr=1e-07" in stopped["config"] and int(stopped["epochs_run"]) < 3
 
     # Refit: one model and one set of out-of-fold probabilities per fold, holdout never used.
     from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
     from gitseg.data.cache import Cache
 
-    cache = Cache(train_cache)
+    cache = Cache(out / "cache")
     refit = records.load(RefitRecord, root / REFIT_RECORD)
     assert [(m.rank, m.fold) for m in refit.models] == [(0, 0), (0, 1)]
     for model in refit.models:
@@ -117,16 +91,10 @@ def test_search_asha_failure_and_refit(train_cache, tmp_path):
 
 
 def trained_epochs(root: Path) -> dict[str, int]:
-    """Epochs in each trial's latest *registered* Ray Train checkpoint. A checkpoint folder appears
-    before Ray Train records it in checkpoint_manager_snapshot.json; killed in between, the trial
-    rightly starts again without it, so the test waits for the record. (The snapshot is replaced
-    whole, search/storage.py: a half-written one would be a failure, not something to wait out.)"""
+    """Epochs in each trial's latest Ray Train checkpoint recorded in checkpoint_manager_snapshot.json."""
     out = {}
     for run in (root / "train_runs").glob("trial-*"):
-        try:
-            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-        except FileNotFoundError:
-            continue
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
         epochs = [r["metrics"]["epochs_done"] for r in snapshot.get("checkpoint_results", [])
                   if (run / r["checkpoint_dir_name"] / "metrics.jsonl").is_file()]
         if epochs:
@@ -141,90 +109,77 @@ def epoch_lines(root: Path, trial: str) -> list[str]:
     return (latest / "metrics.jsonl").read_text().splitlines()
 
 
-def interruption(epochs: dict[str, int], kill_at: str, root: Path):
-    """(finished trials, interrupted trial) once the search has reached `kill_at`, else None."""
-    if kill_at == "mid-trial" and 2 in epochs.values() and 1 in epochs.values():  # one done, the next mid-way
-        return {t for t, n in epochs.items() if n == 2}, next(t for t, n in epochs.items() if n == 1)
-    if kill_at == "after-last-epoch" and list(epochs.values()).count(2) == 2:
-        # The second trial's last checkpoint is recorded, but its Train run is still winding down
-        # (workers shut down, result on its way to Tune): restarted, it has nothing left to train.
-        snapshot = lambda t: root / "train_runs" / f"trial-{t}" / "checkpoint_manager_snapshot.json"
-        last = max(epochs, key=lambda t: snapshot(t).stat().st_mtime)
-        return {t for t in epochs if t != last}, last
-    return None
+# The search's driver, killed (SIGKILL, as a crashed or evicted head would be) by a Tune callback at
+# a chosen event rather than by a timer: the second trial's report of epoch `epochs`, once per marker
+# file. Tune stores its callbacks with the experiment, so the resumed search carries this one on:
+# the first run dies in the second trial's first epoch, the second run when that trial has reported
+# its last epoch (its checkpoint is recorded before Tune hears of it, and the trial has not finished),
+# the third run finishes.
+KILLED_SEARCH = """
+import os, signal, sys
+import ray.tune
+from search.run import run_search
+from search.settings import load_search_config
+
+class KillDriver(ray.tune.Callback):
+    def __init__(self, kills):
+        self.kills = kills
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        for epochs, marker in self.kills:
+            if trials.index(trial) == 1 and result["epochs_done"] == epochs and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+config, folder = sys.argv[1:]
+run_search(load_search_config(config), callbacks=[KillDriver([(1, folder + "/kill-1"), (2, folder + "/kill-2")])])
+"""
 
 
-@pytest.mark.parametrize("kill_at", ["mid-trial", "after-last-epoch"])
-def test_killed_driver_resumes_without_rerunning_finished_trials(train_cache, tmp_path, kill_at):
-    config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=3,
+def test_killed_driver_resumes_and_a_job_on_a_head_node_finishes_it(train_cache, tmp_path):
+    # Killed twice, resumed twice: the last resume is `ray job submit ... python -m search` on a Ray
+    # head started with `ray start --head`, as on a cluster (the search's storage is what it resumes
+    # from, whichever Ray instance runs the driver).
+    config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=2,
                            asha={"enabled": False}, space={"train.lr": {"loguniform": [1e-3, 5e-3]}},
                            refit={"topk": 0})
     root = tmp_path / "storage" / "resume"
-    log = open(tmp_path / "first-run.log", "w")
-    # Tune saves its experiment state every few seconds by default; at every step here, so that
-    # what it saved matches what the test saw when it killed the driver. It also means the kill
-    # often lands while that state is being written: before search/storage.py replaced files
-    # whole, that left a truncated experiment_state-*.json, and Tune silently started over.
-    proc = subprocess.Popen([sys.executable, "-m", "search", "--config", str(config)],
-                            env={**ENV, "TUNE_GLOBAL_CHECKPOINT_S": "0"},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            reached = interruption(trained_epochs(root), kill_at, root)
-            if reached:
-                finished, interrupted = reached
-                break
-            assert proc.poll() is None, ("the search ended before it could be interrupted:\n"
-                                         + (tmp_path / "first-run.log").read_text()[-3000:])
-            time.sleep(0.2)
-        else:
-            pytest.fail("the search did not reach its second trial in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies
-        proc.wait()
-        log.close()
-        # ...and what is left of its local Ray instance goes too. `ray stop` ends every Ray process
-        # on the machine: these tests must not run beside other Ray work.
+    script = tmp_path / "killed_search.py"
+    script.write_text(KILLED_SEARCH)
+
+    def search(run: int) -> subprocess.CompletedProcess:
+        # Tune saves its experiment state every few seconds by default; at every step here, so that
+        # what it saved is what it had seen when the driver died. It also means a kill can land while
+        # that state is being written: before search/storage.py replaced files whole, that left a
+        # truncated experiment_state-*.json, and Tune silently started over.
+        done = subprocess.run([sys.executable, str(script), str(config), str(tmp_path)],
+                              env={**ENV, "TUNE_GLOBAL_CHECKPOINT_S": "0"}, capture_output=True, text=True,
+                              timeout=600)
+        (tmp_path / f"run-{run}.log").write_text(done.stdout + done.stderr)  # kept for a failure's diagnosis
+        # What is left of the dead driver's local Ray instance goes too. `ray stop` ends every Ray
+        # process on the machine: these tests must not run beside other Ray work.
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
-    # (the interrupted trial's workers may finish an epoch before `ray stop` reaches them)
-    checkpoints = {t: sorted(p.name for p in (root / "train_runs" / f"trial-{t}").glob("checkpoint_*"))
-                   for t in finished}
+        return done
+
+    first = search(1)
+    assert first.returncode == -9, first.stdout[-3000:] + first.stderr[-3000:]
+    epochs = trained_epochs(root)
+    (finished,) = [t for t, n in epochs.items() if n == 2]
+    (interrupted,) = [t for t, n in epochs.items() if n == 1]
+    checkpoints = sorted(p.name for p in (root / "train_runs" / f"trial-{finished}").glob("checkpoint_*"))
     first_epoch = epoch_lines(root, interrupted)[0]
 
-    again = run_search(config)
-    (tmp_path / "second-run.log").write_text(again.stdout + again.stderr)  # kept for a failure's diagnosis
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "search: resuming" in again.stdout
-    # The interrupted trial continued from its checkpoint: its final metrics start with the very
-    # epoch-1 line written before the kill (a retrained epoch 1 would differ, in its timings at
-    # least). Checked on files: the workers' "fit: resuming" line reaches the driver's stdout only
-    # through Ray's log forwarding, which does not always deliver it before the driver exits.
+    second = search(2)
+    assert second.returncode == -9, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "search: resuming" in second.stdout
+    # The interrupted trial continued from its checkpoint: its metrics start with the very epoch-1
+    # line written before the kill (a retrained epoch 1 would differ, in its timings at least).
+    assert trained_epochs(root) == {finished: 2, interrupted: 2}
     assert epoch_lines(root, interrupted)[:1] == [first_epoch], "the interrupted trial restarted instead of resuming"
-    for trial in finished:  # not trained again: no new checkpoint, Tune kept its two results
-        run = root / "train_runs" / f"trial-{trial}"
-        assert sorted(p.name for p in run.glob("checkpoint_*")) == checkpoints[trial]
-        assert [r["epochs_done"] for r in trial_results(root)[trial]] == [1, 2]
-    rows = leaderboard(root)
-    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows), (
-        [{k: r[k] for k in ("trial_id", "status", "epochs_run", "error")} for r in rows],
-        f"first run: finished {sorted(finished)}, interrupted {interrupted}",
-        {p.parent.name: p.read_text()[-2000:] for p in (root / "tune").glob("*/error.txt")},
-        again.stdout[-3000:], again.stderr[-2000:])
-    assert all(n == 2 for n in trained_epochs(root).values())
-    # Tune's record of the restarted trial starts at its restart; the leaderboard still has the
-    # epoch trained before the kill, and ranks the trial by its best epoch of the two.
-    row = next(r for r in records.load(SearchRecord, root / SEARCH_RECORD).leaderboard if r.trial_id == interrupted)
-    trained = [json.loads(line) for line in epoch_lines(root, interrupted)]
-    assert [h["epoch"] for h in row.history] == [1, 2]
-    assert row.best_score == max(m["score"] for m in trained)
 
-
-def test_ray_job_submit_to_a_head_node(train_cache, tmp_path):
+    # Restarted after its last epoch, the trial has nothing left to train: it reports that epoch again.
     # Ray >= 2.59 requires token authentication on a started cluster: one token for head and client.
-    env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    config = write_configs(tmp_path, train_cache, "job", epochs=1, num_samples=1,
-                           space={"train.lr": {"loguniform": [1e-3, 5e-3]}}, refit={"topk": 0})
+    env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     start = subprocess.run([RAY, "start", "--head", "--num-cpus", "3", "--port", "6391",
                             "--dashboard-port", "8291", "--include-dashboard", "true", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=120)
@@ -233,9 +188,25 @@ def test_ray_job_submit_to_a_head_node(train_cache, tmp_path):
         job = subprocess.run([RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--",
                               sys.executable, "-m", "search", "--config", str(config)],
                              env=env, capture_output=True, text=True, timeout=400)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    rows = leaderboard(tmp_path / "storage" / "job")
-    assert len(rows) == 1 and rows[0]["status"] == "finished"
+    (tmp_path / "run-3.log").write_text(job.stdout + job.stderr)
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+    # The job's output is the command's own lines; Ray's, Tune's and the workers' are in the run's log.
+    assert "search: resuming" in job.stdout and "RayTrainWorker" not in job.stdout
+    assert "RayTrainWorker" in (root / "search.log").read_text()
+    run = root / "train_runs" / f"trial-{finished}"  # never trained again: no new checkpoint
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == checkpoints
+    assert [r["epochs_done"] for r in trial_results(root)[finished]] == [1, 2]
+    rows = leaderboard(root)
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), (
+        [{k: r[k] for k in ("trial_id", "status", "epochs_run", "error")} for r in rows],
+        {p.parent.name: p.read_text()[-2000:] for p in (root / "tune").glob("*/error.txt")},
+        job.stdout[-3000:], job.stderr[-2000:])
+    assert trained_epochs(root) == {finished: 2, interrupted: 2}
+    # Tune's record of the restarted trial starts at its restart; the leaderboard still has the
+    # epoch trained before the first kill, and ranks the trial by its best epoch of the two.
+    row = next(r for r in records.load(SearchRecord, root / SEARCH_RECORD).leaderboard if r.trial_id == interrupted)
+    trained = [json.loads(line) for line in epoch_lines(root, interrupted)]
+    assert [h["epoch"] for h in row.history] == [1, 2]
+    assert row.best_score == max(m["score"] for m in trained)
