@@ -33,7 +33,7 @@ def test_the_console_reads_like_a_tool_and_the_rest_is_in_the_log(small_demo):
     out, stdout, stderr = small_demo
     terminal = stdout + stderr
     # Stage lines, progress bars (carriage-return updates of one line each), the leaderboard, the
-    # failed trial's reason and the results; the demo itself prints about 45 lines at full size.
+    # failed trial's reason and the results; the demo itself prints 38 lines at full size.
     assert len(terminal.splitlines()) <= 60, terminal
     assert len(re.findall(r"^\s*trial\s+status\s+score", stdout, re.M)) == 1, stdout  # the leaderboard, once
     assert re.search(r"search: trial \w+ failed: .*loss is", terminal)
