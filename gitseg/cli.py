@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     with captured(log) as capture:
         code = run_handled(args.command, lambda: args.func(args))
     if capture:
-        (say if code == 0 else error)(f"{args.command}: Ray's, Tune's and the workers' output is in {capture.path} "
-                                      f"(--verbose prints it here)")
+        (say if code == 0 else error)(f"{args.command}: the rest of the output (Ray, Tune, the workers, warnings) "
+                                      f"is in {capture.path}; --verbose prints it here")
     return code
 
 

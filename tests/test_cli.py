@@ -42,7 +42,7 @@ def test_a_failing_stage_shows_its_whole_error_while_the_noise_goes_to_the_log(t
     out, err = capfd.readouterr()
     assert "Traceback (most recent call last)" in err and "RuntimeError: the stage broke half-way" in err
     assert "in broken_stage" in err  # the whole traceback, not only its last line
-    assert f"output is in {tmp_path / 'ensemble.log'}" in err
+    assert f"is in {tmp_path / 'ensemble.log'}; --verbose" in err
     for noise in ("metrics dict", "C++ warning", "child process line"):
         assert noise not in out + err
     log = (tmp_path / "ensemble.log").read_text()
@@ -64,7 +64,7 @@ def test_a_search_that_fails_before_its_folder_exists_leaves_no_folder(tmp_path)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "gitseg search: error:" in done.stderr and "missing.yaml" in done.stderr
-    log = done.stderr.split("output is in ")[1].split(" (--verbose")[0]
+    log = done.stderr.split("warnings) is in ")[1].split("; --verbose")[0]
     assert "missing.yaml" in open(log).read()
     os.remove(log)
     assert not (tmp_path / "storage").exists()

@@ -40,7 +40,7 @@ def test_the_console_reads_like_a_tool_and_the_rest_is_in_the_log(small_demo):
     for noise in ("RayTrainWorker", "TrainController", "metrics={", "Trial status", "INFO", "WARNING"):
         assert noise not in terminal, noise
     log = out / "demo.log"
-    assert f"output is in {log}" in stdout
+    assert f"is in {log}; --verbose" in stdout
     text = log.read_text()
     assert "RayTrainWorker" in text and "fit: fold 0 epoch 1/3" in text and "Trial status" in text
 

@@ -256,7 +256,7 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capfd):
     # On the terminal: the results, and where the rest of the output went (the run's log file).
     text = capfd.readouterr().out
     assert "best single fold model" in text and "holdout score" in text
-    assert f"output is in {refit_run / 'ensemble.log'}" in text and (refit_run / "ensemble.log").is_file()
+    assert f"is in {refit_run / 'ensemble.log'}; --verbose" in text and (refit_run / "ensemble.log").is_file()
     manifest = records.load(EnsembleManifest, tmp_path / "ens" / ENSEMBLE_MANIFEST)
     assert manifest.selection.method == "greedy" and manifest.tta == "none"
     assert main(["predict", "--ensemble", str(tmp_path / "ens"), "--data", str(synth_root),
