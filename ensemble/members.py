@@ -139,29 +139,32 @@ def select_topk(configs: list[Configuration], k: int) -> tuple[list[Configuratio
 
 
 def select_greedy(configs: list[Configuration], k: int, score_of: Callable) -> tuple[list, list[float], list[str]]:
-    """Caruana's forward selection with replacement: add the configuration that most raises the
-    OOF ensemble score, at most k additions, stop when no addition helps. Weights are the counts.
+    """Caruana's forward selection with replacement: k additions, each the configuration that gives
+    the best OOF ensemble score (even when that score is lower: a later addition may recover it),
+    then the best prefix of that path. Weights are the integer counts. Ties go to fewer additions,
+    and at each step to the configuration already in the ensemble, then to the better ranked one.
 
     `score_of(configs, weights)` scores a candidate ensemble (the OOF competition score).
     """
     if k < 1:
         raise ValueError(f"--topk must be at least 1 (got {k})")
-    counts: dict[str, int] = {}
     by_name = {c.name: c for c in configs}
-    best_score, log = -math.inf, []
+    counts: dict[str, int] = {}
+    path, log = [], []
     for step in range(k):
         trials = []
-        for conf in configs:
+        for order, conf in enumerate(configs):
             trial = dict(counts)
             trial[conf.name] = trial.get(conf.name, 0) + 1
             members = [by_name[n] for n in trial]
-            trials.append((score_of(members, [float(trial[n]) for n in trial]), conf.name, trial))
-        score, name, trial = max(trials, key=lambda t: t[0])
-        if score <= best_score:
-            log.append(f"step {step + 1}: no addition raises the OOF score ({best_score:.4f}); stop")
-            break
+            score = score_of(members, [float(trial[n]) for n in trial])
+            trials.append((score, conf.name in counts, -order, conf.name, trial))
+        score, _, _, name, counts = max(trials, key=lambda t: t[:3])
+        path.append((score, dict(counts)))
         log.append(f"step {step + 1}: add {name} -> OOF score {score:.4f} "
-                   f"(candidates: {', '.join(f'{n} {s:.4f}' for s, n, _ in trials)})")
-        counts, best_score = trial, score
+                   f"(candidates: {', '.join(f'{t[3]} {t[0]:.4f}' for t in trials)})")
+    best = max(range(len(path)), key=lambda i: (path[i][0], -i))  # the earliest of the best scores
+    score, counts = path[best]
+    log.append(f"kept the first {best + 1} of {len(path)} additions: OOF score {score:.4f}")
     chosen = [by_name[n] for n in counts]
     return chosen, [float(counts[c.name]) for c in chosen], log
