@@ -19,7 +19,7 @@ from pathlib import Path
 from ensemble.evaluate import best_single_fold, holdout_ablation, write_holdout_files
 from ensemble.members import load_refit, oof_score, oof_volumes, select_greedy, select_topk
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
-from ensemble.postprocess import tune
+from ensemble.postprocess import scores_with, tune
 from gitseg import __version__, records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
@@ -79,6 +79,11 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
     # reference the ensemble must beat post-processed the same way.
     single_conf, single_fold = best_single_fold(configs)
     single_post, single_steps = tune(oof_volumes([single_conf], [1.0], cache, folds=[single_fold.fold]), log=note)
+    best_conf = max(configs, key=lambda c: c.cv_score)
+    conf_post, conf_steps = tune(oof_volumes([best_conf], [1.0], cache), log=note)
+    # What tuning reached on the OOF data it was tuned on, per class: the holdout shows how much of
+    # it was the optimism of selecting and tuning on the same predictions.
+    oof_tuned = scores_with(oof_volumes(chosen, weights, cache), post)
 
     # The folder is staged next to `out` and moved in only when complete.
     with staged_folder(out) as staging:
@@ -113,9 +118,13 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
                                 problems=problems),
             scores=EnsembleScores(oof={"selected_at_0.5": oof_selected, "tuning_steps": steps,
                                        "case_days": len(cache.case_days()),
+                                       "tuned": oof_tuned,
                                        "best_single_fold_model": {
                                            "model": f"{single_conf.name} fold {single_fold.fold}",
-                                           "postprocess": single_post.to_dict(), "tuning_steps": single_steps}}),
+                                           "postprocess": single_post.to_dict(), "tuning_steps": single_steps},
+                                       "best_single_configuration": {
+                                           "model": best_conf.name, "postprocess": conf_post.to_dict(),
+                                           "tuning_steps": conf_steps}}),
             timings={"tuning_s": tune_seconds},
         )
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
@@ -123,7 +132,7 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
         # 4. Holdout: ablation from the best single model to the tuned ensemble.
         if cache.case_days(holdout=True):
             holdout, evaluation = holdout_ablation(EnsembleModel.load(staging), cache, configs, tta, post, single_post,
-                                                   log)
+                                                   conf_post, log)
             manifest.scores.holdout = holdout
             write_holdout_files(staging, holdout, evaluation)
         else:

@@ -32,12 +32,14 @@ ABLATION = (
     ("best single fold model + TTA + tuned post-processing",
      "the same model; post-processing tuned on its own validation fold's OOF", "best single fold model"),
     ("best single configuration", "its fold models averaged; no TTA, threshold 0.5", "best single fold model"),
+    ("best single configuration + TTA + tuned post-processing",
+     "the same models; post-processing tuned on its own OOF (every fold)", "best single configuration"),
     ("ensemble, no TTA", "selected configurations x folds; threshold 0.5", "best single configuration"),
     ("ensemble + TTA", "threshold 0.5", "ensemble, no TTA"),
     ("ensemble + TTA + tuned post-processing", "thresholds, component size, empty-slice rule from OOF",
      "ensemble + TTA"),
 )
-TUNED_SINGLE, FINAL = ABLATION[1][0], ABLATION[-1][0]
+TUNED_SINGLE, TUNED_CONFIGURATION, FINAL = ABLATION[1][0], ABLATION[3][0], ABLATION[-1][0]
 
 
 def best_single_fold(configs: list[Configuration]):
@@ -121,9 +123,11 @@ def per_case_table(rows: list[dict]) -> list[dict]:
 
 
 def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configuration], tta: str,
-                     post: PostProcess, single_post: PostProcess, log=say) -> tuple[HoldoutScores, Evaluation]:
+                     post: PostProcess, single_post: PostProcess, conf_post: PostProcess,
+                     log=say) -> tuple[HoldoutScores, Evaluation]:
     """Evaluate the ABLATION variants of `model` on the holdout; `configs` are every refit configuration,
-    `single_post` the post-processing tuned on the best single fold model's own OOF."""
+    `single_post` and `conf_post` the post-processing tuned on the OOF of the best single fold model
+    and of the best single configuration."""
     holdout = cache.case_days(holdout=True)
     best_conf = max(configs, key=lambda c: c.cv_score)
     best_fold = best_single_fold(configs)
@@ -132,10 +136,11 @@ def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configura
         return member_from_checkpoint(fold_model.checkpoint, str(fold_model.checkpoint.resolve()), 1.0, conf.name)
 
     plain = PostProcess()
-    members = [[reference(*best_fold)], [reference(*best_fold)],
-               [reference(best_conf, fm) for fm in best_conf.folds.values()], model.members, model.members,
-               model.members]
-    settings = [("none", plain), (tta, single_post), ("none", plain), ("none", plain), (tta, plain), (tta, post)]
+    single = [reference(*best_fold)]
+    configuration = [reference(best_conf, fm) for fm in best_conf.folds.values()]
+    members = [single, single, configuration, configuration, model.members, model.members, model.members]
+    settings = [("none", plain), (tta, single_post), ("none", plain), (tta, conf_post), ("none", plain), (tta, plain),
+                (tta, post)]
     variants = {name: (m, t, p) for (name, _, _), m, (t, p) in zip(ABLATION, members, settings)}
     log(f"ensemble: evaluating {len(variants)} variants on {len(holdout)} holdout case-days")
     ev = evaluate_holdout(model, cache, variants, log)

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from gitseg.data.uwmgi import CLASSES
-from gitseg.metrics import ScoreSums
+from gitseg.metrics import ScoreSums, class_scores, sum_rows
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
 MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
@@ -210,3 +210,11 @@ def _record(name, sums, before, after, scored, evaluated, values, kept) -> dict:
     pick = lambda idx: np.array([sums[c, k] for c, k in enumerate(idx)])  # noqa: E731
     return {"step": name, "values": values, "before": total_score(pick(before)), "after": total_score(pick(after)),
             "kept": kept, "masks_scored": scored, "candidates_evaluated": evaluated}
+
+
+def scores_with(load_volumes: Callable[[], Iterable], post: PostProcess) -> dict:
+    """Competition score, Dice and Hausdorff, overall and per class (`score/<class>` ...), of
+    `post` applied to every volume `load_volumes()` yields: what tuning reached on OOF data."""
+    rows = ((cls, ScoreSums.of_volume(masks[c], gt[c]))
+            for probs, gt in load_volumes() for masks in [apply(probs, post)] for c, cls in enumerate(CLASSES))
+    return class_scores(sum_rows(rows, CLASSES))

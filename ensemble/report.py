@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.evaluate import per_case_table
+from ensemble.evaluate import FINAL, TUNED_CONFIGURATION, TUNED_SINGLE, per_case_table
 from ensemble.figures import best_so_far, learning_curves, overlay, parameter_effects
 from ensemble.model import EnsembleModel
 from ensemble.postprocess import apply
@@ -224,8 +224,23 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
              f"{holdout.best_single_fold_model}; best single configuration: {holdout.best_single_configuration}.")
     rep.table("ablation", [{k: r.get(k, "") for k in ("variant", "detail", "members", "tta", "score", "dice",
                                                       "hausdorff", "gain", "gain_over")} for r in holdout.ablation],
-              "Ablation on the holdout (gain: over the variant in gain_over). What the ensemble adds is its "
-              "final row against the best single fold model with TTA and post-processing tuned the same way")
+              "Ablation on the holdout (gain: over the variant in gain_over)")
+    score = {r["variant"]: r["score"] for r in holdout.ablation}
+    if TUNED_CONFIGURATION in score:
+        rep.text(f"What the ensemble adds: {score[FINAL] - score[TUNED_CONFIGURATION]:+.4f}, the tuned ensemble "
+                 f"({score[FINAL]:.4f}) against the best single configuration with the same TTA and post-processing "
+                 f"tuned on its own out-of-fold predictions ({score[TUNED_CONFIGURATION]:.4f}); against the best "
+                 f"single fold model tuned the same way: {score[FINAL] - score[TUNED_SINGLE]:+.4f}.")
+    tuned = (manifest.scores.oof or {}).get("tuned")
+    if tuned:
+        final = {r["class"]: r for r in holdout.per_class}
+        rep.table("optimism", [{"class": cls, "oof_tuned_on": tuned[f"score/{cls}"], "holdout": final[cls]["score"],
+                                "holdout_minus_oof": final[cls]["score"] - tuned[f"score/{cls}"]}
+                               for cls in final] + [{"class": "all", "oof_tuned_on": tuned["score"],
+                                                     "holdout": holdout.score,
+                                                     "holdout_minus_oof": holdout.score - tuned["score"]}],
+                  "Optimism of selection and tuning: the ensemble's score on the out-of-fold predictions it was "
+                  "selected and tuned on, against the holdout")
     evaluation = records.load(Evaluation, ensemble_dir / EVALUATION)
     final_rows = evaluation.rows[holdout.ablation[-1]["variant"]]
     rep.table("holdout_per_class", holdout.per_class, "Per class: competition terms, 3D Dice, HD95 and ASSD in mm "

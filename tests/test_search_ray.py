@@ -1,12 +1,15 @@
-"""The search on a real local Ray instance: Tune + Optuna + ASHA over 2-worker DDP trials on CPU.
+"""Every test that starts Ray, in one file: they must not run beside other Ray work (`ray stop
+--force` stops every Ray process on the machine).
 
-The search of the small demo (conftest.small_demo) is checked here; the kill test runs the search
-in its own processes, so a killed driver, a fresh resume and a Ray head started with `ray start
---head` are all real.
+The search on a real local Ray instance: Tune + Optuna + ASHA over 2-worker DDP trials on CPU.
+The small demo (conftest.small_demo) gives the search, refit, ensemble, report and console that
+most tests here read; the kill test runs the search in its own processes, so a killed driver, a
+fresh resume and a Ray head started with `ray start --head` are all real.
 """
 
 import csv
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -22,6 +25,76 @@ from gitseg.oof import oof_file
 from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
 pytestmark = pytest.mark.slow
+SECTIONS = ("Data", "Search", "Cross-validation of the refit configurations", "Ensemble", "Holdout evaluation",
+            "Overlays", "Reproducibility")
+
+
+def test_shortened_demo_runs_every_stage(small_demo):
+    out, stdout, _ = small_demo
+    for stage in ("synth", "prepare", "search + refit", "ensemble", "report"):
+        assert f"demo: {stage} done" in stdout
+    run = out / "search" / "demo"
+    headline = json.loads((run / "demo.json").read_text())
+    assert 0 <= headline["holdout_score"] <= 1 and headline["holdout_case_days"] > 0
+    assert "holdout score (kaggle convention" in stdout and str(run / "report" / "index.html") in stdout
+    assert (run / "ensemble" / "ensemble.json").is_file()
+
+
+def test_the_console_reads_like_a_tool_and_the_rest_is_in_the_log(small_demo):
+    out, stdout, stderr = small_demo
+    terminal = stdout + stderr
+    # Stage lines, progress bars (carriage-return updates of one line each), the leaderboard, the
+    # failed trial's reason and the results; the demo itself prints 38 lines at full size.
+    assert len(terminal.splitlines()) <= 60, terminal
+    assert len(re.findall(r"^\s*trial\s+status\s+score", stdout, re.M)) == 1, stdout  # the leaderboard, once
+    assert re.search(r"search: trial \w+ failed: .*loss is", terminal)
+    for noise in ("RayTrainWorker", "TrainController", "metrics={", "Trial status", "INFO", "WARNING"):
+        assert noise not in terminal, noise
+    log = out / "demo.log"
+    assert f"is in {log}; --verbose" in stdout
+    text = log.read_text()
+    assert "RayTrainWorker" in text and "fit: fold 0 epoch 1/3" in text and "Trial status" in text
+
+
+def test_report_has_every_section_and_no_network_reference(small_demo):
+    out, _, _ = small_demo
+    report = out / "search" / "demo" / "report"
+    page = (report / "index.html").read_text()
+    for heading in SECTIONS:
+        assert f">{heading}</h2>" in page, heading
+    for table in ("Leaderboard", "Ablation on the holdout", "95% bootstrap intervals", "Per case-day, worst first",
+                  "Versions", "Timings", "Failed trials", "Post-processing tuned"):
+        assert table in page, table
+    assert "kaggle convention" in page
+    # Every src/href is a file in the report folder: nothing is fetched from a network.
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert refs and all(not re.match(r"^[a-z]+:|^//", r) for r in refs)
+    for ref in refs:
+        if not ref.startswith("#"):
+            assert (report / ref).is_file(), ref
+    assert not re.search(r"https?://|@import|<script", page)
+    for fig in ("learning_curves", "best_so_far", "parameter_effects", "overlay_worst", "overlay_best"):
+        assert (report / "figures" / f"{fig}.png").is_file(), fig
+    md = (report / "report.md").read_text()
+    assert all(f"## {heading}" in md for heading in SECTIONS)
+    assert (report / "tables" / "ablation.csv").is_file() and (report / "tables" / "leaderboard.csv").is_file()
+
+
+def test_predict_spread_over_ray_matches_in_process(small_demo, tmp_path):
+    import ray
+
+    from ensemble.predict import predict_tree
+
+    out, _, _ = small_demo
+    ensemble, data, quiet = out / "search" / "demo" / "ensemble", out / "data", dict(log=lambda *_: None)
+    local = predict_tree(ensemble, data, tmp_path / "local", nifti=tmp_path / "nii_local", **quiet)
+    try:
+        spread = predict_tree(ensemble, data, tmp_path / "ray", nifti=tmp_path / "nii_ray", ray_address="local",
+                              **quiet)
+    finally:
+        ray.shutdown()
+    assert local["written"] and spread["written"] == local["written"] and not spread["failed"]
+    assert (tmp_path / "ray" / "submission.csv").read_text() == (tmp_path / "local" / "submission.csv").read_text()
 
 
 def run_search(config: Path, *extra, timeout=600) -> subprocess.CompletedProcess:
