@@ -12,25 +12,27 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ensemble.postprocess import MIN_PIXELS, MIN_SIZES, THRESHOLDS, PostProcess, apply
+from ensemble.postprocess import CLASS_TOLERANCE, MIN_PIXELS, MIN_SIZES, THRESHOLDS, PostProcess, apply
 from gitseg.data.uwmgi import CLASSES
 from gitseg.metrics import competition_score
 
 
 def tune_naive(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES,
-               min_pixels=MIN_PIXELS) -> PostProcess:
+               min_pixels=MIN_PIXELS, class_tolerance=CLASS_TOLERANCE) -> PostProcess:
     """The benchmark baseline: the same search, every candidate scored from scratch with `apply`.
 
     Same coordinate ascent over classes, but each evaluation post-processes and scores all volumes
     and classes again. Kept only to check `tune` against (same optimum) and to time it.
     """
-    def score(post):
+    def scores(post):
         preds, gts = {}, {}
         for i, (probs, gt) in enumerate(load_volumes()):
             masks = apply(np.asarray(probs, dtype=np.float32), post)
             for c, cls in enumerate(CLASSES):
                 preds[(i, cls)], gts[(i, cls)] = masks[c], gt[c]
-        return competition_score(preds, gts)["score"]
+        return competition_score(preds, gts)
+
+    score = lambda post: scores(post)["score"]  # noqa: E731
 
     post = PostProcess()
     for name, grid in (("thresholds", thresholds), ("min_size", min_sizes), ("min_pixels", min_pixels)):
@@ -50,6 +52,8 @@ def tune_naive(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_
             if not changed:
                 break
         candidate = dataclasses.replace(post, **{name: values})
-        if name == "thresholds" or score(candidate) > start:
+        before, after = scores(post), scores(candidate)
+        if name == "thresholds" or (after["score"] > start and all(
+                after[f"score/{cls}"] >= before[f"score/{cls}"] - class_tolerance for cls in CLASSES)):
             post = candidate
     return post

@@ -26,6 +26,9 @@ from gitseg.metrics import ScoreSums, class_scores, sum_rows
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
 MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
 MIN_PIXELS = (0, 5, 10, 20, 40, 80, 160)         # predicted pixels below which a slice is emptied
+# A post-processing step may lower one class's OOF score by at most this much (nnU-Net keeps a step
+# only if no class gets worse; a small tolerance keeps rounding-level losses from vetoing a step).
+CLASS_TOLERANCE = 0.001
 # 26-connectivity: voxels touching at an edge or a corner are one component (thin bowel loops
 # cross slices diagonally).
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
@@ -139,8 +142,10 @@ def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.
 
 
 def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES, min_pixels=MIN_PIXELS,
-         log=print) -> tuple[PostProcess, list[dict]]:
+         log=print, class_tolerance: float = CLASS_TOLERANCE) -> tuple[PostProcess, list[dict]]:
     """Tune thresholds, then minimum component size, then the empty-slice rule, on out-of-fold data.
+    The last two steps are kept only if they raise the OOF score and lower no class's score by more
+    than `class_tolerance`.
 
     `load_volumes()` yields `(probs (3, D, H, W), gt bool (3, D, H, W))` pairs; it is called once per
     step so the volumes need not fit in memory together. Returns the parameters and one record per
@@ -175,7 +180,7 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
             yield removed, (lambda m=m: np.concatenate([[False], sizes >= m])[labels] if n else mask)
 
     sums, scored, evaluated = _stage_sums(load_volumes(), min_sizes, size_masks)
-    post.min_size = _keep_if_better(sums, min_sizes, steps, "min_size", scored, evaluated)
+    post.min_size = _keep_if_better(sums, min_sizes, steps, "min_size", scored, evaluated, class_tolerance)
     log(f"ensemble: minimum component size {post.min_size}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
         f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
 
@@ -187,18 +192,23 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
             yield emptied, (lambda p=p: empty_sparse_slices(mask, p))
 
     sums, scored, evaluated = _stage_sums(load_volumes(), min_pixels, pixel_masks)
-    post.min_pixels = _keep_if_better(sums, min_pixels, steps, "min_pixels", scored, evaluated)
+    post.min_pixels = _keep_if_better(sums, min_pixels, steps, "min_pixels", scored, evaluated, class_tolerance)
     log(f"ensemble: empty-slice minimum pixels {post.min_pixels}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
         f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
     return post, steps
 
 
-def _keep_if_better(sums, candidates, steps, name, scored, evaluated) -> list[int]:
+def _keep_if_better(sums, candidates, steps, name, scored, evaluated, class_tolerance) -> list[int]:
+    """nnU-Net's rule: keep the step if it raises the OOF score and lowers no class's score by more
+    than `class_tolerance`; otherwise every class goes back to candidate 0 (off)."""
     off = [candidates.index(0)] * len(CLASSES)  # candidate 0 (off) reproduces the previous step
     chosen = _choose(sums, off)
     values = [int(candidates[k]) for k in chosen]
     record = _record(name, sums, off, chosen, scored, evaluated, values, kept=False)
-    record["kept"] = record["after"] > record["before"]
+    record["class_before"] = [ScoreSums(*sums[c, k]).score for c, k in enumerate(off)]
+    record["class_after"] = [ScoreSums(*sums[c, k]).score for c, k in enumerate(chosen)]
+    record["kept"] = record["after"] > record["before"] and all(
+        a >= b - class_tolerance for a, b in zip(record["class_after"], record["class_before"]))
     if not record["kept"]:
         values = [0] * len(CLASSES)
         record["values"] = values

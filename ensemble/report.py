@@ -212,7 +212,8 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     rep.table("tuning_steps", [{"step": s["step"], "OOF before": s["before"], "OOF after": s["after"],
                                 "kept": s["kept"], "values": str(s["values"])}
                                for s in manifest.scores.oof["tuning_steps"]],
-              "Tuning steps (a step is kept only if it raises the OOF score)")
+              "Tuning steps (a step is kept only if it raises the OOF score and lowers no class's by more "
+              "than 0.001)")
     holdout = manifest.scores.holdout
     if not holdout:
         rep.text("No holdout evaluation (the cache has no holdout cases).")

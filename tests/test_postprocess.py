@@ -76,6 +76,27 @@ def test_post_processing_that_helps_is_kept():
     assert np.array_equal(masks, data[0][1])
 
 
+def test_a_step_is_kept_only_if_no_class_loses_more_than_the_tolerance():
+    # Specks far from the organs in classes 0 and 1 cost Hausdorff; class 2's truth has a real
+    # 4-voxel part that a minimum component size would delete. The step removes the specks, keeps
+    # class 2 at size 0, and is kept: no class loses (nnU-Net's rule, within CLASS_TOLERANCE).
+    data = []
+    for gt in organ_volumes():
+        gt = gt.copy()
+        gt[2, 0, 0:2, 0:2] = True
+        probs = gt.astype(np.float32) * 0.9
+        probs[:2, -1, -3:, -3:] = 0.8
+        data.append((probs, gt))
+    post, steps = tune(lambda: iter(data), min_sizes=(0, 10), min_pixels=(0,), **QUIET)
+    step = steps[1]
+    assert post.min_size == [10, 10, 0] and step["kept"] and step["after"] > step["before"]
+    assert all(a >= b for a, b in zip(step["class_after"], step["class_before"]))
+    # A tolerance below zero asks every class to gain at least that much: class 2 does not gain, so
+    # the same step, though it raises the total, is rejected and every class goes back to off.
+    post, steps = tune(lambda: iter(data), min_sizes=(0, 10), min_pixels=(0,), class_tolerance=-1e-6, **QUIET)
+    assert post.min_size == [0, 0, 0] and not steps[1]["kept"] and steps[1]["after"] > steps[1]["before"]
+
+
 def test_fast_search_matches_the_naive_search_and_reuses_masks():
     rng = np.random.default_rng(2)
     data = []
