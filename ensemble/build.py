@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ensemble.evaluate import best_single_fold, holdout_ablation, write_holdout_files
+from ensemble.evaluate import best_single_configuration, best_single_fold, holdout_ablation, write_holdout_files
 from ensemble.members import load_refit, oof_score, oof_volumes, select_greedy, select_topk
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
 from ensemble.postprocess import scores_with, tune
@@ -79,7 +79,7 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
     # reference the ensemble must beat post-processed the same way.
     single_conf, single_fold = best_single_fold(configs)
     single_post, single_steps = tune(oof_volumes([single_conf], [1.0], cache, folds=[single_fold.fold]), log=note)
-    best_conf = max(configs, key=lambda c: c.cv_score)
+    best_conf = best_single_configuration(configs)
     conf_post, conf_steps = tune(oof_volumes([best_conf], [1.0], cache), log=note)
     # What tuning reached on the OOF data it was tuned on, per class: the holdout shows how much of
     # it was the optimism of selecting and tuning on the same predictions.

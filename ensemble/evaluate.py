@@ -47,6 +47,11 @@ def best_single_fold(configs: list[Configuration]):
     return max(((c, f) for c in configs for f in c.folds.values()), key=lambda cf: cf[1].score)
 
 
+def best_single_configuration(configs: list[Configuration]) -> Configuration:
+    """The refit configuration with the best cross-validated (OOF) score."""
+    return max(configs, key=lambda c: c.cv_score)
+
+
 def scores_from_rows(rows: list[dict]) -> dict:
     """Score, Dice, Hausdorff overall and per class from per-(case-day, class) evaluation rows."""
     return class_scores(sum_rows(((r["class"], r["sums"]) for r in rows), CLASSES))
@@ -129,7 +134,7 @@ def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configura
     `single_post` and `conf_post` the post-processing tuned on the OOF of the best single fold model
     and of the best single configuration."""
     holdout = cache.case_days(holdout=True)
-    best_conf = max(configs, key=lambda c: c.cv_score)
+    best_conf = best_single_configuration(configs)
     best_fold = best_single_fold(configs)
 
     def reference(conf, fold_model):  # a model outside the selection, read in place

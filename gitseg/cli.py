@@ -76,8 +76,8 @@ def cmd_ensemble(args) -> None:
                               cache_dir=args.cache)
     holdout = manifest.scores.holdout
     if holdout:
-        say(format_table([{k: r[k] for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain")}
-                          for r in holdout.ablation], floats="{:.4f}"))
+        say(format_table([{k: r.get(k, "") for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain",
+                                                      "gain_over")} for r in holdout.ablation], floats="{:.4f}"))
         say(format_table(holdout.per_class, floats="{:.4f}"))
         say(f"ensemble: holdout score {holdout.score:.4f} on {len(holdout.case_days)} case-days "
               f"(kaggle convention)")
@@ -123,6 +123,11 @@ def log_file(args) -> Path | None:
     return Path(folder, f"{args.command}.log").resolve()
 
 
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="distributed search (Ray Tune + Optuna + ASHA), then refit over folds")
     p.add_argument("--config", required=True, help="search config YAML (see configs/search_demo.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a search setting")
-    p.add_argument("--verbose", action="store_true",
-                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
+    add_verbose(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ensemble", help="select refit models, tune thresholds/post-processing on OOF, "
@@ -177,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="topk", choices=("topk", "greedy"),
                    help="topk: the best configurations by OOF score; greedy: forward selection (Caruana)")
     p.add_argument("--cache", default=None, help="prepared cache (default: the search's data.cache)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
+    add_verbose(p)
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("predict", help="predict a UWMGI tree: submission.csv and optional NIfTI masks")
@@ -190,16 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="spread volumes over a Ray cluster: auto (the running cluster), an address, or local")
-    p.add_argument("--verbose", action="store_true",
-                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
+    add_verbose(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="static HTML/Markdown/CSV report of a search and its ensemble")
     p.add_argument("--run", required=True, help="search folder: <storage_path>/<name>")
     p.add_argument("--ensemble", default=None, help="ensemble folder (default RUN/ensemble when present)")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
+    add_verbose(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data: synth, prepare, search, refit, "
@@ -208,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/search_demo.yaml", help="search config (default %(default)s)")
     p.add_argument("--trials", type=int, default=None, help="search trials (default: configs/search_demo.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: configs/demo.yaml)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print Ray's, Tune's and the workers' output here instead of to the run's log file")
+    add_verbose(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
