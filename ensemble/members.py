@@ -38,6 +38,7 @@ class Configuration:
     values: dict              # the searched values of this configuration
     folds: dict[int, FoldModel]
     cv_score: float = math.nan  # competition score of its pooled OOF probabilities at threshold 0.5
+    tta: str | None = None      # the refit's TTA (its OOF also has "none"; gitseg.oof)
 
     @property
     def name(self) -> str:
@@ -75,7 +76,8 @@ def load_refit(run_dir) -> RefitRun:
     by_rank: dict[int, Configuration] = {}
     problems = []
     for entry in refit.models:
-        conf = by_rank.setdefault(entry.rank, Configuration(entry.rank, entry.trial_id, entry.values, {}))
+        conf = by_rank.setdefault(entry.rank, Configuration(entry.rank, entry.trial_id, entry.values, {},
+                                                            tta=refit.tta))
         if entry.error or not entry.checkpoint:
             problems.append(f"rank{entry.rank} fold {entry.fold}: refit failed ({entry.error})")
             continue
@@ -91,8 +93,10 @@ def load_refit(run_dir) -> RefitRun:
     return RefitRun(search, refit, configurations, problems)
 
 
-def oof_probs(configs: list[Configuration], weights: list[float], case_day: str, cache: Cache) -> np.ndarray:
-    """Weighted mean OOF probabilities float32 `(3, D, H, W)` of one non-holdout case-day."""
+def oof_probs(configs: list[Configuration], weights: list[float], case_day: str, cache: Cache,
+              tta: str | None = None) -> np.ndarray:
+    """Weighted mean OOF probabilities float32 `(3, D, H, W)` of one non-holdout case-day, with the
+    refit's TTA (`tta` None) or "none"."""
     entry = cache.entries[case_day]
     if entry["holdout"]:
         raise ValueError(f"{case_day} is a holdout case-day: it has no out-of-fold probabilities")
@@ -100,26 +104,26 @@ def oof_probs(configs: list[Configuration], weights: list[float], case_day: str,
     total = None
     for conf, weight in zip(configs, weights):
         try:
-            probs = load_oof(conf.folds[fold].oof, case_day) * weight
+            probs = load_oof(conf.folds[fold].oof, case_day, tta, conf.tta) * weight
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{conf.name} fold {fold}: {exc}") from None
         total = probs if total is None else total + probs
     return total / float(sum(weights))
 
 
-def oof_volumes(configs, weights, cache: Cache, folds: list[int] | None = None) -> Callable:
+def oof_volumes(configs, weights, cache: Cache, folds: list[int] | None = None, tta: str | None = None) -> Callable:
     """A loader for `postprocess.tune`: yields (OOF probabilities, ground truth) per case-day of
-    `folds` (default: every fold)."""
+    `folds` (default: every fold), with the refit's TTA (`tta` None) or "none"."""
     def load():
         for case_day in cache.case_days(folds=folds):
-            yield oof_probs(configs, weights, case_day, cache), cache.original_masks(case_day)
+            yield oof_probs(configs, weights, case_day, cache, tta), cache.original_masks(case_day)
     return load
 
 
-def oof_score(configs, weights, cache: Cache, threshold: float = 0.5) -> float:
+def oof_score(configs, weights, cache: Cache, threshold: float = 0.5, tta: str | None = None) -> float:
     """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
     rows = ((cls, ScoreSums.of_volume(probs[c] >= threshold, gt[c]))
-            for probs, gt in oof_volumes(configs, weights, cache)() for c, cls in enumerate(CLASSES))
+            for probs, gt in oof_volumes(configs, weights, cache, tta=tta)() for c, cls in enumerate(CLASSES))
     return class_scores(sum_rows(rows, CLASSES))["score"]
 
 

@@ -121,16 +121,16 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Mo
     return chosen
 
 
-def predict_windows(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor, views) -> torch.Tensor:
-    """Probabilities `(B, 3, S, S)` for windows `x` `(B, C, S, S)`: every TTA view in one forward per model."""
+def view_probs(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor, views) -> list[torch.Tensor]:
+    """Per TTA view, the models' weighted mean probabilities `(B, 3, S, S)`, mapped back by the view's
+    inverse; all views go through each model in one forward."""
     batch = torch.cat([view(x) for view, _ in views])  # (T*B, C, S, S)
     total = None
     for model, weight in zip(models, weights):
         logits, _ = split_outputs(model(batch))
-        probs = torch.sigmoid(logits.float()).chunk(len(views))
-        mean = sum(inverse(p) for (_, inverse), p in zip(views, probs)) / len(views)
-        total = weight * mean if total is None else total + weight * mean
-    return total / float(sum(weights))
+        probs = [weight * inverse(p) for (_, inverse), p in zip(views, torch.sigmoid(logits.float()).chunk(len(views)))]
+        total = probs if total is None else [t + p for t, p in zip(total, probs)]
+    return [t / float(sum(weights)) for t in total]
 
 
 @torch.inference_mode()
@@ -149,25 +149,42 @@ def predict_volume(models, volume: np.ndarray, channels: int, stride: int, out_s
     original image size (None keeps S x S). Models are used through `prepare_for_inference`
     (pass prepared models to skip that step when predicting many volumes).
     """
+    return predict_volume_sets(models, volume, channels, stride, (tta,), out_size, weights, batch_size, device, amp,
+                               channels_last)[tta]
+
+
+def predict_volume_sets(models, volume: np.ndarray, channels: int, stride: int, tta_sets=("none", "hflip"),
+                        out_size=None, weights=None, batch_size: int | None = None, device=None, amp: bool = True,
+                        channels_last: bool = True) -> dict[str, np.ndarray]:
+    """`predict_volume` for several TTA sets at once: {set: probabilities float16 `(3, D, H, W)`}.
+
+    Each view of the sets' union is computed once, so the refit's out-of-fold files with and
+    without TTA cost the forward passes of the larger set alone.
+    """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     weights = list(weights) if weights is not None else [1.0] * len(models)
     if len(weights) != len(models) or sum(weights) <= 0:
         raise ValueError("give one positive weight per model")
     device = torch.device(device) if device is not None else next(models[0].parameters()).device
     batch_size = batch_size or default_batch_size(device)
-    views = tta_views(tta)
+    for name in tta_sets:
+        tta_views(name)  # a clear error for an unknown set
+    names = list(dict.fromkeys(v for name in tta_sets for v in TTA_SETS[name]))  # the union, in order
+    views = [TRANSFORMS[v] for v in names]
     depth, size = volume.shape[0], volume.shape[-1]
     out_h, out_w = out_size if out_size is not None else volume.shape[1:]
     windows = torch.from_numpy(window_indices(depth, channels, stride)).to(device)
     slices = torch.from_numpy(np.asarray(volume, dtype=np.float32)).to(device)  # (D, S, S)
-    probs = np.empty((3, depth, out_h, out_w), dtype=np.float16)
+    probs = {name: np.empty((3, depth, out_h, out_w), dtype=np.float16) for name in tta_sets}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = [prepare_for_inference(m, channels_last) for m in models]
     with torch.inference_mode(), autocast(device, amp, cpu=True):
         for start in range(0, depth, batch_size):
             x = slices[windows[start:start + batch_size]].contiguous(memory_format=fmt)  # (B, C, S, S)
-            p = predict_windows(models, weights, x, views)  # (B, 3, S, S)
-            if (out_h, out_w) != (size, size):
-                p = F.interpolate(p, size=(out_h, out_w), mode="bilinear", align_corners=False)
-            probs[:, start:start + len(x)] = p.clamp_(0, 1).permute(1, 0, 2, 3).to(torch.float16).cpu().numpy()
+            per_view = dict(zip(names, view_probs(models, weights, x, views)))  # each (B, 3, S, S)
+            for name, out in probs.items():
+                p = sum(per_view[v] for v in TTA_SETS[name]) / len(TTA_SETS[name])
+                if (out_h, out_w) != (size, size):
+                    p = F.interpolate(p, size=(out_h, out_w), mode="bilinear", align_corners=False)
+                out[:, start:start + len(x)] = p.clamp_(0, 1).permute(1, 0, 2, 3).to(torch.float16).cpu().numpy()
     return probs
