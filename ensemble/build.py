@@ -2,10 +2,13 @@
 
 Order of decisions, each on data the next one never sees:
 1. cross-validated (OOF) score of every refit configuration;
-2. selection (top-k by that score, or greedy forward selection on the OOF ensemble);
-3. thresholds, minimum component size and the empty-slice rule, tuned on the selected
-   ensemble's OOF probabilities;
-4. the holdout cases, touched only here, for the final numbers and the ablation (ensemble/evaluate.py).
+2. the latency front: each fold model's inference time measured on this machine's device, and
+   the OOF score of candidate ensembles (ensemble/latency.py);
+3. selection (top-k by OOF score, greedy forward selection on the OOF ensemble, or the best
+   candidate of the front within --latency-budget);
+4. thresholds, minimum component size and the empty-slice rule, tuned on the selected
+   ensemble's OOF probabilities (and, for the ablation, on each reference model's own);
+5. the holdout cases, touched only here, for the final numbers and the ablation (ensemble/evaluate.py).
 """
 
 from __future__ import annotations
@@ -16,15 +19,37 @@ import shutil
 import time
 from pathlib import Path
 
-from ensemble.evaluate import best_single_configuration, best_single_fold, holdout_ablation, write_holdout_files
+from ensemble.evaluate import (
+    FINAL,
+    TUNED_CONFIGURATION,
+    TUNED_NO_TTA,
+    TUNED_SINGLE,
+    best_single_configuration,
+    best_single_fold,
+    holdout_ablation,
+    write_holdout_files,
+)
+from ensemble.latency import (
+    TIMED_SLICES,
+    Candidate,
+    candidate_scores,
+    candidates,
+    choose_under_budget,
+    configuration_sets,
+    device_name,
+    measure_members,
+    pareto_front,
+)
 from ensemble.members import load_refit, oof_score, oof_volumes, select_greedy, select_topk
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
 from ensemble.postprocess import scores_with, tune
 from gitseg import __version__, records
+from gitseg.checkpoint import default_device
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
 from gitseg.infer import TTA_SETS
+from gitseg.oof import NO_TTA, oof_tta_sets
 from gitseg.progress import note, say
 from gitseg.records import ENSEMBLE_MANIFEST, MANIFEST_FORMAT, EnsembleManifest, EnsembleScores, Selection
 
@@ -32,11 +57,17 @@ METHODS = ("topk", "greedy")
 
 
 def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, method: str = "topk",
-                   cache_dir=None, log=say) -> EnsembleManifest:
-    """Build the ensemble folder `out` (default `<run_dir>/ensemble`); returns its manifest."""
+                   cache_dir=None, latency_budget: float | None = None, log=say) -> EnsembleManifest:
+    """Build the ensemble folder `out` (default `<run_dir>/ensemble`); returns its manifest.
+
+    `latency_budget` (ms per slice on this machine's device) replaces `method`: the ensemble is
+    the best candidate of the latency front within the budget (ensemble/latency.py).
+    """
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
+    if latency_budget is not None and not latency_budget > 0:
+        raise ValueError(f"--latency-budget must be a positive number of ms per slice (got {latency_budget})")
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "ensemble"
     run = load_refit(run_dir)
@@ -45,11 +76,13 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
         log(f"ensemble: {p}")
     if not configs:
         raise ValueError(f"no refit configuration in {run_dir} has a model for every fold; see the problems above")
-    tta = tta or run.refit.tta
+    asked_tta, tta = tta, tta or run.refit.tta
     if tta not in TTA_SETS:
         raise ValueError(f"unknown TTA {tta!r}; choose one of {', '.join(TTA_SETS)}")
-    if tta != run.refit.tta:
-        log(f"ensemble: note: OOF probabilities were made with TTA {run.refit.tta!r}, the ensemble uses {tta!r}")
+    oof_ttas = oof_tta_sets(run.refit.tta)
+    if tta not in oof_ttas:
+        log(f"ensemble: note: OOF probabilities were made with TTA {run.refit.tta!r} (and without), the ensemble "
+            f"uses {tta!r}; its post-processing is tuned on the {run.refit.tta!r} ones")
     cache_dir = cache_dir or run.search.base["data"]["cache"]
     cache = Cache(cache_dir)
 
@@ -59,8 +92,28 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
         log(f"ensemble: {conf.name} ({conf.trial_id}) OOF score {conf.cv_score:.4f} over "
             f"{len(cache.case_days())} case-days")
 
-    # 2. Selection.
-    if method == "topk":
+    # 2. The latency front: every member timed, every candidate scored on OOF.
+    device = default_device()
+    sets = configuration_sets(configs)
+    timed = sorted({c.name: c for s in sets for c in s}.values(), key=lambda c: c.rank)
+    latency = measure_members(timed, list(dict.fromkeys([*oof_ttas, tta])), cache, device, log)
+    scored_ttas = [asked_tta] if latency_budget is not None and asked_tta in oof_ttas else list(oof_ttas)
+    cands = candidates(sets, candidate_scores(sets, scored_ttas, cache), latency)
+    front = pareto_front(cands)
+
+    # 3. Selection.
+    folds = {c.name: sorted(c.folds) for c in configs}
+    if latency_budget is not None:
+        pick = choose_under_budget(cands, latency_budget)
+        by_name = {c.name: c for c in configs}
+        chosen, weights, tta = [by_name[n] for n in pick.configurations], [1.0] * len(pick.configurations), pick.tta
+        folds = {c.name: sorted(c.folds)[: pick.folds] for c in chosen}
+        method = "latency-budget"
+        why = (f"the best candidate of the latency front within {latency_budget:g} ms per slice on "
+               f"{device_name(device)}: {pick.label()}, {pick.ms_per_slice:.2f} ms per slice")
+        selection_log = [f"front: {c.label()}: OOF {c.oof_score:.4f}, {c.ms_per_slice:.2f} ms per slice"
+                         for c in front]
+    elif method == "topk":
         chosen, weights, selection_log = select_topk(configs, topk)
         why = f"the {len(chosen)} configuration(s) with the best OOF score (--topk {topk})"
     else:
@@ -69,28 +122,38 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
                f"replacement; weights are how often each configuration was added")
     for line in selection_log:
         log(f"ensemble: {line}")
-    oof_selected = oof_score(chosen, weights, cache)
+    own_oof = tta if tta in oof_ttas else None  # the OOF the ensemble is tuned on (None: the refit's)
+    oof_selected = oof_score(chosen, weights, cache, tta=own_oof)
+    ms = {(r["configuration"], r["fold"], r["tta"]): r["ms_per_slice"] for r in latency}
+    ensemble_ms = sum(ms[(c.name, f, tta)] for c in chosen for f in folds[c.name])
+    log(f"ensemble: {sum(len(folds[c.name]) for c in chosen)} fold models, TTA {tta}: OOF score "
+        f"{oof_selected:.4f}, {ensemble_ms:.2f} ms per slice on {device_name(device)}")
 
-    # 3. Post-processing on the selected ensemble's OOF probabilities.
+    # 4. Post-processing, each variant of the holdout ablation tuned on its own OOF probabilities:
+    # the ensemble with and without TTA, the best single fold model on its validation fold, and
+    # the best single configuration.
     tune_start = time.perf_counter()
-    post, steps = tune(oof_volumes(chosen, weights, cache), log=log)
+    ens_tta = own_oof if tta != NO_TTA else run.refit.tta
+    post_tta, steps_tta = tune(oof_volumes(chosen, weights, cache, tta=ens_tta), log=log if tta != NO_TTA else note)
+    post_none, steps_none = tune(oof_volumes(chosen, weights, cache, tta=NO_TTA), log=log if tta == NO_TTA else note)
+    post, steps = (post_none, steps_none) if tta == NO_TTA else (post_tta, steps_tta)
     tune_seconds = time.perf_counter() - tune_start
-    # The same tuning for the best single fold model on its own OOF (its validation fold): the
-    # reference the ensemble must beat post-processed the same way.
     single_conf, single_fold = best_single_fold(configs)
     single_post, single_steps = tune(oof_volumes([single_conf], [1.0], cache, folds=[single_fold.fold]), log=note)
     best_conf = best_single_configuration(configs)
     conf_post, conf_steps = tune(oof_volumes([best_conf], [1.0], cache), log=note)
+    posts = {TUNED_SINGLE: single_post, TUNED_CONFIGURATION: conf_post, TUNED_NO_TTA: post_none, FINAL: post_tta}
     # What tuning reached on the OOF data it was tuned on, per class: the holdout shows how much of
     # it was the optimism of selecting and tuning on the same predictions.
-    oof_tuned = scores_with(oof_volumes(chosen, weights, cache), post)
+    oof_tuned = scores_with(oof_volumes(chosen, weights, cache, tta=own_oof), post)
 
     # The folder is staged next to `out` and moved in only when complete.
     with staged_folder(out) as staging:
         (staging / "models").mkdir()
         members = []
         for conf, weight in zip(chosen, weights):
-            for fold, fm in sorted(conf.folds.items()):
+            for fold in folds[conf.name]:
+                fm = conf.folds[fold]
                 file = f"models/{conf.name}_fold{fold}.pt"
                 shutil.copy2(fm.checkpoint, staging / file)
                 member = member_from_checkpoint(staging / file, file, weight, conf.name)
@@ -108,7 +171,7 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
             metric={"convention": "kaggle", "score": "0.4 * Dice + 0.6 * (1 - Hausdorff)",
                     "dice": "per (slice, class) row, both-empty rows skipped",
                     "hausdorff": "per (case-day, class) volume, unit-cube coordinates / sqrt(3), symmetric"},
-            selection=Selection(method=method, topk=topk, why=why, log=selection_log,
+            selection=Selection(method=method, topk=topk, why=why, log=selection_log, latency_budget=latency_budget,
                                 configurations=[{"name": c.name, "trial_id": c.trial_id, "values": c.values,
                                                  "oof_score": c.cv_score,
                                                  "fold_scores": {f: m.score for f, m in sorted(c.folds.items())},
@@ -124,15 +187,24 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
                                            "postprocess": single_post.to_dict(), "tuning_steps": single_steps},
                                        "best_single_configuration": {
                                            "model": best_conf.name, "postprocess": conf_post.to_dict(),
-                                           "tuning_steps": conf_steps}}),
+                                           "tuning_steps": conf_steps},
+                                       "ensemble_no_tta": {"postprocess": post_none.to_dict(),
+                                                           "tuning_steps": steps_none},
+                                       "ensemble_with_tta": {"tta": ens_tta or run.refit.tta,
+                                                             "postprocess": post_tta.to_dict(),
+                                                             "tuning_steps": steps_tta}}),
+            latency={"device": device_name(device), "timed_slices": TIMED_SLICES, "members": latency,
+                     "ensemble_ms_per_slice": ensemble_ms, "ensemble_oof_score": oof_selected,
+                     "budget_ms_per_slice": latency_budget,
+                     "candidates": [_candidate_row(c, c in front) for c in cands]},
             timings={"tuning_s": tune_seconds},
         )
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
 
         # 4. Holdout: ablation from the best single model to the tuned ensemble.
         if cache.case_days(holdout=True):
-            holdout, evaluation = holdout_ablation(EnsembleModel.load(staging), cache, configs, tta, post, single_post,
-                                                   conf_post, log)
+            holdout, evaluation = holdout_ablation(EnsembleModel.load(staging), cache, configs, run.refit.tta, posts,
+                                                   log)
             manifest.scores.holdout = holdout
             write_holdout_files(staging, holdout, evaluation)
         else:
@@ -143,3 +215,8 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
     log(f"ensemble: wrote {out} ({len(members)} models)")
     return manifest
+
+
+def _candidate_row(c: Candidate, on_front: bool) -> dict:
+    return {"configurations": list(c.configurations), "tta": c.tta, "folds": c.folds, "oof_score": c.oof_score,
+            "ms_per_slice": c.ms_per_slice, "on_front": on_front}

@@ -24,22 +24,32 @@ from gitseg.progress import bar, say
 from gitseg.records import EVALUATION, Evaluation, HoldoutScores
 from gitseg.tables import csv_text
 
-# (variant, what it is, the variant its gain is measured over: None for the first). The tuned single
-# fold model is the honest reference of the ensemble: both have TTA and post-processing tuned on
-# their own out-of-fold predictions (a fold model's are its validation fold's).
+# (variant, what it is, the variant its gain is measured over: the one row that differs by one step).
+# Every model is shown at threshold 0.5 and with post-processing tuned on its own out-of-fold
+# predictions (a fold model's are its validation fold's), so that what the ensemble adds (tuned
+# ensemble against tuned best configuration) is not what tuning adds. "+ TTA" rows use the
+# ensemble's TTA, or the refit's when the ensemble has none.
 ABLATION = (
-    ("best single fold model", "the fold model with the best validation score; no TTA, threshold 0.5", None),
+    ("best single fold model + TTA", "the fold model with the best validation score; threshold 0.5", None),
     ("best single fold model + TTA + tuned post-processing",
-     "the same model; post-processing tuned on its own validation fold's OOF", "best single fold model"),
-    ("best single configuration", "its fold models averaged; no TTA, threshold 0.5", "best single fold model"),
+     "the same model; post-processing tuned on its own validation fold's OOF", "best single fold model + TTA"),
+    ("best single configuration + TTA", "its fold models averaged; threshold 0.5", "best single fold model + TTA"),
     ("best single configuration + TTA + tuned post-processing",
-     "the same models; post-processing tuned on its own OOF (every fold)", "best single configuration"),
-    ("ensemble, no TTA", "selected configurations x folds; threshold 0.5", "best single configuration"),
+     "the same models; post-processing tuned on its own OOF (every fold)", "best single configuration + TTA"),
+    ("ensemble, no TTA", "selected configurations x folds; threshold 0.5", None),
+    ("ensemble, no TTA + tuned post-processing", "post-processing tuned on its own OOF without TTA",
+     "ensemble, no TTA"),
     ("ensemble + TTA", "threshold 0.5", "ensemble, no TTA"),
     ("ensemble + TTA + tuned post-processing", "thresholds, component size, empty-slice rule from OOF",
      "ensemble + TTA"),
 )
-TUNED_SINGLE, TUNED_CONFIGURATION, FINAL = ABLATION[1][0], ABLATION[3][0], ABLATION[-1][0]
+VARIANTS = [name for name, _, _ in ABLATION]
+(SINGLE, TUNED_SINGLE, CONFIGURATION, TUNED_CONFIGURATION, NO_TTA, TUNED_NO_TTA, WITH_TTA, FINAL) = VARIANTS
+
+
+def final_variant(tta: str) -> str:
+    """The ablation row that is the ensemble as built: with its TTA, post-processing tuned."""
+    return TUNED_NO_TTA if tta == "none" else FINAL
 
 
 def best_single_fold(configs: list[Configuration]):
@@ -114,6 +124,34 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
     return Evaluation(rows=rows, clinical=clinical)
 
 
+GAIN_RESAMPLES = 1000
+
+
+def paired_gain(rows: list[dict], reference: list[dict], n: int = GAIN_RESAMPLES, seed: int = 0) -> dict:
+    """Score of `rows` minus score of `reference` (two variants' per-volume rows on the same holdout)
+    with a 95% interval from a paired bootstrap over cases: each resample draws cases with
+    replacement and scores both variants on the same draw."""
+    cases = sorted({r["case"] for r in rows})
+    by_case = {}
+    for key, table in (("a", rows), ("b", reference)):
+        for r in table:
+            by_case.setdefault((key, r["case"], r["class"]), []).append(np.asarray(r["sums"], dtype=np.float64))
+    sums = {k: np.sum(v, axis=0) for k, v in by_case.items()}
+
+    def score(key, sample) -> float:
+        per_class = {cls: sum((sums.get((key, c, cls), np.zeros(4)) for c in sample), np.zeros(4)) for cls in CLASSES}
+        return class_scores({cls: ScoreSums(*v) for cls, v in per_class.items()})["score"]
+
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        sample = list(rng.choice(cases, size=len(cases), replace=True))
+        draws.append(score("a", sample) - score("b", sample))
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return {"gain": score("a", cases) - score("b", cases), "ci95": [float(lo), float(hi)], "cases": len(cases),
+            "resamples": n, "p_gain_not_positive": float(np.mean(np.asarray(draws) <= 0))}
+
+
 def per_case_table(rows: list[dict]) -> list[dict]:
     """Competition score per case-day (worst first)."""
     by_cd: dict[str, list] = {}
@@ -127,51 +165,53 @@ def per_case_table(rows: list[dict]) -> list[dict]:
     return sorted(table, key=lambda r: r["score"])
 
 
-def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configuration], tta: str,
-                     post: PostProcess, single_post: PostProcess, conf_post: PostProcess,
-                     log=say) -> tuple[HoldoutScores, Evaluation]:
+def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configuration], refit_tta: str,
+                     posts: dict[str, PostProcess], log=say) -> tuple[HoldoutScores, Evaluation]:
     """Evaluate the ABLATION variants of `model` on the holdout; `configs` are every refit configuration,
-    `single_post` and `conf_post` the post-processing tuned on the OOF of the best single fold model
-    and of the best single configuration."""
+    `posts` the post-processing of each tuned variant, tuned on that variant's own OOF."""
     holdout = cache.case_days(holdout=True)
     best_conf = best_single_configuration(configs)
     best_fold = best_single_fold(configs)
+    tta = model.tta if model.tta != "none" else refit_tta  # the "+ TTA" rows
 
     def reference(conf, fold_model):  # a model outside the selection, read in place
         return member_from_checkpoint(fold_model.checkpoint, str(fold_model.checkpoint.resolve()), 1.0, conf.name)
 
-    plain = PostProcess()
     single = [reference(*best_fold)]
     configuration = [reference(best_conf, fm) for fm in best_conf.folds.values()]
-    members = [single, single, configuration, configuration, model.members, model.members, model.members]
-    settings = [("none", plain), (tta, single_post), ("none", plain), (tta, conf_post), ("none", plain), (tta, plain),
-                (tta, post)]
-    variants = {name: (m, t, p) for (name, _, _), m, (t, p) in zip(ABLATION, members, settings)}
+    members = {SINGLE: single, TUNED_SINGLE: single, CONFIGURATION: configuration, TUNED_CONFIGURATION: configuration}
+    variants = {name: (members.get(name, model.members), "none" if name in (NO_TTA, TUNED_NO_TTA) else tta,
+                       posts.get(name, PostProcess())) for name in VARIANTS}
+    final = final_variant(model.tta)
+    variants[final] = variants.pop(final)  # evaluate_holdout gives the clinical figures to the last variant
     log(f"ensemble: evaluating {len(variants)} variants on {len(holdout)} holdout case-days")
     ev = evaluate_holdout(model, cache, variants, log)
     ablation = []
-    for (name, detail, over), (members_v, tta_v, _) in zip(ABLATION, variants.values()):
+    for name, detail, over in ABLATION:
+        members_v, tta_v, _ = variants[name]
         s = scores_from_rows(ev.rows[name])
         ablation.append({"variant": name, "detail": detail, "members": len(members_v), "tta": tta_v,
                          "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"], "gain_over": over or ""})
     score = {r["variant"]: r["score"] for r in ablation}
     for row in ablation:
         row["gain"] = row["score"] - score[row["gain_over"]] if row["gain_over"] else 0.0
-    final = scores_from_rows(ev.rows[FINAL])
+    scores = scores_from_rows(ev.rows[final])
     per_class = []
     for cls in CLASSES:
         clin = [r for r in ev.clinical if r["class"] == cls]
-        per_class.append({"class": cls, "score": final[f"score/{cls}"], "dice": final[f"dice/{cls}"],
-                          "hausdorff": final[f"hausdorff/{cls}"],
+        per_class.append({"class": cls, "score": scores[f"score/{cls}"], "dice": scores[f"dice/{cls}"],
+                          "hausdorff": scores[f"hausdorff/{cls}"],
                           "dice_3d": _finite_mean(r["dice_3d"] for r in clin),
                           "hd95_mm": _finite_mean(r["hd95_mm"] for r in clin),
                           "assd_mm": _finite_mean(r["assd_mm"] for r in clin),
                           "missed_or_spurious_volumes": sum(1 for r in clin if r["hd95_mm"] == math.inf)})
-    scores = HoldoutScores(case_days=holdout, score=final["score"], dice=final["dice"], hausdorff=final["hausdorff"],
+    result = HoldoutScores(case_days=holdout, score=scores["score"], dice=scores["dice"], hausdorff=scores["hausdorff"],
                            per_class=per_class, ablation=ablation,
                            best_single_fold_model=f"{best_fold[0].name} fold {best_fold[1].fold}",
-                           best_single_configuration=best_conf.name)
-    return scores, ev
+                           best_single_configuration=best_conf.name, final=final,
+                           ensemble_gain={"over": TUNED_CONFIGURATION,
+                                          **paired_gain(ev.rows[final], ev.rows[TUNED_CONFIGURATION])})
+    return result, ev
 
 
 def write_holdout_files(folder: Path, scores: HoldoutScores, ev: Evaluation) -> None:
@@ -179,4 +219,4 @@ def write_holdout_files(folder: Path, scores: HoldoutScores, ev: Evaluation) -> 
     records.save(ev, folder / EVALUATION, indent=None)
     write_text_atomic(folder / "ablation.csv", csv_text(scores.ablation))
     write_text_atomic(folder / "holdout_per_class.csv", csv_text(scores.per_class))
-    write_text_atomic(folder / "holdout_per_case.csv", csv_text(per_case_table(ev.rows[ABLATION[-1][0]])))
+    write_text_atomic(folder / "holdout_per_case.csv", csv_text(per_case_table(ev.rows[scores.final])))

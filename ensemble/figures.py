@@ -110,3 +110,23 @@ def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str):
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     return fig
+
+
+def latency_front(candidates: list[dict], chosen: tuple[float, float], budget: float | None, device: str):
+    """OOF score against measured ms per slice: every candidate ensemble, the front, the chosen one."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter([c["ms_per_slice"] for c in candidates], [c["oof_score"] for c in candidates], s=14, color="#bbb",
+               label="candidates")
+    front = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["ms_per_slice"])
+    ax.step([c["ms_per_slice"] for c in front], [c["oof_score"] for c in front], where="post", color="k",
+            marker="o", ms=4, label="Pareto front")
+    ax.scatter([chosen[0]], [chosen[1]], marker="*", s=220, color="#e6194b", zorder=4, label="the ensemble built")
+    if budget is not None:
+        ax.axvline(budget, color="#e6194b", ls="--", lw=1, label=f"budget {budget:g} ms")
+    ax.set_xlabel(f"ms per slice ({device})", fontsize=8)
+    ax.set_ylabel("OOF score at threshold 0.5")
+    ax.set_title("Latency front: score against measured inference time")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

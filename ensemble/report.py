@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.evaluate import FINAL, TUNED_CONFIGURATION, TUNED_SINGLE, per_case_table
-from ensemble.figures import best_so_far, learning_curves, overlay, parameter_effects
+from ensemble.evaluate import CONFIGURATION, TUNED_CONFIGURATION, TUNED_SINGLE, WITH_TTA, per_case_table
+from ensemble.figures import best_so_far, latency_front, learning_curves, overlay, parameter_effects
 from ensemble.model import EnsembleModel
 from ensemble.postprocess import apply
 from ensemble.render import Report
@@ -205,6 +205,7 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
                              "values": " ".join(f"{k}={label(v)}" for k, v in c["values"].items())}
                             for c in sel.configurations], "Refit configurations and the selection")
     rep.text("Selection log: " + " | ".join(sel.log))
+    _latency_section(rep, manifest)
     post = manifest.postprocess
     rep.table("postprocess", [{"class": cls, "threshold": post["thresholds"][c], "min component voxels":
                                post["min_size"][c], "min pixels per slice": post["min_pixels"][c]}
@@ -227,23 +228,28 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
                                                       "hausdorff", "gain", "gain_over")} for r in holdout.ablation],
               "Ablation on the holdout (gain: over the variant in gain_over)")
     score = {r["variant"]: r["score"] for r in holdout.ablation}
+    final = holdout.final
     if TUNED_CONFIGURATION in score:
-        rep.text(f"What the ensemble adds: {score[FINAL] - score[TUNED_CONFIGURATION]:+.4f}, the tuned ensemble "
-                 f"({score[FINAL]:.4f}) against the best single configuration with the same TTA and post-processing "
-                 f"tuned on its own out-of-fold predictions ({score[TUNED_CONFIGURATION]:.4f}); against the best "
-                 f"single fold model tuned the same way: {score[FINAL] - score[TUNED_SINGLE]:+.4f}.")
+        rep.text(f"What the ensemble adds: {score[final] - score[TUNED_CONFIGURATION]:+.4f}, the ensemble as built "
+                 f"({score[final]:.4f}, post-processing tuned on its out-of-fold predictions) against the best single "
+                 f"configuration with TTA and post-processing tuned on its own out-of-fold predictions "
+                 f"({score[TUNED_CONFIGURATION]:.4f})" + _interval(holdout.ensemble_gain) + "; against the best "
+                 f"single fold model tuned the same way: "
+                 f"{score[final] - score[TUNED_SINGLE]:+.4f}. At threshold 0.5 with the same TTA, the ensemble against "
+                 f"the best single configuration: {score[WITH_TTA] - score[CONFIGURATION]:+.4f}.")
     tuned = (manifest.scores.oof or {}).get("tuned")
     if tuned:
-        final = {r["class"]: r for r in holdout.per_class}
-        rep.table("optimism", [{"class": cls, "oof_tuned_on": tuned[f"score/{cls}"], "holdout": final[cls]["score"],
-                                "holdout_minus_oof": final[cls]["score"] - tuned[f"score/{cls}"]}
-                               for cls in final] + [{"class": "all", "oof_tuned_on": tuned["score"],
+        per_class = {r["class"]: r for r in holdout.per_class}
+        rep.table("optimism", [{"class": cls, "oof_tuned_on": tuned[f"score/{cls}"],
+                                "holdout": per_class[cls]["score"],
+                                "holdout_minus_oof": per_class[cls]["score"] - tuned[f"score/{cls}"]}
+                               for cls in per_class] + [{"class": "all", "oof_tuned_on": tuned["score"],
                                                      "holdout": holdout.score,
                                                      "holdout_minus_oof": holdout.score - tuned["score"]}],
                   "Optimism of selection and tuning: the ensemble's score on the out-of-fold predictions it was "
                   "selected and tuned on, against the holdout")
     evaluation = records.load(Evaluation, ensemble_dir / EVALUATION)
-    final_rows = evaluation.rows[holdout.ablation[-1]["variant"]]
+    final_rows = evaluation.rows[holdout.final]
     rep.table("holdout_per_class", holdout.per_class, "Per class: competition terms, 3D Dice, HD95 and ASSD in mm "
               "(volumes where both masks are non-empty; missed_or_spurious: one of them empty)")
     rep.table("holdout_bootstrap", bootstrap_by_case(final_rows, evaluation.clinical),
@@ -251,6 +257,34 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     per_case = per_case_table(final_rows)
     rep.table("holdout_per_case", per_case, "Per case-day, worst first")
     _overlays(rep, manifest, ensemble_dir, cache, per_case)
+
+
+def _interval(gain: dict) -> str:
+    if not gain:
+        return ""
+    lo, hi = gain["ci95"]
+    return (f", 95% interval [{lo:+.4f}, {hi:+.4f}] from a paired bootstrap over the {gain['cases']} holdout cases "
+            f"({gain['resamples']} resamples; share of resamples with no gain: {gain['p_gain_not_positive']:.2f})")
+
+
+def _latency_section(rep: Report, manifest: EnsembleManifest) -> None:
+    lat = manifest.latency
+    if not lat:
+        return
+    rep.text(f"Latency: each fold model timed on {lat['device']} ({lat['timed_slices']} slices, the fused "
+             f"inference engine, back to the original size; median of 3 runs). The ensemble built: "
+             f"{lat['ensemble_ms_per_slice']:.2f} ms per slice, OOF score {lat['ensemble_oof_score']:.4f} at "
+             f"threshold 0.5" + (f"; chosen within a budget of {lat['budget_ms_per_slice']:g} ms per slice"
+                                 if lat.get("budget_ms_per_slice") else "") + ".")
+    rep.figure(latency_front(lat["candidates"], (lat["ensemble_ms_per_slice"], lat["ensemble_oof_score"]),
+                             lat.get("budget_ms_per_slice"), lat["device"]),
+               "latency_front", "Candidate ensembles (configurations, fold models per configuration, TTA): OOF score "
+               "against measured latency. A candidate's OOF score does not depend on its number of folds (each OOF "
+               "prediction comes from one fold model), so the front climbs in steps of equal score as folds are added")
+    rep.table("latency_front", [{"configurations": "+".join(c["configurations"]), "folds": c["folds"], "tta": c["tta"],
+                                 "OOF score": c["oof_score"], "ms per slice": c["ms_per_slice"]}
+                                for c in sorted(lat["candidates"], key=lambda c: c["ms_per_slice"]) if c["on_front"]],
+              "The latency front, cheapest first")
 
 
 def _overlays(rep: Report, manifest: EnsembleManifest, ensemble_dir: Path, cache: Cache, per_case: list[dict]) -> None:

@@ -73,14 +73,19 @@ def cmd_ensemble(args) -> None:
     from gitseg.tables import format_table
 
     manifest = build_ensemble(args.run, topk=args.topk, out=args.out, tta=args.tta, method=args.method,
-                              cache_dir=args.cache)
+                              cache_dir=args.cache, latency_budget=args.latency_budget)
     holdout = manifest.scores.holdout
     if holdout:
         say(format_table([{k: r.get(k, "") for k in ("variant", "members", "tta", "score", "dice", "hausdorff", "gain",
                                                       "gain_over")} for r in holdout.ablation], floats="{:.4f}"))
         say(format_table(holdout.per_class, floats="{:.4f}"))
         say(f"ensemble: holdout score {holdout.score:.4f} on {len(holdout.case_days)} case-days "
-              f"(kaggle convention)")
+            f"(kaggle convention)")
+        gain = holdout.ensemble_gain
+        if gain:
+            say(f"ensemble: what the ensemble adds over the {gain['over']}: {gain['gain']:+.4f}, 95% interval "
+                f"[{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}] (paired bootstrap over {gain['cases']} holdout "
+                f"cases)")
 
 
 def cmd_predict(args) -> int:
@@ -180,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default=None, help="none, hflip or flips (default: the refit's TTA)")
     p.add_argument("--method", default="topk", choices=("topk", "greedy"),
                    help="topk: the best configurations by OOF score; greedy: forward selection (Caruana)")
+    p.add_argument("--latency-budget", type=float, default=None, metavar="MS_PER_SLICE",
+                   help="choose the best candidate ensemble (configurations, folds, TTA) whose measured inference "
+                        "time on this machine's device fits this many ms per slice; replaces --method")
     p.add_argument("--cache", default=None, help="prepared cache (default: the search's data.cache)")
     add_verbose(p)
     p.set_defaults(func=cmd_ensemble)

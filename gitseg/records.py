@@ -98,12 +98,13 @@ class Member:
 
 @dataclasses.dataclass
 class Selection:
-    method: str                  # topk or greedy
+    method: str                  # topk, greedy or latency-budget
     topk: int
     why: str
     log: list[str]
     configurations: list[dict]   # name, trial_id, values, oof_score, fold_scores, selected, weight
     problems: list[str]
+    latency_budget: float | None = None  # ms per slice, when the selection was the latency front's
 
 
 @dataclasses.dataclass
@@ -116,6 +117,8 @@ class HoldoutScores:
     ablation: list[dict]         # variant, detail, members, tta, score, dice, hausdorff, gain
     best_single_fold_model: str
     best_single_configuration: str
+    final: str = "ensemble + TTA + tuned post-processing"  # the ablation row that is the ensemble as built
+    ensemble_gain: dict = dataclasses.field(default_factory=dict)  # over, gain, ci95, cases (evaluate.paired_gain)
 
 
 @dataclasses.dataclass
@@ -139,6 +142,10 @@ class EnsembleManifest:
     scores: EnsembleScores
     timings: dict
     machine: dict = dataclasses.field(default_factory=dict)
+    # device, timed_slices, members [{configuration, fold, tta, ms_per_slice}], ensemble_ms_per_slice,
+    # ensemble_oof_score, budget_ms_per_slice, candidates [{configurations, tta, folds, oof_score, ms_per_slice,
+    # on_front}] (ensemble/latency.py)
+    latency: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -11,14 +11,26 @@ import pytest
 from conftest import tiny_config
 
 from ensemble.build import build_ensemble
-from ensemble.members import Configuration, FoldModel, load_refit, oof_probs, select_greedy, select_topk
+from ensemble.evaluate import FINAL, NO_TTA, TUNED_NO_TTA, TUNED_SINGLE, VARIANTS, scores_from_rows
+from ensemble.latency import Candidate, choose_under_budget, pareto_front
+from ensemble.members import (
+    Configuration,
+    FoldModel,
+    load_refit,
+    oof_probs,
+    select_greedy,
+    select_topk,
+)
 from ensemble.model import EnsembleModel
+from ensemble.postprocess import PostProcess, apply
 from ensemble.predict import predict_tree
 from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
-from gitseg.oof import write_oof
+from gitseg.infer import predict_volume
+from gitseg.metrics import ScoreSums
+from gitseg.oof import load_oof, write_oof
 from gitseg.records import (
     ENSEMBLE_MANIFEST,
     REFIT_RECORD,
@@ -173,12 +185,14 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     assert on_disk.metric["convention"] == "kaggle"
     holdout = on_disk.scores.holdout
     assert set(holdout.case_days) == set(Cache(train_cache).case_days(holdout=True))
-    assert [r["variant"] for r in holdout.ablation][0] == "best single fold model"
-    assert len(holdout.ablation) == 7 and all(0 <= r["score"] <= 1 for r in holdout.ablation)
-    # The honest references: TTA and post-processing tuned on their own OOF, as the ensemble's are.
-    for row, over in ((holdout.ablation[1], 0), (holdout.ablation[3], 2)):
-        assert row["gain_over"] == holdout.ablation[over]["variant"] and row["tta"] == manifest.tta
+    assert [r["variant"] for r in holdout.ablation] == VARIANTS and holdout.final == FINAL
+    assert all(0 <= r["score"] <= 1 for r in holdout.ablation)
+    # Every model at threshold 0.5 and tuned: a tuned row's gain is over its own untuned row.
+    for row, over in ((holdout.ablation[1], 0), (holdout.ablation[3], 2), (holdout.ablation[5], 4),
+                      (holdout.ablation[7], 6)):
+        assert row["gain_over"] == holdout.ablation[over]["variant"] and row["tta"] == holdout.ablation[over]["tta"]
         assert row["gain"] == pytest.approx(row["score"] - holdout.ablation[over]["score"])
+    assert [r["tta"] for r in holdout.ablation] == [manifest.tta] * 4 + ["none"] * 2 + [manifest.tta] * 2
     assert manifest.scores.oof["best_single_fold_model"]["model"] == holdout.best_single_fold_model
     assert manifest.scores.oof["best_single_configuration"]["model"] == holdout.best_single_configuration
     # What tuning reached on the OOF it was tuned on: the last kept step's score, per class too.
@@ -193,6 +207,120 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     steps = on_disk.scores.oof["tuning_steps"]
     assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"]
     assert not list(out.parent.glob(".ensemble.tmp-*"))
+
+
+def holdout_score(model, cache, members, tta, post) -> float:
+    """The holdout score of `members` (weighted mean of each member's probabilities, as the ablation
+    averages them) with `tta` and `post`."""
+    rows = []
+    for case_day in cache.case_days(holdout=True):
+        entry = cache.entries[case_day]
+        size = {cache.size: cache.image(case_day)}, (entry["height"], entry["width"])
+        probs = sum(m.weight * model.probs(*size, tta=tta, members=[m]) for m in members)
+        masks = apply(probs / sum(m.weight for m in members), post)
+        gt = cache.original_masks(case_day)
+        rows += [{"class": cls, "sums": list(ScoreSums.of_volume(masks[c], gt[c]))} for c, cls in enumerate(CLASSES)]
+    return scores_from_rows(rows)["score"]
+
+
+def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, tmp_path, monkeypatch):
+    """Each tuned row of the ablation uses the post-processing tuned on that model's own OOF (the
+    single fold model: its validation fold; the ensemble without TTA: its TTA-free OOF) and scores
+    the holdout with it. Tuning is replaced by a stand-in that gives every OOF source its own
+    threshold (a quantile of its probabilities, so that the masks differ)."""
+    import ensemble.build as build
+
+    real_volumes, tuned = build.oof_volumes, {}
+
+    def tagged_volumes(configs, weights, cache, folds=None, tta=None):
+        load = real_volumes(configs, weights, cache, folds=folds, tta=tta)
+        load.source = (tuple(c.name for c in configs), tuple(folds) if folds else None, tta)
+        return load
+
+    def stand_in_tune(load, log=None):
+        probs = np.concatenate([p.ravel() for p, _ in load()])
+        post = PostProcess(thresholds=[float(np.quantile(probs, 0.9 + 0.02 * len(tuned)))] * len(CLASSES))
+        tuned[load.source] = post
+        return post, [{"step": "thresholds", "values": post.thresholds, "before": 0.0, "after": 0.0, "kept": True}]
+
+    monkeypatch.setattr(build, "oof_volumes", tagged_volumes)
+    monkeypatch.setattr(build, "tune", stand_in_tune)
+    manifest = build_ensemble(refit_run, topk=2, out=tmp_path / "ens", **QUIET)
+    cache, oof = Cache(train_cache), manifest.scores.oof
+    chosen = tuple(c["name"] for c in manifest.selection.configurations if c["selected"])
+    conf_name, fold = oof["best_single_fold_model"]["model"].split(" fold ")
+    own = {"ensemble_no_tta": (chosen, None, "none"), "ensemble_with_tta": (chosen, None, manifest.tta),
+           "best_single_fold_model": ((conf_name,), (int(fold),), None),
+           "best_single_configuration": ((oof["best_single_configuration"]["model"],), None, None)}
+    assert len(tuned) == 4 and len({str(p) for p in tuned.values()}) == 4
+    for key, source in own.items():
+        assert oof[key]["postprocess"] == tuned[source].to_dict(), key
+    assert manifest.postprocess == tuned[own["ensemble_with_tta"]].to_dict()
+    model, rows = EnsembleModel.load(tmp_path / "ens"), {r["variant"]: r for r in manifest.scores.holdout.ablation}
+    single = [m for m in model.members if m.configuration == conf_name and m.fold == int(fold)]
+    for variant, members, tta, post in ((TUNED_NO_TTA, model.members, "none", tuned[own["ensemble_no_tta"]]),
+                                        (NO_TTA, model.members, "none", PostProcess()),
+                                        (FINAL, model.members, manifest.tta, tuned[own["ensemble_with_tta"]]),
+                                        (TUNED_SINGLE, single, manifest.tta, tuned[own["best_single_fold_model"]])):
+        assert rows[variant]["score"] == pytest.approx(holdout_score(model, cache, members, tta, post), abs=1e-12)
+    assert len({rows[v]["score"] for v in (TUNED_NO_TTA, NO_TTA, FINAL)}) == 3  # the posts made a difference
+
+
+def test_refit_oof_without_tta_is_the_untransformed_view(built, refit_run, train_cache):
+    conf = load_refit(refit_run).configurations[0]
+    cache = Cache(train_cache)
+    case_day = cache.case_days(folds=[0])[0]
+    state = load_checkpoint(conf.folds[0].checkpoint)
+    pre, entry = state["preprocessing"], cache.entries[case_day]
+    expected = predict_volume(model_from_checkpoint(state), cache.image(case_day), pre["channels"], pre["stride"],
+                              out_size=(entry["height"], entry["width"]), tta="none")
+    assert np.array_equal(load_oof(conf.folds[0].oof, case_day, "none", "hflip"), expected.astype(np.float32))
+    assert not np.array_equal(load_oof(conf.folds[0].oof, case_day, "hflip", "hflip"), expected.astype(np.float32))
+    with pytest.raises(ValueError, match="not with 'flips'"):
+        load_oof(conf.folds[0].oof, case_day, "flips", "hflip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency: the front, the budget
+
+
+def cand(name, score, ms, folds=1, tta="none"):
+    return Candidate((name,), tta, folds, score, ms)
+
+
+def test_pareto_front_of_hand_made_candidates():
+    a, b, c, d = cand("a", 0.70, 1.0), cand("b", 0.75, 2.0), cand("c", 0.72, 3.0), cand("d", 0.80, 4.0)
+    e = cand("e", 0.70, 1.0)                         # ties a on cost and quality: the first one is kept
+    b2 = cand("b", 0.75, 3.5, folds=2)               # b's score with more members, dearer: on the front
+    f = cand("f", 0.80, 5.0)                         # d is as good and cheaper
+    assert pareto_front([a, b, c, d, e, b2, f]) == [a, b, b2, d]
+    assert pareto_front([f, b2, e, d, c, b, a]) == [e, b, b2, d]
+    assert choose_under_budget([a, b, c, d, b2, f], 3.0) == b
+    assert choose_under_budget([a, b, c, d, b2, f], 3.5) == b2  # b's score, more members
+    assert choose_under_budget([a, b, c, d, b2, f], 100) == d   # f scores the same and costs more
+    assert choose_under_budget([a, b, c, d, b2, f], 1.0) == a
+    with pytest.raises(ValueError, match="no candidate ensemble fits 0.5 ms per slice.*1.00 ms"):
+        choose_under_budget([a, b, c], 0.5)
+
+
+def test_latency_budget_chooses_the_best_candidate_that_fits(built, refit_run, tmp_path):
+    _, manifest = built
+    lat = manifest.latency
+    assert lat["device"] and {r["tta"] for r in lat["members"]} == {"none", "hflip"}
+    assert len(lat["members"]) == 2 * 2 * 2 and all(r["ms_per_slice"] > 0 for r in lat["members"])
+    assert lat["ensemble_ms_per_slice"] == pytest.approx(sum(r["ms_per_slice"] for r in lat["members"]
+                                                             if r["tta"] == manifest.tta))
+    cands = lat["candidates"]  # 3 configuration sets x 2 TTA x 1-2 folds
+    assert len(cands) == 12 and any(c["on_front"] for c in cands)
+    budget = sorted(c["ms_per_slice"] for c in cands)[len(cands) // 2]
+    out = build_ensemble(refit_run, out=tmp_path / "fast", latency_budget=budget, **QUIET)
+    fits = [c for c in out.latency["candidates"] if c["ms_per_slice"] <= budget]
+    best = max(fits, key=lambda c: (c["oof_score"], len(c["configurations"]) * c["folds"], -c["ms_per_slice"]))
+    assert out.selection.method == "latency-budget" and out.tta == best["tta"]
+    assert sorted({m.configuration for m in out.members}) == sorted(best["configurations"])
+    assert len(out.members) == len(best["configurations"]) * best["folds"]
+    assert out.latency["ensemble_ms_per_slice"] <= budget
+    assert out.scores.holdout.final == (TUNED_NO_TTA if out.tta == "none" else FINAL)
 
 
 def test_copied_ensemble_predicts_the_same_probabilities(built, synth_root, tmp_path):

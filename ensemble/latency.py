@@ -1,0 +1,178 @@
+"""Latency-aware ensembles: each refit member's measured inference time, and the Pareto front of
+out-of-fold score against latency over candidate ensembles, from the OOF predictions alone.
+
+A candidate is a set of configurations (equal weights), a TTA choice the refit wrote OOF for, and
+the number of fold models per configuration (the first `folds` folds). Its cost is the sum of its
+members' measured milliseconds per slice with that TTA. Its score is the competition score of its
+OOF probabilities at threshold 0.5.
+
+What the OOF score cannot see: every out-of-fold prediction comes from the one fold model per
+configuration that did not train on the case-day, so a candidate's OOF score is the same for any
+number of folds. Averaging more fold models of a configuration helps on new data (the holdout
+ablation measures it: best single configuration against best single fold model), so at an equal
+score the candidate with more members ranks higher; the front keeps both and a budget buys folds
+only with what is left after the best configurations and TTA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from ensemble.members import Configuration, oof_probs
+from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
+from gitseg.data.cache import Cache
+from gitseg.data.uwmgi import CLASSES
+from gitseg.infer import cpu_has_native_bf16, predict_volume, prepare_for_inference
+from gitseg.metrics import ScoreSums, class_scores, sum_rows
+
+TIMED_SLICES = 32      # slices per timing run: a few batches, enough to amortise the per-call set-up
+TIMING_REPEATS = 3     # the median of these runs is recorded
+ALL_SUBSETS_UP_TO = 4  # with more refit configurations, candidates are the OOF ranking's prefixes and singletons
+
+
+@dataclasses.dataclass
+class Candidate:
+    configurations: tuple[str, ...]
+    tta: str
+    folds: int             # fold models per configuration
+    oof_score: float       # at threshold 0.5; the same for every `folds` (see the module docstring)
+    ms_per_slice: float    # sum of the members' measured times with this TTA
+
+    @property
+    def members(self) -> int:
+        return len(self.configurations) * self.folds
+
+    def quality(self) -> tuple:
+        """What a candidate is ranked by: its OOF score, then its number of members."""
+        return self.oof_score, self.members
+
+    def label(self) -> str:
+        return f"{'+'.join(self.configurations)} x{self.folds} fold(s), TTA {self.tta}"
+
+
+def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on quality at an equal or lower cost, cheapest first."""
+    front, best = [], None
+    for c in sorted(candidates, key=lambda c: (c.ms_per_slice, tuple(-q for q in c.quality()))):
+        if best is None or c.quality() > best:
+            front.append(c)
+            best = c.quality()
+    return front
+
+
+def choose_under_budget(candidates: list[Candidate], budget_ms: float) -> Candidate:
+    """The best candidate (quality, then lower cost) whose cost is within `budget_ms` per slice."""
+    fits = [c for c in candidates if c.ms_per_slice <= budget_ms]
+    if not fits:
+        cheapest = min(candidates, key=lambda c: c.ms_per_slice)
+        raise ValueError(f"no candidate ensemble fits {budget_ms:g} ms per slice: the cheapest "
+                         f"({cheapest.label()}) takes {cheapest.ms_per_slice:.2f} ms per slice on this device; "
+                         f"raise --latency-budget")
+    return max(fits, key=lambda c: (c.quality(), -c.ms_per_slice))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """What the times were measured on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{model}, {torch.get_num_threads()} threads, "
+            f"{'bf16 autocast' if cpu_has_native_bf16() else 'fp32 (no native bf16)'}")
+
+
+def ms_per_slice(network, volume: np.ndarray, channels: int, stride: int, out_size, tta: str, device) -> float:
+    """Median wall milliseconds per slice of `predict_volume` (the fused engine, mapped back to the
+    original size) over the first TIMED_SLICES slices of `volume`, after one warm-up run."""
+    volume = np.asarray(volume[:TIMED_SLICES])
+    predict_volume(network, volume[:8], channels, stride, out_size=out_size, tta=tta, device=device)
+    times = []
+    for _ in range(TIMING_REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        predict_volume(network, volume, channels, stride, out_size=out_size, tta=tta, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times)) / len(volume)
+
+
+def measure_members(configs: list[Configuration], ttas, cache: Cache, device, log=print) -> list[dict]:
+    """ms per slice of every fold model of `configs` with each TTA in `ttas`, on one cached volume."""
+    case_day = (cache.case_days(holdout=True) or cache.case_days())[0]
+    entry = cache.entries[case_day]
+    volume, out_size = cache.image(case_day), (entry["height"], entry["width"])
+    rows = []
+    for conf in configs:
+        for fold, fm in sorted(conf.folds.items()):
+            state = load_checkpoint(fm.checkpoint)
+            pre = state["preprocessing"]
+            network = prepare_for_inference(model_from_checkpoint(state, device))
+            for tta in ttas:
+                ms = ms_per_slice(network, volume, int(pre["channels"]), int(pre["stride"]), out_size, tta, device)
+                rows.append({"configuration": conf.name, "fold": fold, "tta": tta, "ms_per_slice": ms})
+        mean = {t: np.mean([r["ms_per_slice"] for r in rows if r["configuration"] == conf.name and r["tta"] == t])
+                for t in ttas}
+        log(f"ensemble: {conf.name} inference " + ", ".join(f"TTA {t} {ms:.2f}" for t, ms in mean.items())
+            + " ms per slice per fold model")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+
+
+def configuration_sets(configs: list[Configuration]) -> list[tuple[Configuration, ...]]:
+    """Every non-empty subset up to ALL_SUBSETS_UP_TO configurations; beyond, the prefixes of the
+    OOF ranking and each configuration alone (the subsets grow as 2^n, each costing an OOF pass)."""
+    ranked = sorted(configs, key=lambda c: -c.cv_score)
+    if len(ranked) <= ALL_SUBSETS_UP_TO:
+        return [s for n in range(1, len(ranked) + 1) for s in itertools.combinations(ranked, n)]
+    return [tuple(ranked[:n]) for n in range(1, len(ranked) + 1)] + [(c,) for c in ranked[1:]]
+
+
+def candidate_scores(sets: list[tuple[Configuration, ...]], ttas, cache: Cache) -> dict[tuple, float]:
+    """OOF score at threshold 0.5 of every (configuration set, TTA), in one pass over the case-days:
+    each configuration's OOF file is read once per case-day and TTA."""
+    rows: dict[tuple, list] = {(tuple(c.name for c in s), t): [] for s in sets for t in ttas}
+    configs = {c.name: c for s in sets for c in s}
+    for case_day in cache.case_days():
+        gt = cache.original_masks(case_day)
+        for tta in ttas:
+            probs = {name: oof_probs([c], [1.0], case_day, cache, tta) for name, c in configs.items()}
+            for s in sets:
+                names = tuple(c.name for c in s)
+                mean = sum(probs[n] for n in names) / len(names)
+                rows[(names, tta)] += [(cls, ScoreSums.of_volume(mean[k] >= 0.5, gt[k]))
+                                       for k, cls in enumerate(CLASSES)]
+    return {key: class_scores(sum_rows(r, CLASSES))["score"] for key, r in rows.items()}
+
+
+def candidates(sets, scores: dict[tuple, float], latency: list[dict]) -> list[Candidate]:
+    """Every (configuration set, TTA, folds per configuration) with its OOF score and cost."""
+    ms = {(r["configuration"], r["fold"], r["tta"]): r["ms_per_slice"] for r in latency}
+    out = []
+    for s in sets:
+        names = tuple(c.name for c in s)
+        folds = min(len(c.folds) for c in s)
+        for tta in sorted({t for n, t in scores if n == names}):
+            for n in range(1, folds + 1):
+                cost = sum(ms[(c.name, f, tta)] for c in s for f in sorted(c.folds)[:n])
+                out.append(Candidate(names, tta, n, scores[(names, tta)], cost))
+    return out
