@@ -12,13 +12,23 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ensemble.postprocess import CLASS_TOLERANCE, MIN_PIXELS, MIN_SIZES, THRESHOLDS, PostProcess, apply
+from ensemble.postprocess import (
+    CLASS_TOLERANCE,
+    GATE_THRESHOLDS,
+    MIN_PIXELS,
+    MIN_SIZES,
+    THRESHOLDS,
+    PostProcess,
+    apply,
+    unpack_volume,
+)
 from gitseg.data.uwmgi import CLASSES
 from gitseg.metrics import competition_score
 
 
 def tune_naive(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES,
-               min_pixels=MIN_PIXELS, class_tolerance=CLASS_TOLERANCE) -> PostProcess:
+               min_pixels=MIN_PIXELS, gate_thresholds=GATE_THRESHOLDS,
+               class_tolerance=CLASS_TOLERANCE) -> PostProcess:
     """The benchmark baseline: the same search, every candidate scored from scratch with `apply`.
 
     Same coordinate ascent over classes, but each evaluation post-processes and scores all volumes
@@ -26,8 +36,8 @@ def tune_naive(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_
     """
     def scores(post):
         preds, gts = {}, {}
-        for i, (probs, gt) in enumerate(load_volumes()):
-            masks = apply(np.asarray(probs, dtype=np.float32), post)
+        for i, (probs, gt, gate) in enumerate(map(unpack_volume, load_volumes())):
+            masks = apply(np.asarray(probs, dtype=np.float32), post, gate)
             for c, cls in enumerate(CLASSES):
                 preds[(i, cls)], gts[(i, cls)] = masks[c], gt[c]
         return competition_score(preds, gts)
@@ -35,7 +45,10 @@ def tune_naive(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_
     score = lambda post: scores(post)["score"]  # noqa: E731
 
     post = PostProcess()
-    for name, grid in (("thresholds", thresholds), ("min_size", min_sizes), ("min_pixels", min_pixels)):
+    steps = [("thresholds", thresholds), ("min_size", min_sizes), ("min_pixels", min_pixels)]
+    if all(gate is not None for _, _, gate in map(unpack_volume, load_volumes())):
+        steps.append(("gate", gate_thresholds))
+    for name, grid in steps:
         values = list(getattr(post, name))
         start = score(post)
         for _ in range(10):

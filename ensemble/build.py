@@ -30,13 +30,11 @@ from ensemble.evaluate import (
     write_holdout_files,
 )
 from ensemble.latency import (
-    TIMED_SLICES,
     Candidate,
     candidate_scores,
     candidates,
     choose_under_budget,
     configuration_sets,
-    device_name,
     measure_members,
     pareto_front,
 )
@@ -48,7 +46,7 @@ from gitseg.checkpoint import default_device
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
-from gitseg.infer import TTA_SETS
+from gitseg.infer import TIMED_SLICES, TTA_SETS, device_name
 from gitseg.oof import NO_TTA, oof_tta_sets
 from gitseg.progress import note, say
 from gitseg.records import ENSEMBLE_MANIFEST, MANIFEST_FORMAT, EnsembleManifest, EnsembleScores, Selection

@@ -7,6 +7,7 @@ the clinical figures (3D Dice, HD95 and ASSD in mm per class).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -45,6 +46,9 @@ ABLATION = (
 )
 VARIANTS = [name for name, _, _ in ABLATION]
 (SINGLE, TUNED_SINGLE, CONFIGURATION, TUNED_CONFIGURATION, NO_TTA, TUNED_NO_TTA, WITH_TTA, FINAL) = VARIANTS
+# Shown when the ensemble's post-processing uses the empty-slice gate: the same post-processing with
+# the gate rule off (the gate is tuned last, so this is exactly the post-processing before its step).
+GATE_OFF = ("ensemble as built, gate off", "its tuned post-processing without the empty-slice gate rule")
 
 
 def final_variant(tta: str) -> str:
@@ -103,13 +107,17 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
         inputs, out_size = {cache.size: cache.image(case_day)}, (entry["height"], entry["width"])
         gt = cache.original_masks(case_day)
         sums: dict = {}
+        gates: dict = {}  # source -> summed gate probabilities; None once a member has no gate head
         for (member_key, tta), targets in uses.items():
-            p = model.probs(inputs, out_size, tta=tta, members=[by_key[member_key]])
+            p, g = model.predict(inputs, out_size, tta=tta, members=[by_key[member_key]])
             for source, weight in targets:
                 sums[source] = sums.get(source, 0.0) + weight * p
+                before = gates.get(source, 0.0)
+                gates[source] = None if g is None or before is None else before + weight * g
         for name, (members, tta, post) in variants.items():
             source = sources[name]
-            masks = apply(sums[source] / sum(w for _, w in source[0]), post)
+            total = sum(w for _, w in source[0])
+            masks = apply(sums[source] / total, post, None if gates[source] is None else gates[source] / total)
             for c, cls in enumerate(CLASSES):
                 rows[name].append({"case_day": case_day, "case": entry["case"], "class": cls,
                                    "sums": list(ScoreSums.of_volume(masks[c], gt[c]))})
@@ -183,11 +191,16 @@ def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configura
     variants = {name: (members.get(name, model.members), "none" if name in (NO_TTA, TUNED_NO_TTA) else tta,
                        posts.get(name, PostProcess())) for name in VARIANTS}
     final = final_variant(model.tta)
+    rows_of = [(name, detail, over) for name, detail, over in ABLATION]
+    if any(model.post.gate):
+        members_f, tta_f, post_f = variants[final]
+        variants[GATE_OFF[0]] = (members_f, tta_f, dataclasses.replace(post_f, gate=[0.0] * len(CLASSES)))
+        rows_of.append((*GATE_OFF, final))
     variants[final] = variants.pop(final)  # evaluate_holdout gives the clinical figures to the last variant
     log(f"ensemble: evaluating {len(variants)} variants on {len(holdout)} holdout case-days")
     ev = evaluate_holdout(model, cache, variants, log)
     ablation = []
-    for name, detail, over in ABLATION:
+    for name, detail, over in rows_of:
         members_v, tta_v, _ = variants[name]
         s = scores_from_rows(ev.rows[name])
         ablation.append({"variant": name, "detail": detail, "members": len(members_v), "tta": tta_v,

@@ -130,3 +130,23 @@ def latency_front(candidates: list[dict], chosen: tuple[float, float], budget: f
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def search_front(rows: list[TrialRow]):
+    """A multi-objective search's trials: best score against measured latency, the front marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    measured = [r for r in rows if r.latency_ms is not None and not math.isnan(r.best_score)]
+    ax.scatter([r.latency_ms for r in measured], [r.best_score for r in measured], s=16, color="#bbb", label="trials")
+    front = sorted((r for r in measured if r.pareto), key=lambda r: r.latency_ms)
+    ax.step([r.latency_ms for r in front], [r.best_score for r in front], where="post", color="k", marker="o", ms=5,
+            label="Pareto front")
+    for r in front:
+        ax.annotate(r.trial_id[-5:], (r.latency_ms, r.best_score), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("inference ms per slice (each trial's device)")
+    ax.set_ylabel("best validation score")
+    ax.set_title("Multi-objective search: score against latency")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -17,22 +17,18 @@ only with what is left after the best configurations and TTA.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import time
 
 import numpy as np
-import torch
 
 from ensemble.members import Configuration, oof_probs
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
-from gitseg.infer import cpu_has_native_bf16, predict_volume, prepare_for_inference
+from gitseg.infer import ms_per_slice, prepare_for_inference
 from gitseg.metrics import ScoreSums, class_scores, sum_rows
+from gitseg.pareto import pareto
 
-TIMED_SLICES = 32      # slices per timing run: a few batches, enough to amortise the per-call set-up
-TIMING_REPEATS = 3     # the median of these runs is recorded
 ALL_SUBSETS_UP_TO = 4  # with more refit configurations, candidates are the OOF ranking's prefixes and singletons
 
 
@@ -58,12 +54,7 @@ class Candidate:
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
     """The candidates no other beats on quality at an equal or lower cost, cheapest first."""
-    front, best = [], None
-    for c in sorted(candidates, key=lambda c: (c.ms_per_slice, tuple(-q for q in c.quality()))):
-        if best is None or c.quality() > best:
-            front.append(c)
-            best = c.quality()
-    return front
+    return pareto(candidates, quality=Candidate.quality, cost=lambda c: c.ms_per_slice)
 
 
 def choose_under_budget(candidates: list[Candidate], budget_ms: float) -> Candidate:
@@ -79,38 +70,6 @@ def choose_under_budget(candidates: list[Candidate], budget_ms: float) -> Candid
 
 # ---------------------------------------------------------------------------------------------
 # Measuring
-
-
-@functools.cache
-def device_name(device: torch.device) -> str:
-    """What the times were measured on, in words."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return (f"{model}, {torch.get_num_threads()} threads, "
-            f"{'bf16 autocast' if cpu_has_native_bf16() else 'fp32 (no native bf16)'}")
-
-
-def ms_per_slice(network, volume: np.ndarray, channels: int, stride: int, out_size, tta: str, device) -> float:
-    """Median wall milliseconds per slice of `predict_volume` (the fused engine, mapped back to the
-    original size) over the first TIMED_SLICES slices of `volume`, after one warm-up run."""
-    volume = np.asarray(volume[:TIMED_SLICES])
-    predict_volume(network, volume[:8], channels, stride, out_size=out_size, tta=tta, device=device)
-    times = []
-    for _ in range(TIMING_REPEATS):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        predict_volume(network, volume, channels, stride, out_size=out_size, tta=tta, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times)) / len(volume)
 
 
 def measure_members(configs: list[Configuration], ttas, cache: Cache, device, log=print) -> list[dict]:

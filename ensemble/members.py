@@ -19,7 +19,7 @@ from gitseg import records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.metrics import ScoreSums, class_scores, sum_rows
-from gitseg.oof import load_oof
+from gitseg.oof import load_gate, load_oof
 from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
 
@@ -111,19 +111,31 @@ def oof_probs(configs: list[Configuration], weights: list[float], case_day: str,
     return total / float(sum(weights))
 
 
+def oof_gate(configs: list[Configuration], weights: list[float], case_day: str, cache: Cache,
+             tta: str | None = None) -> np.ndarray | None:
+    """Weighted mean OOF gate probabilities float32 `(3, D)` of one case-day, averaged like the masks;
+    None unless every configuration's models have a gate head."""
+    fold = cache.entries[case_day]["fold"]
+    gates = [load_gate(conf.folds[fold].oof, case_day, tta, conf.tta) for conf in configs]
+    if any(g is None for g in gates):
+        return None
+    return sum(w * g for w, g in zip(weights, gates)) / float(sum(weights))
+
+
 def oof_volumes(configs, weights, cache: Cache, folds: list[int] | None = None, tta: str | None = None) -> Callable:
-    """A loader for `postprocess.tune`: yields (OOF probabilities, ground truth) per case-day of
-    `folds` (default: every fold), with the refit's TTA (`tta` None) or "none"."""
+    """A loader for `postprocess.tune`: yields (OOF probabilities, ground truth, gate probabilities or
+    None) per case-day of `folds` (default: every fold), with the refit's TTA (`tta` None) or "none"."""
     def load():
         for case_day in cache.case_days(folds=folds):
-            yield oof_probs(configs, weights, case_day, cache, tta), cache.original_masks(case_day)
+            yield (oof_probs(configs, weights, case_day, cache, tta), cache.original_masks(case_day),
+                   oof_gate(configs, weights, case_day, cache, tta))
     return load
 
 
 def oof_score(configs, weights, cache: Cache, threshold: float = 0.5, tta: str | None = None) -> float:
     """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
     rows = ((cls, ScoreSums.of_volume(probs[c] >= threshold, gt[c]))
-            for probs, gt in oof_volumes(configs, weights, cache, tta=tta)() for c, cls in enumerate(CLASSES))
+            for probs, gt, _ in oof_volumes(configs, weights, cache, tta=tta)() for c, cls in enumerate(CLASSES))
     return class_scores(sum_rows(rows, CLASSES))["score"]
 
 

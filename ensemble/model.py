@@ -20,7 +20,7 @@ from ensemble.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import preprocess_volume
-from gitseg.infer import predict_volume, prepare_for_inference
+from gitseg.infer import predict_volume_sets, prepare_for_inference
 from gitseg.records import ENSEMBLE_MANIFEST, MANIFEST_FORMAT, EnsembleManifest, Member
 
 
@@ -80,7 +80,13 @@ class EnsembleModel:
         return self._models[member.file]
 
     def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
-        """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size`.
+        """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size` (see `predict`)."""
+        return self.predict(inputs, out_size, tta, members)[0]
+
+    def predict(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None,
+                members=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size`, and gate probabilities
+        float32 `(3, D)` averaged the same way (None unless every member has a gate head).
 
         `inputs` maps each input size to the preprocessed volume `(D, S, S)`; `members` defaults to
         all (pass a subset for ablations). Members sharing a window are run together.
@@ -90,20 +96,25 @@ class EnsembleModel:
         groups: dict[tuple, list[Member]] = {}
         for m in members:
             groups.setdefault((m.size, m.channels, m.stride), []).append(m)
-        total, weight_sum = None, 0.0
+        total, gate_total, weight_sum = None, 0.0, 0.0
         for (size, channels, stride), group in groups.items():
             if size not in inputs:
                 raise ValueError(f"no input at {size} px for members {[m.file for m in group]}")
             weights = [m.weight for m in group]
-            p = predict_volume([self.network(m) for m in group], inputs[size], channels, stride, out_size=out_size,
-                               tta=tta, weights=weights, device=self.device).astype(np.float32)
-            p *= sum(weights)
+            probs, gates = predict_volume_sets([self.network(m) for m in group], inputs[size], channels, stride,
+                                               (tta,), out_size=out_size, weights=weights, device=self.device)
+            p = probs[tta].astype(np.float32) * sum(weights)
             total = p if total is None else total + p
+            gate = gates.get(tta)  # None when a member has no gate head: then the ensemble has none
+            if gate is None or gate_total is None:
+                gate_total = None
+            else:
+                gate_total = gate_total + gate.astype(np.float32) * sum(weights)
             weight_sum += sum(weights)
-        return total / weight_sum
+        return total / weight_sum, None if gate_total is None else gate_total / weight_sum
 
     def predict_scan(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`."""
         inputs = {size: preprocess_volume(image, size) for size in self.sizes}
-        probs = self.probs(inputs, out_size=image.shape[1:])
-        return probs.astype(np.float16), apply(probs, self.post)
+        probs, gate = self.predict(inputs, out_size=image.shape[1:])
+        return probs.astype(np.float16), apply(probs, self.post, gate)

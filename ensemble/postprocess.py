@@ -26,6 +26,7 @@ from gitseg.metrics import ScoreSums, class_scores, sum_rows
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
 MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
 MIN_PIXELS = (0, 5, 10, 20, 40, 80, 160)         # predicted pixels below which a slice is emptied
+GATE_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # gate probability below which a slice is emptied
 # A post-processing step may lower one class's OOF score by at most this much (nnU-Net keeps a step
 # only if no class gets worse; a small tolerance keeps rounding-level losses from vetoing a step).
 CLASS_TOLERANCE = 0.001
@@ -41,14 +42,18 @@ class PostProcess:
     thresholds: list[float] = dataclasses.field(default_factory=lambda: [0.5] * len(CLASSES))
     min_size: list[int] = dataclasses.field(default_factory=lambda: [0] * len(CLASSES))    # 0: off
     min_pixels: list[int] = dataclasses.field(default_factory=lambda: [0] * len(CLASSES))  # 0: off
+    # The empty-slice gate: a class is emptied in a slice whose gate probability is below this; 0: off
+    # (and always off for models without a gate head).
+    gate: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(CLASSES))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PostProcess":
-        post = cls(**{k: list(v) for k, v in data.items() if k in ("thresholds", "min_size", "min_pixels")})
-        for name in ("thresholds", "min_size", "min_pixels"):
+        names = ("thresholds", "min_size", "min_pixels", "gate")
+        post = cls(**{k: list(v) for k, v in data.items() if k in names})  # older manifests have no gate: off
+        for name in names:
             if len(getattr(post, name)) != len(CLASSES):
                 raise ValueError(f"post-processing {name} needs one value per class {CLASSES}")
         return post
@@ -73,16 +78,27 @@ def empty_sparse_slices(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return mask & (counts >= min_pixels)[:, None, None]
 
 
-def class_mask(prob: np.ndarray, threshold: float, min_size: int = 0, min_pixels: int = 0) -> np.ndarray:
-    """bool `(D, H, W)` from one class's probabilities `(D, H, W)`, the steps in order."""
+def gate_slices(mask: np.ndarray, gate: np.ndarray | None, threshold: float) -> np.ndarray:
+    """Empty the slices of `mask` `(D, H, W)` whose gate probability `(D,)` is below `threshold`."""
+    if gate is None or threshold <= 0:
+        return mask
+    return mask & (np.asarray(gate) >= threshold)[:, None, None]
+
+
+def class_mask(prob: np.ndarray, threshold: float, min_size: int = 0, min_pixels: int = 0, gate=None,
+               gate_threshold: float = 0.0) -> np.ndarray:
+    """bool `(D, H, W)` from one class's probabilities `(D, H, W)` (and gate `(D,)`), the steps in order."""
     mask = prob >= threshold
     mask = remove_small_components(mask, min_size)
-    return empty_sparse_slices(mask, min_pixels)
+    mask = empty_sparse_slices(mask, min_pixels)
+    return gate_slices(mask, gate, gate_threshold)
 
 
-def apply(probs: np.ndarray, post: PostProcess) -> np.ndarray:
-    """bool masks `(3, D, H, W)` from probabilities `(3, D, H, W)`."""
-    return np.stack([class_mask(probs[c], post.thresholds[c], post.min_size[c], post.min_pixels[c])
+def apply(probs: np.ndarray, post: PostProcess, gate: np.ndarray | None = None) -> np.ndarray:
+    """bool masks `(3, D, H, W)` from probabilities `(3, D, H, W)` and, for models with a gate head,
+    gate probabilities `(3, D)` (None: the gate rule is off)."""
+    return np.stack([class_mask(probs[c], post.thresholds[c], post.min_size[c], post.min_pixels[c],
+                                None if gate is None else gate[c], post.gate[c])
                      for c in range(len(CLASSES))])
 
 
@@ -120,19 +136,24 @@ def _choose(sums: np.ndarray, current: list[int]) -> list[int]:
     return chosen
 
 
+def unpack_volume(volume: tuple) -> tuple:
+    """(probs, gt, gate or None) from a loader's `(probs, gt)` or `(probs, gt, gate)`."""
+    return (*volume, None) if len(volume) == 2 else tuple(volume)
+
+
 def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.ndarray, int, int]:
     """ScoreSums `(C, K, 4)` over volumes for K candidates per class.
 
-    `masks_for(prob, c, candidates)` yields `(key, mask)` per candidate, where equal keys promise
+    `masks_for(prob, c, candidates, gate)` yields `(key, mask)` per candidate, where equal keys promise
     equal masks; a mask is scored once per key. Returns the sums, the masks scored and the
     candidate evaluations.
     """
     sums = np.zeros((len(CLASSES), len(candidates), 4))
     scored = evaluated = 0
-    for probs, gt in volumes:
+    for probs, gt, gate in map(unpack_volume, volumes):
         for c in range(len(CLASSES)):
             seen: dict = {}
-            for k, (key, mask) in enumerate(masks_for(probs[c], c, candidates)):
+            for k, (key, mask) in enumerate(masks_for(probs[c], c, candidates, None if gate is None else gate[c])):
                 evaluated += 1
                 if key not in seen:
                     seen[key] = ScoreSums.of_volume(mask(), gt[c])
@@ -142,20 +163,27 @@ def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.
 
 
 def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES, min_pixels=MIN_PIXELS,
-         log=print, class_tolerance: float = CLASS_TOLERANCE) -> tuple[PostProcess, list[dict]]:
-    """Tune thresholds, then minimum component size, then the empty-slice rule, on out-of-fold data.
-    The last two steps are kept only if they raise the OOF score and lower no class's score by more
-    than `class_tolerance`.
+         gate_thresholds=GATE_THRESHOLDS, log=print,
+         class_tolerance: float = CLASS_TOLERANCE) -> tuple[PostProcess, list[dict]]:
+    """Tune thresholds, then minimum component size, then the empty-slice rule, then (for models with
+    a gate head) the gate, on out-of-fold data. The steps after the thresholds are kept only if they
+    raise the OOF score and lower no class's score by more than `class_tolerance`; the gate step
+    applies on top of the pixel rule, so the gate is tuned alone (pixel rule rejected) or combined.
 
-    `load_volumes()` yields `(probs (3, D, H, W), gt bool (3, D, H, W))` pairs; it is called once per
-    step so the volumes need not fit in memory together. Returns the parameters and one record per
-    step (score before and after, kept or not, masks scored vs candidates evaluated).
+    `load_volumes()` yields `(probs (3, D, H, W), gt bool (3, D, H, W))`, with the gate probabilities
+    `(3, D)` (or None) as a third element for gated models; it is called once per step so the volumes
+    need not fit in memory together. Returns the parameters and one record per step (score before
+    and after, kept or not, masks scored vs candidates evaluated).
     """
     thresholds, min_sizes, min_pixels = list(thresholds), list(min_sizes), list(min_pixels)
     post = PostProcess()
     steps = []
 
-    def threshold_masks(prob, c, candidates):
+    gated = []  # whether the volumes carry gate probabilities, seen during the first step
+
+    def threshold_masks(prob, c, candidates, gate):
+        if c == 0:
+            gated.append(gate is not None)
         prob = np.asarray(prob, dtype=np.float32)
         for t in candidates:
             mask = prob >= t
@@ -170,7 +198,7 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
     steps.append(_record("thresholds", sums, default, chosen, scored, evaluated, post.thresholds, kept=True))
     log(f"ensemble: thresholds {post.thresholds}  OOF score {steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f}")
 
-    def size_masks(prob, c, candidates):
+    def size_masks(prob, c, candidates, gate):
         mask = np.asarray(prob, dtype=np.float32) >= post.thresholds[c]
         labels, n = ndimage.label(mask, _CONNECTIVITY) if mask.any() else (None, 0)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
@@ -184,7 +212,7 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
     log(f"ensemble: minimum component size {post.min_size}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
         f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
 
-    def pixel_masks(prob, c, candidates):
+    def pixel_masks(prob, c, candidates, gate):
         mask = class_mask(np.asarray(prob, dtype=np.float32), post.thresholds[c], post.min_size[c])
         counts = mask.reshape(len(mask), -1).sum(axis=1)
         for p in candidates:
@@ -195,6 +223,22 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
     post.min_pixels = _keep_if_better(sums, min_pixels, steps, "min_pixels", scored, evaluated, class_tolerance)
     log(f"ensemble: empty-slice minimum pixels {post.min_pixels}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
         f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
+    if not gated or not all(gated):
+        return post, steps  # no gate head (or not every volume has one): the rules above, unchanged
+
+    def gate_masks(prob, c, candidates, gate):
+        mask = class_mask(np.asarray(prob, dtype=np.float32), post.thresholds[c], post.min_size[c], post.min_pixels[c])
+        present = mask.reshape(len(mask), -1).any(axis=1)
+        for t in candidates:
+            # Higher thresholds empty a superset of slices: the same count means the same mask.
+            emptied = int((present & (gate < t)).sum()) if t > 0 else 0
+            yield emptied, (lambda t=t: gate_slices(mask, gate, t))
+
+    sums, scored, evaluated = _stage_sums(load_volumes(), gate_thresholds, gate_masks)
+    post.gate = [float(v) for v in _keep_if_better(sums, list(gate_thresholds), steps, "gate", scored, evaluated,
+                                                   class_tolerance)]
+    log(f"ensemble: empty-slice gate thresholds {post.gate}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
+        f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
     return post, steps
 
 
@@ -203,7 +247,7 @@ def _keep_if_better(sums, candidates, steps, name, scored, evaluated, class_tole
     than `class_tolerance`; otherwise every class goes back to candidate 0 (off)."""
     off = [candidates.index(0)] * len(CLASSES)  # candidate 0 (off) reproduces the previous step
     chosen = _choose(sums, off)
-    values = [int(candidates[k]) for k in chosen]
+    values = [candidates[k] for k in chosen]
     record = _record(name, sums, off, chosen, scored, evaluated, values, kept=False)
     record["class_before"] = [ScoreSums(*sums[c, k]).score for c, k in enumerate(off)]
     record["class_after"] = [ScoreSums(*sums[c, k]).score for c, k in enumerate(chosen)]
@@ -226,5 +270,6 @@ def scores_with(load_volumes: Callable[[], Iterable], post: PostProcess) -> dict
     """Competition score, Dice and Hausdorff, overall and per class (`score/<class>` ...), of
     `post` applied to every volume `load_volumes()` yields: what tuning reached on OOF data."""
     rows = ((cls, ScoreSums.of_volume(masks[c], gt[c]))
-            for probs, gt in load_volumes() for masks in [apply(probs, post)] for c, cls in enumerate(CLASSES))
+            for probs, gt, gate in map(unpack_volume, load_volumes()) for masks in [apply(probs, post, gate)]
+            for c, cls in enumerate(CLASSES))
     return class_scores(sum_rows(rows, CLASSES))

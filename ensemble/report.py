@@ -15,8 +15,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.evaluate import CONFIGURATION, TUNED_CONFIGURATION, TUNED_SINGLE, WITH_TTA, per_case_table
-from ensemble.figures import best_so_far, latency_front, learning_curves, overlay, parameter_effects
+from ensemble.evaluate import (
+    CONFIGURATION,
+    GATE_OFF,
+    TUNED_CONFIGURATION,
+    TUNED_SINGLE,
+    WITH_TTA,
+    per_case_table,
+)
+from ensemble.figures import (
+    best_so_far,
+    latency_front,
+    learning_curves,
+    overlay,
+    parameter_effects,
+    search_front,
+)
 from ensemble.model import EnsembleModel
 from ensemble.postprocess import apply
 from ensemble.render import Report
@@ -135,14 +149,26 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
     rep.text(f"{len(rows)} trials; ASHA {'on' if settings.get('asha', {}).get('enabled') else 'off'} "
              f"({settings.get('asha')}); {settings.get('workers', {}).get('num_workers')} DDP workers per trial; "
              f"validation fold {settings.get('fold')}.")
+    latency = any(r.latency_ms is not None for r in rows)
     rep.table("leaderboard", [{"trial": r.trial_id, "status": r.status, "best score": r.best_score,
                                "best epoch": r.best_epoch or "", "epochs": r.epochs_run,
+                               **({"ms/slice": r.latency_ms if r.latency_ms is not None else "",
+                                   "Pareto": r.pareto} if latency else {}),
                                "time s": r.time_s, "configuration": r.config} for r in rows],
               "Leaderboard")
     if any(r.history for r in rows):
         rep.figure(learning_curves(rows), "learning_curves", "Validation score of every trial per epoch; "
                    "x marks a trial ASHA stopped early")
         rep.figure(best_so_far(rows), "best_so_far", "Best score found so far, trials in start order")
+    if any(r.latency_ms is not None for r in rows):
+        rep.text(f"Multi-objective search (objectives {settings.get('objectives')}): each trial measured its "
+                 f"network's inference time (ms per slice, TTA {settings.get('refit', {}).get('tta')}, the fused "
+                 f"engine on the trial's device); Optuna's multi-objective TPE saw each finished trial's last score "
+                 f"and its latency, while early stopping (ASHA) used the score alone. "
+                 f"{sum(r.pareto for r in rows)} trial(s) are on the front; the refit took "
+                 f"{'the front' if settings.get('refit', {}).get('select') == 'pareto' else 'the top-k by score'}.")
+        rep.figure(search_front(rows), "search_front", "Best validation score against measured inference latency; "
+                   "the line joins the Pareto-optimal trials")
     fig, effects = parameter_effects(rows)
     if fig is not None:
         rep.figure(fig, "parameter_effects", "Score by hyperparameter (bars: best, dots: mean; numeric "
@@ -208,8 +234,10 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     _latency_section(rep, manifest)
     post = manifest.postprocess
     rep.table("postprocess", [{"class": cls, "threshold": post["thresholds"][c], "min component voxels":
-                               post["min_size"][c], "min pixels per slice": post["min_pixels"][c]}
-                              for c, cls in enumerate(CLASSES)], "Post-processing tuned on out-of-fold predictions")
+                               post["min_size"][c], "min pixels per slice": post["min_pixels"][c],
+                               "gate threshold": post.get("gate", [0.0] * len(CLASSES))[c]}
+                              for c, cls in enumerate(CLASSES)], "Post-processing tuned on out-of-fold predictions "
+              "(0: the step is off; the gate needs models with a gate head)")
     rep.table("tuning_steps", [{"step": s["step"], "OOF before": s["before"], "OOF after": s["after"],
                                 "kept": s["kept"], "values": str(s["values"])}
                                for s in manifest.scores.oof["tuning_steps"]],
@@ -237,6 +265,9 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
                  f"single fold model tuned the same way: "
                  f"{score[final] - score[TUNED_SINGLE]:+.4f}. At threshold 0.5 with the same TTA, the ensemble against "
                  f"the best single configuration: {score[WITH_TTA] - score[CONFIGURATION]:+.4f}.")
+    if GATE_OFF[0] in score:
+        rep.text(f"What the empty-slice gate adds: {score[final] - score[GATE_OFF[0]]:+.4f} (the ensemble as built "
+                 f"against the same post-processing with the gate rule off).")
     tuned = (manifest.scores.oof or {}).get("tuned")
     if tuned:
         per_class = {r["class"]: r for r in holdout.per_class}
@@ -301,8 +332,8 @@ def _overlays(rep: Report, manifest: EnsembleManifest, ensemble_dir: Path, cache
     for which, case_day in picks:
         entry = cache.entries[case_day]
         out_size = (entry["height"], entry["width"])
-        probs = model.probs({cache.size: cache.image(case_day)}, out_size)
-        pred = apply(probs, model.post)
+        probs, gate = model.predict({cache.size: cache.image(case_day)}, out_size)
+        pred = apply(probs, model.post, gate)
         gt = cache.original_masks(case_day)
         per_class = np.stack([dice_per_slice(pred[c], gt[c]) for c in range(3)])  # (3, D), NaN: both empty
         counted = (~np.isnan(per_class)).sum(axis=0)

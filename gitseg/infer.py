@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import time
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ TRANSFORMS = {
     "vflip": (lambda x: x.flip(-2), lambda y: y.flip(-2)),
     "hvflip": (lambda x: x.flip(-2, -1), lambda y: y.flip(-2, -1)),
 }
+TIMED_SLICES = 32      # slices per timing run (ms_per_slice): a few batches, enough to amortise the set-up
+TIMING_REPEATS = 3     # the median of these runs is recorded
 TTA_SETS = {
     "none": ("identity",),
     "hflip": ("identity", "hflip"),
@@ -121,16 +124,24 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Mo
     return chosen
 
 
-def view_probs(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor, views) -> list[torch.Tensor]:
+def view_probs(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor, views):
     """Per TTA view, the models' weighted mean probabilities `(B, 3, S, S)`, mapped back by the view's
-    inverse; all views go through each model in one forward."""
+    inverse, and their gate probabilities `(B, 3)` (None unless every model has a gate head); all
+    views go through each model in one forward."""
     batch = torch.cat([view(x) for view, _ in views])  # (T*B, C, S, S)
-    total = None
+    total, gate_total = None, []
     for model, weight in zip(models, weights):
-        logits, _ = split_outputs(model(batch))
+        logits, gate_logits = split_outputs(model(batch))
         probs = [weight * inverse(p) for (_, inverse), p in zip(views, torch.sigmoid(logits.float()).chunk(len(views)))]
         total = probs if total is None else [t + p for t, p in zip(total, probs)]
-    return [t / float(sum(weights)) for t in total]
+        if gate_total is not None and gate_logits is not None:
+            # Organ presence does not change under a flip: a view's gate needs no inverse.
+            gates = [weight * g for g in torch.sigmoid(gate_logits.float()).chunk(len(views))]
+            gate_total = gates if not gate_total else [t + g for t, g in zip(gate_total, gates)]
+        else:
+            gate_total = None
+    norm = float(sum(weights))
+    return [t / norm for t in total], [g / norm for g in gate_total] if gate_total else None
 
 
 @torch.inference_mode()
@@ -150,13 +161,14 @@ def predict_volume(models, volume: np.ndarray, channels: int, stride: int, out_s
     (pass prepared models to skip that step when predicting many volumes).
     """
     return predict_volume_sets(models, volume, channels, stride, (tta,), out_size, weights, batch_size, device, amp,
-                               channels_last)[tta]
+                               channels_last)[0][tta]
 
 
 def predict_volume_sets(models, volume: np.ndarray, channels: int, stride: int, tta_sets=("none", "hflip"),
                         out_size=None, weights=None, batch_size: int | None = None, device=None, amp: bool = True,
-                        channels_last: bool = True) -> dict[str, np.ndarray]:
-    """`predict_volume` for several TTA sets at once: {set: probabilities float16 `(3, D, H, W)`}.
+                        channels_last: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`predict_volume` for several TTA sets at once: ({set: probabilities float16 `(3, D, H, W)`},
+    {set: gate probabilities float16 `(3, D)`}); the second is empty unless every model has a gate head.
 
     Each view of the sets' union is computed once, so the refit's out-of-fold files with and
     without TTA cost the forward passes of the larger set alone.
@@ -176,15 +188,59 @@ def predict_volume_sets(models, volume: np.ndarray, channels: int, stride: int, 
     windows = torch.from_numpy(window_indices(depth, channels, stride)).to(device)
     slices = torch.from_numpy(np.asarray(volume, dtype=np.float32)).to(device)  # (D, S, S)
     probs = {name: np.empty((3, depth, out_h, out_w), dtype=np.float16) for name in tta_sets}
+    gates = {name: np.empty((3, depth), dtype=np.float16) for name in tta_sets}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = [prepare_for_inference(m, channels_last) for m in models]
     with torch.inference_mode(), autocast(device, amp, cpu=True):
         for start in range(0, depth, batch_size):
             x = slices[windows[start:start + batch_size]].contiguous(memory_format=fmt)  # (B, C, S, S)
-            per_view = dict(zip(names, view_probs(models, weights, x, views)))  # each (B, 3, S, S)
+            masks, gate = view_probs(models, weights, x, views)
+            per_view = dict(zip(names, masks))  # each (B, 3, S, S)
+            for name in list(gates):
+                if gate is None:
+                    del gates[name]
+                else:
+                    g = sum(gate[names.index(v)] for v in TTA_SETS[name]) / len(TTA_SETS[name])  # (B, 3)
+                    gates[name][:, start:start + len(x)] = g.clamp_(0, 1).T.to(torch.float16).cpu().numpy()
             for name, out in probs.items():
                 p = sum(per_view[v] for v in TTA_SETS[name]) / len(TTA_SETS[name])
                 if (out_h, out_w) != (size, size):
                     p = F.interpolate(p, size=(out_h, out_w), mode="bilinear", align_corners=False)
                 out[:, start:start + len(x)] = p.clamp_(0, 1).permute(1, 0, 2, 3).to(torch.float16).cpu().numpy()
-    return probs
+    return probs, gates
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured latency (the ensemble's latency front, the multi-objective search)
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """What the times were measured on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{model}, {torch.get_num_threads()} threads, "
+            f"{'bf16 autocast' if cpu_has_native_bf16() else 'fp32 (no native bf16)'}")
+
+
+def ms_per_slice(network, volume: np.ndarray, channels: int, stride: int, out_size, tta: str, device) -> float:
+    """Median wall milliseconds per slice of `predict_volume` (the fused engine, mapped back to the
+    original size) over the first TIMED_SLICES slices of `volume`, after one warm-up run."""
+    volume = np.asarray(volume[:TIMED_SLICES])
+    predict_volume(network, volume[:8], channels, stride, out_size=out_size, tta=tta, device=device)
+    times = []
+    for _ in range(TIMING_REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        predict_volume(network, volume, channels, stride, out_size=out_size, tta=tta, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times)) / len(volume)

@@ -5,7 +5,8 @@ float16 `(3, D, H, W)` in [0, 1], class order CLASSES, at the original image siz
 probability contract, docs/ARCHITECTURE.md), made with the refit's TTA. When that TTA is not
 "none", `none/<case_day>.npy` holds the same forward pass's untransformed view: the same models
 without TTA, so that the ensemble can tune and price a TTA-free variant without predicting again.
-Holdout case-days never have one.
+Models with a gate head (`model.gate`) also leave `gate/<case_day>.npy` beside each: float16
+`(3, D)`, the per-slice probability that each class is present. Holdout case-days never have one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gitseg.infer import predict_volume_sets
 
 OOF_FOLDER = "oof"  # inside a refit run's final checkpoint
 NO_TTA = "none"
+GATE = "gate"
 
 
 def oof_tta_sets(tta: str) -> tuple[str, ...]:
@@ -31,6 +33,17 @@ def oof_file(folder, case_day: str, tta: str | None = None) -> Path:
     (the same file when the refit used no TTA: pass the refit's TTA to `load_oof`)."""
     folder = Path(folder)
     return (folder / NO_TTA if tta == NO_TTA else folder) / f"{case_day}.npy"
+
+
+def gate_file(folder, case_day: str, tta: str | None = None) -> Path:
+    path = oof_file(folder, case_day, tta)
+    return path.parent / GATE / path.name
+
+
+def load_gate(folder, case_day: str, tta: str | None = None, refit_tta: str | None = None) -> np.ndarray | None:
+    """float32 `(3, D)` gate probabilities of one case-day, or None when the model has no gate head."""
+    path = gate_file(folder, case_day, None if tta == refit_tta else tta)
+    return np.load(path).astype(np.float32) if path.is_file() else None
 
 
 def load_oof(folder, case_day: str, tta: str | None = None, refit_tta: str | None = None) -> np.ndarray:
@@ -58,9 +71,13 @@ def write_oof(model, cache: Cache, case_days: list[str], folder, channels: int, 
     files = []
     for case_day in case_days:
         entry = cache.entries[case_day]
-        probs = predict_volume_sets(model, cache.image(case_day), channels, stride, oof_tta_sets(tta),
-                                    out_size=(entry["height"], entry["width"]), device=device)
+        probs, gates = predict_volume_sets(model, cache.image(case_day), channels, stride, oof_tta_sets(tta),
+                                           out_size=(entry["height"], entry["width"]), device=device)
         for name, p in probs.items():
             files.append(oof_file(folder, case_day, None if name == tta else name))
             np.save(files[-1], p)
+            if name in gates:
+                files.append(gate_file(folder, case_day, None if name == tta else name))
+                files[-1].parent.mkdir(exist_ok=True)
+                np.save(files[-1], gates[name])
     return files

@@ -44,6 +44,8 @@ class TrialRow:
     history: list[dict]          # {epoch (from 1), score, dice, hausdorff} for every epoch trained
     time_s: float
     started: float | None = None  # Unix time the trial started (Tune's record)
+    latency_ms: float | None = None  # inference ms per slice (multi-objective searches only)
+    pareto: bool = False         # on the front of best score against latency (multi-objective searches)
 
 
 @dataclasses.dataclass

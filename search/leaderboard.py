@@ -6,12 +6,15 @@ import json
 import math
 from pathlib import Path
 
+from gitseg.pareto import pareto
 from gitseg.records import TrialRow
 from gitseg.tables import csv_text, format_table, label
 from search.space import decode
+from search.trial import LATENCY_METRIC
 
 HISTORY_KEYS = ("score", "dice", "hausdorff")
-LEADERBOARD_COLUMNS = ("trial_id", "status", "best_score", "best_epoch", "epochs_run", "config", "checkpoint", "error")
+LEADERBOARD_COLUMNS = ("trial_id", "status", "best_score", "best_epoch", "epochs_run", "latency_ms", "pareto", "config",
+                       "checkpoint", "error")
 
 
 def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
@@ -44,6 +47,8 @@ def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
                 row.started = float(scored["timestamp"].min() - scored["time_total_s"].min())
         if metrics.get("checkpoint_path"):
             row.checkpoint = f"{metrics['checkpoint_path']}/best.pt"
+        if metrics.get(LATENCY_METRIC) is not None:
+            row.latency_ms = float(metrics[LATENCY_METRIC])
         if result.error is not None:
             row.error = error_line(result.error)
         elif row.epochs_run >= epochs_planned:
@@ -52,7 +57,17 @@ def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
             row.status = "stopped early"
         rows.append(row)
     rows.sort(key=lambda r: (-r.best_score if not math.isnan(r.best_score) else math.inf))
+    mark_pareto(rows)
     return rows
+
+
+def mark_pareto(rows: list[TrialRow]) -> None:
+    """Flag the trials on the front of best score against latency: no other trial scores at least
+    as well at a lower or equal latency (trials without both figures are never on it)."""
+    measured = [r for r in rows if r.latency_ms is not None and not math.isnan(r.best_score)]
+    front = {id(r) for r in pareto(measured, quality=lambda r: r.best_score, cost=lambda r: r.latency_ms)}
+    for r in rows:
+        r.pareto = id(r) in front
 
 
 def error_line(error) -> str:
@@ -86,7 +101,10 @@ def leaderboard_csv(rows: list[TrialRow]) -> str:
 
 
 def format_leaderboard(rows: list[TrialRow]) -> str:
+    latency = any(r.latency_ms is not None for r in rows)
     shown = [{"trial": r.trial_id, "status": r.status, "score": r.best_score,
               "best epoch": "" if r.best_epoch is None else r.best_epoch, "epochs": r.epochs_run,
+              **({"ms/slice": "" if r.latency_ms is None else f"{r.latency_ms:.2f}",
+                  "front": "*" if r.pareto else ""} if latency else {}),
               "configuration": r.config[:90]} for r in rows]
     return format_table(shown, floats="{:.4f}")

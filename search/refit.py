@@ -24,7 +24,10 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
     """Refit (or resume refitting) the top `settings.refit.topk` rows on every fold; writes refit.json."""
     import ray.tune  # heavy
 
-    top = [r for r in rows if r.status != "failed" and not math.isnan(r.best_score)][: settings.refit.topk]
+    ok = [r for r in rows if r.status != "failed" and not math.isnan(r.best_score)]
+    if settings.refit.select == "pareto":  # the score-latency front, best score first (rows are sorted)
+        ok = [r for r in ok if r.pareto]
+    top = ok[: settings.refit.topk]
     if not top:
         log("search: no successful trial to refit")
         return []
@@ -38,7 +41,8 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
     fn = trainable(refit_trial, base=base, storage_path=f"{root}/refit_runs", workers=settings.workers,
                    max_failures=settings.max_failures, tta=settings.refit.tta)
     reused = sum(1 for job in jobs if job["start_from"])
-    log(f"search: refit of the top {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs"
+    which = "the score-latency front's" if settings.refit.select == "pareto" else "the top"
+    log(f"search: refit of {which} {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs"
         + (f", {reused} of them continuing the search trial's run on fold {settings.fold}" if reused else ""))
     fs, fs_root = filesystem(root)
     experiment = f"{fs_root}/{REFIT_EXPERIMENT}"

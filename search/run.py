@@ -28,9 +28,10 @@ from search.refit import run_refit
 from search.settings import SearchConfig
 from search.space import DefineByRun, base_values, check_space, encode, max_epochs, parse_space
 from search.storage import experiment_root, filesystem, write_text
-from search.trial import search_trial
+from search.trial import LATENCY_METRIC, search_trial
 
 SEARCH_EXPERIMENT = "tune"
+LATENCY = "latency"  # the objective's name in a search config
 
 
 def prepare_base(settings: SearchConfig) -> Config:
@@ -74,15 +75,28 @@ def run_search(settings: SearchConfig, log=say, callbacks: list | None = None) -
             ray.shutdown()
 
 
+def make_searcher(settings: SearchConfig, params, points: list[dict]):
+    """Optuna's TPE through Ray Tune: single-objective (the score), or with `objectives: [score,
+    latency]` multi-objective, told each finished trial's last score and its latency. ASHA, the
+    scheduler, ranks trials by the score alone either way."""
+    from ray.tune.search.optuna import OptunaSearch  # heavy: Ray's Optuna bridge
+
+    if LATENCY in settings.objectives:
+        return OptunaSearch(space=DefineByRun(params), metric=[settings.metric, LATENCY_METRIC], mode=["max", "min"],
+                            points_to_evaluate=points, seed=settings.seed)
+    return OptunaSearch(space=DefineByRun(params), metric=settings.metric, mode="max", points_to_evaluate=points,
+                        seed=settings.seed)
+
+
 def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache: Cache, log,
                       callbacks: list) -> list[TrialRow]:
     import ray.tune  # heavy: Ray's Tune, schedulers and the Optuna bridge
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     root = experiment_root(settings.storage_path, settings.name)
+    latency_tta = settings.refit.tta if LATENCY in settings.objectives else None
     fn = trainable(search_trial, params=params, base=base, storage_path=f"{root}/train_runs",
-                   workers=settings.workers, max_failures=settings.max_failures)
+                   workers=settings.workers, max_failures=settings.max_failures, latency_tta=latency_tta)
     fs, fs_root = filesystem(root)
     experiment = f"{fs_root}/{SEARCH_EXPERIMENT}"
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
@@ -96,8 +110,7 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
                                       reduction_factor=settings.asha.reduction_factor)
         else:
             scheduler = FIFOScheduler()
-        searcher = OptunaSearch(space=DefineByRun(params), metric=settings.metric, mode="max",
-                                points_to_evaluate=points, seed=settings.seed)
+        searcher = make_searcher(settings, params, points)
         tuner = ray.tune.Tuner(
             fn,
             tune_config=ray.tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,

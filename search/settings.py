@@ -25,6 +25,8 @@ class AshaConfig:
 @dataclasses.dataclass
 class RefitConfig:
     topk: int = 2                 # configurations trained on every fold after the search
+    select: str = "topk"          # topk: the best scores; pareto: the trials on the score-latency front
+                                  # (multi-objective searches), best score first, at most topk of them
     folds: list[int] | None = None  # None: all folds of the cache
     tta: str = "hflip"            # TTA of the out-of-fold probabilities
 
@@ -36,6 +38,9 @@ class SearchConfig:
     set: list[str] = dataclasses.field(default_factory=list)  # overrides of the base (key=value)
     storage_path: str = "runs/search"         # local folder, shared filesystem or object store URI
     metric: str = "score"                     # maximised; the validation competition score
+    # [score] or [score, latency]: the second makes the search multi-objective (Optuna's multi-objective
+    # TPE): each trial also measures its network's inference ms per slice; early stopping uses the score.
+    objectives: list[str] = dataclasses.field(default_factory=lambda: ["score"])
     num_samples: int = 8                      # trials, including the default configuration
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs allow
     seed: int = 0
@@ -60,4 +65,10 @@ def load_search_config(path, overrides: list[str] | None = None) -> SearchConfig
         raise ConfigError(f"refit.topk must be 0 or more (got {cfg.refit.topk})")
     if cfg.metric != "score" and not cfg.metric.startswith("score/"):
         raise ConfigError(f"metric must be score or score/<class> (got {cfg.metric!r})")
+    if cfg.objectives not in (["score"], ["score", "latency"]):
+        raise ConfigError(f"objectives must be [score] or [score, latency] (got {cfg.objectives})")
+    if cfg.refit.select not in ("topk", "pareto"):
+        raise ConfigError(f"refit.select must be topk or pareto (got {cfg.refit.select!r})")
+    if cfg.refit.select == "pareto" and "latency" not in cfg.objectives:
+        raise ConfigError("refit.select: pareto needs objectives: [score, latency] (a front of score and latency)")
     return cfg

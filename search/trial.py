@@ -9,6 +9,7 @@ Train run resumes from its latest checkpoint (a restored trial continues where i
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,8 @@ from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
 from gitseg.config import Config, from_dict, to_dict
 from gitseg.data.cache import Cache
 from gitseg.files import scratch_folder
-from gitseg.infer import prepare_for_inference
+from gitseg.infer import device_name, ms_per_slice, prepare_for_inference
+from gitseg.models import build_model
 from gitseg.oof import OOF_FOLDER, write_oof
 from gitseg.train import can_resume, fit
 from search.space import decode, trial_config
@@ -77,10 +79,13 @@ def copy_checkpoint_files(checkpoint, out: Path) -> list[str]:
     return copied
 
 
-def _report_to_ray(metrics: dict, checkpoint_dir: str | None) -> None:
+LATENCY_METRIC = "latency_ms"  # reported with every epoch of a multi-objective search's trials
+
+
+def _report_to_ray(metrics: dict, checkpoint_dir: str | None, extra: dict | None = None) -> None:
     import ray.train  # heavy: Ray loads only in the functions that run under it
 
-    metrics = {**metrics, "epochs_done": metrics["epoch"] + 1}
+    metrics = {**metrics, **(extra or {}), "epochs_done": metrics["epoch"] + 1}
     checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
     ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -98,9 +103,24 @@ def train_worker(loop_config: dict) -> None:
         log = print if rank == 0 else (lambda *_: None)
         _restore_latest(out, cfg, loop_config.get("start_from"), log)
         device = ray.train.torch.get_device()
-        best = fit(cfg, report=_report_to_ray, device=device, log=log)
+        extra = {}
+        if loop_config.get("latency_tta") and rank == 0:  # only rank 0's metrics reach Tune
+            extra[LATENCY_METRIC] = trial_latency(cfg, loop_config["latency_tta"], device)
+            log(f"search: inference {extra[LATENCY_METRIC]:.2f} ms per slice on {device_name(device)}")
+        best = fit(cfg, report=functools.partial(_report_to_ray, extra=extra), device=device, log=log)
         if loop_config.get("oof_tta"):
             report_oof(cfg, out, best, loop_config["oof_tta"], device)
+
+
+def trial_latency(cfg: Config, tta: str, device) -> float:
+    """Inference ms per slice of the trial's network (its weights do not matter: freshly built) with
+    the fused engine on the trial's device, on the first validation case-day of its fold."""
+    cache = Cache(cfg.data.cache)
+    case_day = cache.case_days(folds=[cfg.data.fold])[0]
+    entry = cache.entries[case_day]
+    model = prepare_for_inference(build_model(cfg.model, cfg.data.channels).to(device), cfg.train.channels_last)
+    return ms_per_slice(model, cache.image(case_day), cfg.data.channels, cfg.data.stride,
+                        (entry["height"], entry["width"]), tta, device)
 
 
 def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
@@ -130,7 +150,7 @@ def report_oof(cfg: Config, out: Path, best: dict, tta: str, device) -> None:
 
 
 def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, max_failures: int,
-                     oof_tta: str | None = None, start_from: str | None = None) -> None:
+                     oof_tta: str | None = None, start_from: str | None = None, latency_tta: str | None = None) -> None:
     """One Ray Train run of `cfg` (called inside a Tune trial); raises if training fails.
 
     `start_from`: a checkpoint folder of an earlier run of the same configuration and fold; a run
@@ -153,7 +173,8 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "oof_tta": oof_tta, "start_from": start_from},
+        train_loop_config={"config": to_dict(cfg), "oof_tta": oof_tta, "start_from": start_from,
+                           "latency_tta": latency_tta},
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -169,14 +190,16 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
     trainer.fit()
 
 
-def search_trial(config: dict, *, params, base: dict, storage_path: str, workers, max_failures: int) -> None:
-    """The Tune trial function of the search: decode the suggestion, launch its Train run."""
+def search_trial(config: dict, *, params, base: dict, storage_path: str, workers, max_failures: int,
+                 latency_tta: str | None = None) -> None:
+    """The Tune trial function of the search: decode the suggestion, launch its Train run (which
+    measures the network's latency with TTA `latency_tta` in a multi-objective search)."""
     import ray.tune  # heavy: Ray loads only in the functions that run under it
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, decode(params, config))
     launch_train_run(cfg, run_name=f"trial-{trial_id}", storage_path=storage_path, workers=workers,
-                     max_failures=max_failures)
+                     max_failures=max_failures, latency_tta=latency_tta)
 
 
 def refit_trial(config: dict, *, base: dict, storage_path: str, workers, max_failures: int, tta: str) -> None:

@@ -11,12 +11,13 @@ import pytest
 from conftest import tiny_config
 
 from ensemble.build import build_ensemble
-from ensemble.evaluate import FINAL, NO_TTA, TUNED_NO_TTA, TUNED_SINGLE, VARIANTS, scores_from_rows
+from ensemble.evaluate import FINAL, GATE_OFF, NO_TTA, TUNED_NO_TTA, TUNED_SINGLE, VARIANTS, scores_from_rows
 from ensemble.latency import Candidate, choose_under_budget, pareto_front
 from ensemble.members import (
     Configuration,
     FoldModel,
     load_refit,
+    oof_gate,
     oof_probs,
     select_greedy,
     select_topk,
@@ -64,8 +65,9 @@ def write_refit_run(cache_dir, root, configs=CONFIGS, failed=()):
             train = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("train.")}
             cfg = tiny_config(cache_dir, out, **train)
             for k, v in values.items():
-                if k.startswith("data."):
-                    setattr(cfg.data, k.split(".", 1)[1], v)
+                if k.startswith(("data.", "model.")):
+                    section, key = k.split(".", 1)
+                    setattr(getattr(cfg, section), key, v)
             cfg.data.fold = fold
             best = fit(cfg, **QUIET)
             model = model_from_checkpoint(load_checkpoint(out / "best.pt"))
@@ -216,8 +218,11 @@ def holdout_score(model, cache, members, tta, post) -> float:
     for case_day in cache.case_days(holdout=True):
         entry = cache.entries[case_day]
         size = {cache.size: cache.image(case_day)}, (entry["height"], entry["width"])
-        probs = sum(m.weight * model.probs(*size, tta=tta, members=[m]) for m in members)
-        masks = apply(probs / sum(m.weight for m in members), post)
+        each = [model.predict(*size, tta=tta, members=[m]) for m in members]
+        total = sum(m.weight for m in members)
+        probs = sum(m.weight * p for m, (p, _) in zip(members, each)) / total
+        gate = None if each[0][1] is None else sum(m.weight * g for m, (_, g) in zip(members, each)) / total
+        masks = apply(probs, post, gate)
         gt = cache.original_masks(case_day)
         rows += [{"class": cls, "sums": list(ScoreSums.of_volume(masks[c], gt[c]))} for c, cls in enumerate(CLASSES)]
     return scores_from_rows(rows)["score"]
@@ -238,7 +243,7 @@ def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, t
         return load
 
     def stand_in_tune(load, log=None):
-        probs = np.concatenate([p.ravel() for p, _ in load()])
+        probs = np.concatenate([volume[0].ravel() for volume in load()])
         post = PostProcess(thresholds=[float(np.quantile(probs, 0.9 + 0.02 * len(tuned)))] * len(CLASSES))
         tuned[load.source] = post
         return post, [{"step": "thresholds", "values": post.thresholds, "before": 0.0, "after": 0.0, "kept": True}]
@@ -278,6 +283,45 @@ def test_refit_oof_without_tta_is_the_untransformed_view(built, refit_run, train
     assert not np.array_equal(load_oof(conf.folds[0].oof, case_day, "hflip", "hflip"), expected.astype(np.float32))
     with pytest.raises(ValueError, match="not with 'flips'"):
         load_oof(conf.folds[0].oof, case_day, "flips", "hflip")
+
+
+def test_gate_probabilities_join_the_oof_contract_and_the_ensemble(train_cache, tmp_path, refit_run, built,
+                                                                   monkeypatch):
+    """Models with a gate head leave per-slice gate probabilities beside their OOF (with and without
+    TTA); the ensemble averages them, tunes the gate rule on them, and shows what it adds."""
+    run = write_refit_run(train_cache, tmp_path / "gated", configs=({"train.lr": 0.003, "model.gate": True},))
+    cache = Cache(train_cache)
+    conf = load_refit(run).configurations[0]
+    case_day = cache.case_days(folds=[1])[0]
+    depth = len(cache.image(case_day))
+    for tta in ("hflip", "none"):
+        gate = oof_gate([conf], [1.0], case_day, cache, tta)
+        assert gate.shape == (3, depth) and 0 <= gate.min() and gate.max() <= 1
+    manifest = build_ensemble(run, topk=1, out=tmp_path / "ens", **QUIET)
+    assert [s["step"] for s in manifest.scores.oof["tuning_steps"]][-1] == "gate"
+    model = EnsembleModel.load(tmp_path / "ens")
+    entry = cache.entries[case_day]
+    probs, gate = model.predict({cache.size: cache.image(case_day)}, (entry["height"], entry["width"]))
+    assert gate.shape == (3, depth) and probs.shape[:2] == (3, depth)
+    variants = [r["variant"] for r in manifest.scores.holdout.ablation]
+    assert (GATE_OFF[0] in variants) == any(manifest.postprocess["gate"])
+    # With the gate rule on (a stand-in tuning turns it on), the ablation shows the ensemble without it.
+    import ensemble.build as build
+
+    on = PostProcess(gate=[0.5] * 3)
+    monkeypatch.setattr(build, "tune", lambda load, log=None: (on, [{"step": "gate", "values": on.gate,
+                                                                     "before": 0.0, "after": 0.0, "kept": True}]))
+    manifest = build_ensemble(run, topk=1, out=tmp_path / "gated_on", **QUIET)
+    rows = {r["variant"]: r for r in manifest.scores.holdout.ablation}
+    model = EnsembleModel.load(tmp_path / "gated_on")
+    assert rows[GATE_OFF[0]]["gain_over"] == FINAL and manifest.scores.holdout.final == FINAL
+    assert rows[FINAL]["score"] == pytest.approx(holdout_score(model, cache, model.members, "hflip", on), abs=1e-12)
+    assert rows[GATE_OFF[0]]["score"] == pytest.approx(
+        holdout_score(model, cache, model.members, "hflip", PostProcess()), abs=1e-12)
+    # Without a gate head (the shared run): no gate probabilities, no gate step, the rule off.
+    plain = load_refit(refit_run).configurations[0]
+    assert oof_gate([plain], [1.0], case_day, cache) is None and not (plain.folds[1].oof / "gate").exists()
+    assert built[1].postprocess["gate"] == [0.0] * 3
 
 
 # ---------------------------------------------------------------------------------------------

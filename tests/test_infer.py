@@ -4,7 +4,7 @@ import torch
 
 from gitseg.config import ModelConfig
 from gitseg.data.dataset import window_indices
-from gitseg.infer import predict_volume, prepare_for_inference
+from gitseg.infer import predict_volume, predict_volume_sets, prepare_for_inference
 from gitseg.models import build_model
 
 
@@ -85,3 +85,26 @@ def test_folding_that_would_change_outputs_is_not_used(monkeypatch):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(ready(x), model(x), atol=1e-5)
+
+
+def test_several_tta_sets_and_the_gate_from_one_forward(model_and_volume):
+    """predict_volume_sets gives each TTA set what predict_volume gives it alone, and the gate head's
+    per-slice probabilities averaged over views and models (none when a model has no gate head)."""
+    model, volume = model_and_volume
+    probs, gates = predict_volume_sets(model, volume, 3, 2, ("none", "hflip"), amp=False)
+    for tta in ("none", "hflip"):
+        assert np.array_equal(probs[tta], predict_volume(model, volume, 3, 2, tta=tta, amp=False))
+    assert gates == {}
+    torch.manual_seed(2)
+    gated = build_model(ModelConfig(encoder="tu-test_resnet", gate=True), in_channels=3).eval()
+    probs, gates = predict_volume_sets([gated, gated], volume, 3, 2, ("none", "hflip"), amp=False, weights=[1, 3])
+    vol = torch.from_numpy(volume.astype(np.float32))
+    with torch.no_grad():
+        x = vol[torch.from_numpy(window_indices(len(volume), 3, 2))]
+        plain = torch.sigmoid(gated(x)[1]).T.numpy()                   # (3, D)
+        flipped = torch.sigmoid(gated(x.flip(-1))[1]).T.numpy()
+    assert gates["none"].shape == (3, len(volume)) and gates["none"].dtype == np.float16
+    assert np.abs(gates["none"].astype(np.float32) - plain).max() < 2e-3
+    assert np.abs(gates["hflip"].astype(np.float32) - (plain + flipped) / 2).max() < 2e-3
+    _, mixed = predict_volume_sets([gated, model], volume, 3, 2, ("none",), amp=False)
+    assert mixed == {}  # one member without a gate head: no gate for the ensemble

@@ -6,7 +6,7 @@ import types
 
 import pandas as pd
 
-from search.leaderboard import leaderboard
+from search.leaderboard import format_leaderboard, leaderboard, mark_pareto
 from search.space import encode, parse_space
 from search.storage import filesystem
 
@@ -57,3 +57,23 @@ def test_without_a_readable_checkpoint_tunes_record_is_used(tmp_path):
     assert rows["gone"].best_score == 0.35 and rows["gone"].epochs_run == 2
     assert rows["failed"].status == "failed" and math.isnan(rows["failed"].best_score)
     assert "loss is nan" in rows["failed"].error
+
+
+def test_the_score_latency_front_is_marked():
+    def row(name, score, latency):
+        return types.SimpleNamespace(trial_id=name, best_score=score, latency_ms=latency, pareto=None)
+
+    rows = [row("a", 0.80, 5.0), row("b", 0.70, 2.0), row("c", 0.75, 6.0), row("d", 0.60, 2.5),
+            row("e", math.nan, 1.0), row("f", 0.90, None), row("g", 0.70, 2.0)]
+    mark_pareto(rows)
+    assert [r.trial_id for r in rows if r.pareto] == ["a", "b"]  # g ties b and comes later; f has no latency
+
+
+def test_leaderboard_records_latency_and_shows_the_front(tmp_path):
+    fast = [{**epoch(0, 0.5), "latency_ms": 1.5}, {**epoch(1, 0.6), "latency_ms": 1.5}]
+    slow = [{**epoch(0, 0.7), "latency_ms": 4.0}]
+    rows = leaderboard([result(tmp_path, "fast", fast), result(tmp_path, "slow", slow)], SPACE, BASE,
+                       filesystem(str(tmp_path))[0])
+    assert [(r.trial_id, r.latency_ms, r.pareto) for r in rows] == [("slow", 4.0, True), ("fast", 1.5, True)]
+    text = format_leaderboard(rows)
+    assert "ms/slice" in text and "front" in text and "4.00" in text

@@ -122,3 +122,47 @@ def test_steps_on_a_hand_made_mask():
     assert PostProcess.from_dict(PostProcess([0.3, 0.4, 0.5], [1, 2, 3], [0, 0, 9]).to_dict()).min_pixels == [0, 0, 9]
     with pytest.raises(ValueError, match="one value per class"):
         PostProcess.from_dict({"thresholds": [0.5], "min_size": [0, 0, 0], "min_pixels": [0, 0, 0]})
+
+
+def gated_volumes(n=4, seed=3):
+    """Perfect masks plus a false-positive blob on slices where the organ is absent; the gate says
+    (correctly) that it is absent there: only the gate can remove those blobs."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for gt in organ_volumes(n=n):
+        probs = gt.astype(np.float32) * 0.9
+        gate = np.where(gt.any(axis=(2, 3)), rng.uniform(0.6, 1.0, gt.shape[:2]), rng.uniform(0.0, 0.25, gt.shape[:2]))
+        for c in range(3):
+            empty = np.flatnonzero(~gt[c].any(axis=(1, 2)))
+            probs[c, empty[0], 8:28, 8:28] = 0.8  # 400 voxels: larger than any true component or slice
+        data.append((probs, gt, gate.astype(np.float32)))
+    return data
+
+
+def test_the_gate_rule_is_tuned_with_a_gate_head_and_off_without():
+    data = gated_volumes()
+    post, steps = tune(lambda: iter(data), **QUIET)
+    assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels", "gate"]
+    assert post.min_size == [0] * 3 and post.min_pixels == [0] * 3  # neither rule can remove the blobs
+    assert steps[-1]["kept"] and all(0 < t <= 0.6 for t in post.gate)
+    assert steps[-1]["after"] == pytest.approx(1.0)
+    masks = apply(data[0][0], post, data[0][2])
+    assert np.array_equal(masks, data[0][1])
+    assert not np.array_equal(apply(data[0][0], post), data[0][1])  # no gate given: the rule is off
+    # The same volumes without gate probabilities: today's three steps, the gate off.
+    post, steps = tune(lambda: iter([(p, gt) for p, gt, _ in data]), **QUIET)
+    assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"] and post.gate == [0.0] * 3
+    assert PostProcess.from_dict({k: v for k, v in post.to_dict().items() if k != "gate"}) == post  # older manifests
+
+
+def test_fast_search_matches_the_naive_search_with_a_gate():
+    rng = np.random.default_rng(4)
+    data = []
+    for probs, gt, gate in gated_volumes(n=3, seed=5):
+        noise = rng.uniform(0, 0.7, gt.shape) * (rng.uniform(size=gt.shape) < 0.05)
+        data.append((np.clip(probs + noise, 0, 1).astype(np.float16), gt, np.clip(gate + rng.normal(0, 0.2, gate.shape),
+                                                                                   0, 1)))
+    grids = dict(thresholds=(0.3, 0.5, 0.7), min_sizes=(0, 5, 20), min_pixels=(0, 10), gate_thresholds=(0, 0.2, 0.4))
+    post, steps = tune(lambda: iter(data), **grids, **QUIET)
+    assert post == tune_naive(lambda: iter(data), **grids)
+    assert steps[-1]["step"] == "gate"

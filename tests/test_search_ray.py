@@ -133,6 +133,17 @@ def test_search_asha_failure_and_refit(small_demo):
     assert Path(best["checkpoint"]).is_file()
     stopped = next(r for r in rows if r["status"] == "stopped early")
     assert "train.lr=1e-07" in stopped["config"] and int(stopped["epochs_run"]) < 3
+    # Multi-objective: each trial that trained reported its measured latency; the front is marked and
+    # the refit (select: pareto, topk 1) took the front's best score.
+    assert float(best["latency_ms"]) > 0 and float(stopped["latency_ms"]) > 0 and failed["latency_ms"] == ""
+    assert best["pareto"] == "True"
+    record = records.load(SearchRecord, root / SEARCH_RECORD)
+    assert record.settings["objectives"] == ["score", "latency"] and record.settings["refit"]["select"] == "pareto"
+    front = [r for r in record.leaderboard if r.pareto]
+    for r in front:  # no trial dominates a front trial
+        assert not any(o.best_score >= r.best_score and o.latency_ms <= r.latency_ms
+                       and (o.best_score, o.latency_ms) != (r.best_score, r.latency_ms)
+                       for o in record.leaderboard if o.latency_ms is not None)
 
     # Refit: one model and one set of out-of-fold probabilities per fold, holdout never used.
     from gitseg.checkpoint import load_checkpoint, model_from_checkpoint

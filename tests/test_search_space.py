@@ -1,10 +1,13 @@
 """Search spaces and search configs: parsing, validation before any trial, Optuna define-by-run."""
 
+import math
+
 import optuna
 import pytest
 import yaml
 
 from gitseg.config import ConfigError, load_config, to_dict
+from search.run import make_searcher
 from search.settings import load_search_config
 from search.space import DefineByRun, base_values, check_space, decode, encode, parse_space, trial_config
 
@@ -84,6 +87,34 @@ def test_search_config_strict(tmp_path):
     with pytest.raises(ConfigError, match="num_workers must be at least 1"):
         load_search_config(path)
     assert load_search_config("configs/search_demo.yaml", ["num_samples=2"]).num_samples == 2
+    for override, message in ((["objectives=[score, speed]"], "objectives must be"),
+                              (["refit.select=pareto"], "pareto needs objectives"),
+                              (["refit.select=best"], "refit.select must be")):
+        with pytest.raises(ConfigError, match=message):
+            load_search_config("configs/search_demo.yaml", override)
+
+
+def test_multi_objective_searcher_suggests_from_both_objectives():
+    """`objectives: [score, latency]` builds Optuna's multi-objective TPE: it takes the points first,
+    then suggests from what it was told about both objectives, and its front is the trade-off."""
+    settings = load_search_config("configs/search_demo.yaml", ["objectives=[score, latency]"])
+    params = parse_space({"train.lr": {"loguniform": [1e-4, 1e-1]}})
+    points = [encode(params, {"train.lr": 1e-3})]
+    searcher = make_searcher(settings, params, points)
+    seen = []
+    for i in range(14):
+        config = searcher.suggest(f"t{i}")
+        lr = decode(params, config)["train.lr"]
+        seen.append(lr)
+        # A made-up trade-off: a higher learning rate scores better and "costs" more.
+        searcher.on_trial_complete(f"t{i}", {"score": math.log10(lr) + 5, "latency_ms": lr * 100})
+    assert seen[0] == pytest.approx(1e-3)  # the point first
+    study = searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and len(study.trials) == 14
+    assert len(study.best_trials) == 14  # on this made-up trade-off every trial is Pareto-optimal
+    single = make_searcher(load_search_config("configs/search_demo.yaml"), params, points)
+    single.suggest("s0")
+    assert [d.name for d in single._ot_study.directions] == ["MAXIMIZE"]
 
 
 def test_shipped_search_configs_parse():
