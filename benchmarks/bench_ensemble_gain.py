@@ -7,6 +7,7 @@ budget (a share of the cost of the default top-k ensemble, measured in the same 
 each on the same holdout. Protocol and results: BENCHMARKS.md, "Ensembles that earn their place".
 
     python benchmarks/bench_ensemble_gain.py [--out runs/bench_gain] [--cases 16] [--holdout 0.35]
+    python benchmarks/bench_ensemble_gain.py --budgets-only   # again on the same search and ensemble
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.35)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5],
                         help="latency budgets as shares of the default ensemble's measured ms per slice")
+    parser.add_argument("--budgets-only", action="store_true",
+                        help="reuse --out's search and default ensemble; build the budget ensembles again")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"commit {commit}; {platform.processor() or platform.machine()}; native bf16: {cpu_has_native_bf16()}")
     started = time.perf_counter()
-    headline = run_demo(out=args.out, data={**DATA, "cases": args.cases}, holdout=args.holdout)
-    run_dir = Path(headline["ensemble"]).parent
+    if args.budgets_only:
+        run_dir = Path(args.out) / "search" / "demo"
+        headline = json.loads((run_dir / "demo.json").read_text())
+    else:
+        headline = run_demo(out=args.out, data={**DATA, "cases": args.cases}, holdout=args.holdout)
+        run_dir = Path(headline["ensemble"]).parent
     manifest = json.loads((run_dir / "ensemble" / "ensemble.json").read_text())
     holdout = manifest["scores"]["holdout"]
     print(f"\nholdout: {len(holdout['case_days'])} case-days")
@@ -65,8 +72,9 @@ def main() -> None:
     result = {"commit": commit, "headline": headline, "ablation": holdout["ablation"], "ensemble_gain": gain,
               "latency": {k: v for k, v in lat.items() if k != "candidates"}, "budgets": budgets,
               "elapsed_s": time.perf_counter() - started}
-    (Path(args.out) / "bench_gain.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nwrote {Path(args.out) / 'bench_gain.json'} in {result['elapsed_s'] / 60:.1f} min")
+    name = "bench_gain_budgets.json" if args.budgets_only else "bench_gain.json"
+    (Path(args.out) / name).write_text(json.dumps(result, indent=1, default=str))
+    print(f"\nwrote {Path(args.out) / name} in {result['elapsed_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from ensemble.latency import (
     candidates,
     choose_under_budget,
     configuration_sets,
+    folds_by_score,
     measure_members,
     pareto_front,
 )
@@ -105,7 +106,7 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
         pick = choose_under_budget(cands, latency_budget)
         by_name = {c.name: c for c in configs}
         chosen, weights, tta = [by_name[n] for n in pick.configurations], [1.0] * len(pick.configurations), pick.tta
-        folds = {c.name: sorted(c.folds)[: pick.folds] for c in chosen}
+        folds = {c.name: sorted(folds_by_score(c)[: pick.folds]) for c in chosen}
         method = "latency-budget"
         why = (f"the best candidate of the latency front within {latency_budget:g} ms per slice on "
                f"{device_name(device)}: {pick.label()}, {pick.ms_per_slice:.2f} ms per slice")

@@ -2,7 +2,8 @@
 out-of-fold score against latency over candidate ensembles, from the OOF predictions alone.
 
 A candidate is a set of configurations (equal weights), a TTA choice the refit wrote OOF for, and
-the number of fold models per configuration (the first `folds` folds). Its cost is the sum of its
+the number of fold models per configuration (those with the best validation scores, as the
+ablation's best single fold model is chosen: `folds_by_score`). Its cost is the sum of its
 members' measured milliseconds per slice with that TTA. Its score is the competition score of its
 OOF probabilities at threshold 0.5.
 
@@ -123,6 +124,11 @@ def candidate_scores(sets: list[tuple[Configuration, ...]], ttas, cache: Cache) 
     return {key: class_scores(sum_rows(r, CLASSES))["score"] for key, r in rows.items()}
 
 
+def folds_by_score(conf: Configuration) -> list[int]:
+    """The configuration's folds, best validation score first (ties: lower fold first)."""
+    return sorted(conf.folds, key=lambda f: (-conf.folds[f].score, f))
+
+
 def candidates(sets, scores: dict[tuple, float], latency: list[dict]) -> list[Candidate]:
     """Every (configuration set, TTA, folds per configuration) with its OOF score and cost."""
     ms = {(r["configuration"], r["fold"], r["tta"]): r["ms_per_slice"] for r in latency}
@@ -132,6 +138,6 @@ def candidates(sets, scores: dict[tuple, float], latency: list[dict]) -> list[Ca
         folds = min(len(c.folds) for c in s)
         for tta in sorted({t for n, t in scores if n == names}):
             for n in range(1, folds + 1):
-                cost = sum(ms[(c.name, f, tta)] for c in s for f in sorted(c.folds)[:n])
+                cost = sum(ms[(c.name, f, tta)] for c in s for f in folds_by_score(c)[:n])
                 out.append(Candidate(names, tta, n, scores[(names, tta)], cost))
     return out

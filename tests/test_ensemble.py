@@ -363,6 +363,11 @@ def test_latency_budget_chooses_the_best_candidate_that_fits(built, refit_run, t
     assert out.selection.method == "latency-budget" and out.tta == best["tta"]
     assert sorted({m.configuration for m in out.members}) == sorted(best["configurations"])
     assert len(out.members) == len(best["configurations"]) * best["folds"]
+    confs = {c.name: c for c in load_refit(refit_run).configurations}
+    for name in best["configurations"]:  # the fold models with the best validation scores
+        ranked = sorted(confs[name].folds.values(), key=lambda fm: (-fm.score, fm.fold))
+        assert sorted(m.fold for m in out.members if m.configuration == name) == sorted(
+            fm.fold for fm in ranked[: best["folds"]])
     assert out.latency["ensemble_ms_per_slice"] <= budget
     assert out.scores.holdout.final == (TUNED_NO_TTA if out.tta == "none" else FINAL)
 
