@@ -46,7 +46,7 @@ from gitseg import __version__, records
 from gitseg.checkpoint import default_device
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
-from gitseg.files import staged_folder
+from gitseg.files import folder_lock, staged_folder
 from gitseg.infer import TIMED_SLICES, TTA_SETS, device_name
 from gitseg.oof import NO_TTA, oof_tta_sets
 from gitseg.progress import note, say
@@ -60,15 +60,22 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
     """Build the ensemble folder `out` (default `<run_dir>/ensemble`); returns its manifest.
 
     `latency_budget` (ms per slice on this machine's device) replaces `method`: the ensemble is
-    the best candidate of the latency front within the budget (ensemble/latency.py).
+    the best candidate of the latency front within the budget (ensemble/latency.py). A second
+    `gitseg ensemble` into the same folder while this one runs refuses, naming this one.
     """
+    out = Path(out) if out is not None else Path(run_dir) / "ensemble"
+    with folder_lock(out, "gitseg ensemble"):
+        return _build(run_dir, topk, out, tta, method, cache_dir, latency_budget, log)
+
+
+def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_dir, latency_budget: float | None,
+           log) -> EnsembleManifest:
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
     if latency_budget is not None and not latency_budget > 0:
         raise ValueError(f"--latency-budget must be a positive number of ms per slice (got {latency_budget})")
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "ensemble"
     run = load_refit(run_dir)
     configs, problems = run.configurations, run.problems
     for p in problems:

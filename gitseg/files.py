@@ -1,15 +1,18 @@
 """Writing outputs so that a failure never leaves a half-written folder behind, nor a killed process
-its scratch folder."""
+its scratch folder, nor two commands the same folder at once."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -107,3 +110,66 @@ def scratch_folder(kind: str, tmp=None):
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class FolderInUse(FileExistsError):
+    """Another live gitseg command holds the folder's lock."""
+
+
+def lock_file(folder) -> Path:
+    """`<folder>.lock`, beside the folder: a folder replaced whole (staged_folder) keeps its lock."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".lock")
+
+
+@contextlib.contextmanager
+def folder_lock(folder, command: str):
+    """Hold the lock of `folder` while `command` writes it; refuse if another command holds it.
+
+    The lock is an exclusive `flock` on `<folder>.lock`, a file that says who holds it (host, pid,
+    command, since when). The kernel releases the flock when its process ends however it ends, so
+    a lock left by a killed process is stale by construction: the next command takes it over. A
+    lock held by a live process (on this host, or on another through a shared filesystem that
+    supports locks, as NFSv4 does) refuses with the holder's details. Removed on release.
+    """
+    path = lock_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            raise FolderInUse(f"{folder} is in use by {owner}; wait for it to finish or stop it (a lock whose "
+                              f"process has ended is taken over by the next command)") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # the holder removed it as we opened it: ours is an orphan inode
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked an inode that was unlinked meanwhile: try the file now at `path`
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiter that opened it retries (inode check)
+        os.close(fd)
+
+
+def _lock_owner(fd: int) -> str:
+    """Who holds the lock, from its file; the holder writes it just after taking the lock, so an
+    empty file is read again for a moment."""
+    for _ in range(20):
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        except (OSError, ValueError):
+            owner = None
+        if isinstance(owner, dict) and {"command", "pid", "host", "since"} <= owner.keys():
+            return f"{owner['command']} (pid {owner['pid']} on host {owner['host']}, since {owner['since']})"
+        time.sleep(0.05)
+    return "another gitseg command (its lock file is being written)"

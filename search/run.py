@@ -14,10 +14,12 @@ Everything lives under `<storage_path>/<name>/`:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from gitseg.config import Config, ConfigError, load_config, to_dict
 from gitseg.data.cache import Cache
+from gitseg.files import folder_lock
 from gitseg.progress import say
 from gitseg.records import SEARCH_RECORD, SearchRecord, TrialRow, to_json
 from gitseg.train import check_config
@@ -64,15 +66,20 @@ def run_search(settings: SearchConfig, log=say, callbacks: list | None = None) -
     """Run (or resume) the search and its refit; returns the leaderboard rows. `callbacks`: more Tune
     callbacks for the search (a resumed search keeps those it started with: Tune stores them)."""
     base, params, points, cache = check_search(settings, log)
-    progress = tune_progress("search", settings.num_samples, settings.metric)
-    connected = init_ray(settings)
-    try:
-        return _search_and_refit(settings, base, params, points, cache, log, [progress, *(callbacks or [])])
-    finally:
-        if connected:  # and not later: the workers' last lines then reach a captured log, not the terminal
-            import ray  # heavy
+    root = experiment_root(settings.storage_path, settings.name)
+    # A second driver of the same search refuses, naming the first; on an object store there is no
+    # lock to take (README, "Concurrent commands").
+    lock = folder_lock(root, "gitseg search") if "://" not in root else contextlib.nullcontext()
+    with lock:
+        progress = tune_progress("search", settings.num_samples, settings.metric)
+        connected = init_ray(settings)
+        try:
+            return _search_and_refit(settings, base, params, points, cache, log, [progress, *(callbacks or [])])
+        finally:
+            if connected:  # and not later: the workers' last lines then reach a captured log, not the terminal
+                import ray  # heavy
 
-            ray.shutdown()
+                ray.shutdown()
 
 
 def make_searcher(settings: SearchConfig, params, points: list[dict]):

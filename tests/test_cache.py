@@ -1,6 +1,9 @@
 """prepare: round trip, idempotence, crash safety, bad files, folds; the 2.5D datasets."""
 
 import json
+import os
+import subprocess
+import sys
 
 import albumentations as A
 import numpy as np
@@ -10,6 +13,7 @@ from gitseg.data import cache as cache_mod
 from gitseg.data.cache import Cache, assign_splits, prepare, resize_masks
 from gitseg.data.dataset import SliceDataset, VolumeDataset, build_augment, window_indices
 from gitseg.data.uwmgi import DataFormatError, index_root, load_volume
+from gitseg.files import FolderInUse, folder_lock, lock_file
 
 QUIET = dict(log=lambda *_: None)
 
@@ -74,6 +78,34 @@ def test_crash_midway_leaves_nothing_trusted(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "_build_entry", real)
     manifest = prepare(synth_root, out, size=32, folds=2, workers=1, **QUIET)
     assert len(manifest["entries"]) == 10
+
+
+PREPARE = """
+import sys
+from gitseg.cli import main
+sys.exit(main(["prepare", "--data", sys.argv[1], "--out", sys.argv[2], "--size", "32", "--folds", "2"]))
+"""
+
+
+def test_a_second_prepare_into_one_cache_refuses_and_the_cache_is_valid(synth_root, tmp_path):
+    """Two `gitseg prepare` runs into one cache at once: the second to take the lock refuses with a
+    message naming the first (instead of deleting its staging folder), and the cache is complete."""
+    out = tmp_path / "c"
+    with folder_lock(out, "gitseg prepare"):  # a first run, mid-way: its staging folder is there
+        staging = out / ".staging-first"
+        staging.mkdir(parents=True)
+        with pytest.raises(FolderInUse, match=f"in use by gitseg prepare \\(pid {os.getpid()}"):
+            prepare(synth_root, out, size=32, folds=2, **QUIET)
+        assert staging.is_dir()
+        staging.rmdir()
+    # Two real processes started together: each one either prepares or refuses, and the cache is valid.
+    runs = [subprocess.Popen([sys.executable, "-c", PREPARE, str(synth_root), str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=120), run.stderr.read()) for run in runs]
+    assert all(code == 0 or (code == 2 and "c is in use by " in err) for code, err in results), results
+    assert any(code == 0 for code, _ in results)
+    cache = Cache(out)
+    assert len(cache.entries) == 10 and not list(out.glob(".staging-*")) and not lock_file(out).exists()
 
 
 def damage_one_png(root):

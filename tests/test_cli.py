@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gitseg.cli import main
 
 
@@ -68,3 +70,18 @@ def test_a_search_that_fails_before_its_folder_exists_leaves_no_folder(tmp_path)
     assert "missing.yaml" in open(log).read()
     os.remove(log)
     assert not (tmp_path / "storage").exists()
+
+
+def test_a_second_search_with_the_same_name_and_storage_refuses(train_cache, tmp_path):
+    from conftest import write_configs
+
+    from gitseg.files import folder_lock
+    from search.run import run_search
+    from search.settings import load_search_config
+    from search.storage import experiment_root
+
+    settings = load_search_config(write_configs(tmp_path, train_cache, "twice", epochs=1))
+    with folder_lock(experiment_root(settings.storage_path, "twice"), "gitseg search"):
+        with pytest.raises(FileExistsError, match=rf"twice is in use by gitseg search \(pid {os.getpid()} on host"):
+            run_search(settings, log=lambda *_: None)
+    assert not (tmp_path / "storage" / "twice").exists()  # refused before Ray or Tune wrote anything

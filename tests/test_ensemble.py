@@ -29,6 +29,7 @@ from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
+from gitseg.files import FolderInUse, folder_lock
 from gitseg.infer import predict_volume
 from gitseg.metrics import ScoreSums
 from gitseg.oof import load_oof, write_oof
@@ -370,6 +371,14 @@ def test_latency_budget_chooses_the_best_candidate_that_fits(built, refit_run, t
             fm.fold for fm in ranked[: best["folds"]])
     assert out.latency["ensemble_ms_per_slice"] <= budget
     assert out.scores.holdout.final == (TUNED_NO_TTA if out.tta == "none" else FINAL)
+
+
+def test_a_second_ensemble_into_one_folder_refuses(refit_run, tmp_path):
+    out = tmp_path / "ens"
+    with folder_lock(out, "gitseg ensemble"):
+        with pytest.raises(FolderInUse, match=r"ens is in use by gitseg ensemble \(pid \d+ on host"):
+            build_ensemble(refit_run, out=out, **QUIET)
+    assert not out.exists()
 
 
 def test_copied_ensemble_predicts_the_same_probabilities(built, synth_root, tmp_path):

@@ -1,5 +1,6 @@
-"""gitseg/files.py: scratch folders that a killed process does not leave behind."""
+"""gitseg/files.py: scratch folders that a killed process does not leave behind, folder locks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gitseg.files import _host_tag, remove_orphan_scratch, scratch_folder
+from gitseg.files import FolderInUse, _host_tag, folder_lock, lock_file, remove_orphan_scratch, scratch_folder
 
 # Makes a scratch folder, says where, then waits to be killed: what Ray does to a stopped trial's workers.
 HOLDER = """
@@ -75,3 +76,42 @@ def test_a_kind_the_sweep_would_not_recognise_is_refused(tmp_path):
         with scratch_folder("rank-0", tmp=tmp_path):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Folder locks ---------------------------------------------------------------------------------
+
+LOCKER = """
+import sys, time
+from gitseg.files import folder_lock
+with folder_lock(sys.argv[1], "gitseg prepare"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_held_lock_refuses_naming_its_holder_and_is_removed_on_release(tmp_path):
+    folder = tmp_path / "cache"
+    with folder_lock(folder, "gitseg prepare") as path:
+        assert path == lock_file(folder) and json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(FolderInUse, match=rf"cache is in use by gitseg prepare \(pid {os.getpid()} on host "):
+            with folder_lock(folder, "gitseg prepare"):
+                pass
+    assert not lock_file(folder).exists()
+    with folder_lock(folder, "gitseg ensemble"):  # free again
+        pass
+
+
+def test_a_killed_holders_lock_is_stale_and_taken_over(tmp_path):
+    folder = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUse, match=rf"pid {holder.pid} "):
+            with folder_lock(folder, "gitseg prepare"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads(lock_file(folder).read_text())["pid"] == holder.pid  # left behind by the killed process
+    with folder_lock(folder, "gitseg prepare") as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
-from gitseg.files import write_text_atomic
+from gitseg.files import folder_lock, write_text_atomic
 from gitseg.progress import say
 
 CACHE_FORMAT = 1
@@ -183,60 +183,62 @@ def prepare(data_root, out, size: int = 256, folds: int = 5, holdout: float = 0.
             f"{len(problems)} problem(s) in {data_root} across {len(bad)} case-day(s); fix them or pass "
             f"--skip-bad to leave those case-days out. Nothing was written.", problems)
 
-    volumes = out / "volumes"
-    volumes.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".staging-*"):  # left by a run that crashed: never trusted
-        shutil.rmtree(stale, ignore_errors=True)
+    # A second prepare into this cache refuses, naming the first (it would delete the first's staging).
+    with folder_lock(out, "gitseg prepare"):
+        volumes = out / "volumes"
+        volumes.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".staging-*"):  # left by a run that crashed (the lock rules out a live one)
+            shutil.rmtree(stale, ignore_errors=True)
 
-    groups = {cd: rows for cd, rows in slices.groupby("case_day", sort=False) if cd not in bad}
-    entries: dict[str, dict] = {}
-    todo = []
-    for case_day, rows in groups.items():
-        key = _entry_key(rows, size)
-        entry = _read_entry(volumes, case_day)
-        if entry is not None and entry["key"] == key:
-            entries[case_day] = entry
-        else:
-            todo.append((case_day, rows, key))
-    log(f"prepare: {len(groups)} case-days, {len(entries)} cached, {len(todo)} to build"
-        + (f", {len(bad)} skipped for bad files" if bad else ""))
-
-    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        built = _run_jobs([(rows, size, key, str(staging)) for _, rows, key in todo], workers, progress)
-        failed = {}
-        for (case_day, _, _), (entry, errors) in zip(todo, built):
-            if entry is None:
-                failed[case_day] = errors
-            else:
+        groups = {cd: rows for cd, rows in slices.groupby("case_day", sort=False) if cd not in bad}
+        entries: dict[str, dict] = {}
+        todo = []
+        for case_day, rows in groups.items():
+            key = _entry_key(rows, size)
+            entry = _read_entry(volumes, case_day)
+            if entry is not None and entry["key"] == key:
                 entries[case_day] = entry
-        if failed and not skip_bad:
-            flat = [p for errs in failed.values() for p in errs]
-            raise DataFormatError(
-                f"{len(failed)} case-day(s) failed to decode; fix them or pass --skip-bad. "
-                f"Nothing was written.", flat)
-        bad.update(failed)
-        # Commit: arrays first, the entry json last (it is what marks an entry as complete).
-        for case_day, _, _ in todo:
-            if case_day in failed:
-                continue
-            entry = entries[case_day]
-            for name in entry["files"].values():
-                os.replace(staging / name, volumes / name)
-            _write_json_atomic(volumes / f"{case_day}.json", entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            else:
+                todo.append((case_day, rows, key))
+        log(f"prepare: {len(groups)} case-days, {len(entries)} cached, {len(todo)} to build"
+            + (f", {len(bad)} skipped for bad files" if bad else ""))
 
-    if not entries:
-        raise DataFormatError(f"no usable case-day in {data_root}", problems)
-    manifest = build_manifest(list(entries.values()), data_root, size, folds, holdout, seed)
-    manifest["skipped"] = {cd: errs for cd, errs in sorted(bad.items())}
-    manifest["unassigned_problems"] = loose
-    _write_json_atomic(out / MANIFEST, manifest)
-    if bad:
-        log(f"prepare: skipped {len(bad)} case-day(s) with bad files: {', '.join(sorted(bad))}")
-    return manifest
+        staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            built = _run_jobs([(rows, size, key, str(staging)) for _, rows, key in todo], workers, progress)
+            failed = {}
+            for (case_day, _, _), (entry, errors) in zip(todo, built):
+                if entry is None:
+                    failed[case_day] = errors
+                else:
+                    entries[case_day] = entry
+            if failed and not skip_bad:
+                flat = [p for errs in failed.values() for p in errs]
+                raise DataFormatError(
+                    f"{len(failed)} case-day(s) failed to decode; fix them or pass --skip-bad. "
+                    f"Nothing was written.", flat)
+            bad.update(failed)
+            # Commit: arrays first, the entry json last (it is what marks an entry as complete).
+            for case_day, _, _ in todo:
+                if case_day in failed:
+                    continue
+                entry = entries[case_day]
+                for name in entry["files"].values():
+                    os.replace(staging / name, volumes / name)
+                _write_json_atomic(volumes / f"{case_day}.json", entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+        if not entries:
+            raise DataFormatError(f"no usable case-day in {data_root}", problems)
+        manifest = build_manifest(list(entries.values()), data_root, size, folds, holdout, seed)
+        manifest["skipped"] = {cd: errs for cd, errs in sorted(bad.items())}
+        manifest["unassigned_problems"] = loose
+        _write_json_atomic(out / MANIFEST, manifest)
+        if bad:
+            log(f"prepare: skipped {len(bad)} case-day(s) with bad files: {', '.join(sorted(bad))}")
+        return manifest
 
 
 def _run_jobs(jobs: list, workers: int | None, progress) -> list:
