@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_train.py
 	$(VENV)/bin/python benchmarks/bench_ensemble.py
 	$(VENV)/bin/python benchmarks/bench_asha.py
+	$(VENV)/bin/python benchmarks/bench_ensemble_gain.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -133,6 +133,9 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
 
 
 GAIN_RESAMPLES = 1000
+# Below this many holdout cases a bootstrap over cases has too few distinct resamples to mean much
+# (2 cases: 3 distinct resamples); the interval is still given, with that warning.
+FEW_CASES = 5
 
 
 def paired_gain(rows: list[dict], reference: list[dict], n: int = GAIN_RESAMPLES, seed: int = 0) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ensemble.evaluate import (
     CONFIGURATION,
+    FEW_CASES,
     GATE_OFF,
     TUNED_CONFIGURATION,
     TUNED_SINGLE,
@@ -295,7 +296,9 @@ def _interval(gain: dict) -> str:
         return ""
     lo, hi = gain["ci95"]
     return (f", 95% interval [{lo:+.4f}, {hi:+.4f}] from a paired bootstrap over the {gain['cases']} holdout cases "
-            f"({gain['resamples']} resamples; share of resamples with no gain: {gain['p_gain_not_positive']:.2f})")
+            f"({gain['resamples']} resamples; share of resamples with no gain: {gain['p_gain_not_positive']:.2f}"
+            + (f"; with only {gain['cases']} cases the interval says little: hold out more cases"
+               if gain["cases"] < FEW_CASES else "") + ")")
 
 
 def _latency_section(rep: Report, manifest: EnsembleManifest) -> None:

@@ -70,6 +70,7 @@ def cmd_search(args) -> None:
 
 def cmd_ensemble(args) -> None:
     from ensemble.build import build_ensemble
+    from ensemble.evaluate import FEW_CASES
     from gitseg.tables import format_table
 
     manifest = build_ensemble(args.run, topk=args.topk, out=args.out, tta=args.tta, method=args.method,
@@ -85,7 +86,7 @@ def cmd_ensemble(args) -> None:
         if gain:
             say(f"ensemble: what the ensemble adds over the {gain['over']}: {gain['gain']:+.4f}, 95% interval "
                 f"[{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}] (paired bootstrap over {gain['cases']} holdout "
-                f"cases)")
+                f"cases" + (": too few to mean much" if gain["cases"] < FEW_CASES else "") + ")")
 
 
 def cmd_predict(args) -> int:
