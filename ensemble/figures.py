@@ -125,7 +125,7 @@ def latency_front(candidates: list[dict], chosen: tuple[float, float], budget: f
     if budget is not None:
         ax.axvline(budget, color="#e6194b", ls="--", lw=1, label=f"budget {budget:g} ms")
     ax.set_xlabel(f"ms per slice ({device})", fontsize=8)
-    ax.set_ylabel("OOF score at threshold 0.5")
+    ax.set_ylabel("OOF score, thresholds tuned")
     ax.set_title("Latency front: score against measured inference time")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

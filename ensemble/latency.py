@@ -5,7 +5,9 @@ A candidate is a set of configurations (equal weights), a TTA choice the refit w
 the number of fold models per configuration (those with the best validation scores, as the
 ablation's best single fold model is chosen: `folds_by_score`). Its cost is the sum of its
 members' measured milliseconds per slice with that TTA. Its score is the competition score of its
-OOF probabilities at threshold 0.5.
+OOF probabilities with per-class thresholds tuned on them (`candidate_scores`): compared at a
+fixed 0.5, flip TTA can look worse than no TTA when the tuned ensemble says the opposite (the
+demo's 3-epoch models, BENCHMARKS.md).
 
 What the OOF score cannot see: every out-of-fold prediction comes from the one fold model per
 configuration that did not train on the case-day, so a candidate's OOF score is the same for any
@@ -23,11 +25,11 @@ import itertools
 import numpy as np
 
 from ensemble.members import Configuration, oof_probs
+from ensemble.postprocess import THRESHOLDS, best_thresholds, threshold_sums
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import ms_per_slice, prepare_for_inference
-from gitseg.metrics import ScoreSums, class_scores, sum_rows
 from gitseg.pareto import pareto
 
 ALL_SUBSETS_UP_TO = 4  # with more refit configurations, candidates are the OOF ranking's prefixes and singletons
@@ -38,7 +40,7 @@ class Candidate:
     configurations: tuple[str, ...]
     tta: str
     folds: int             # fold models per configuration
-    oof_score: float       # at threshold 0.5; the same for every `folds` (see the module docstring)
+    oof_score: float       # thresholds tuned on its OOF; the same for every `folds` (module docstring)
     ms_per_slice: float    # sum of the members' measured times with this TTA
 
     @property
@@ -108,9 +110,11 @@ def configuration_sets(configs: list[Configuration]) -> list[tuple[Configuration
 
 
 def candidate_scores(sets: list[tuple[Configuration, ...]], ttas, cache: Cache) -> dict[tuple, float]:
-    """OOF score at threshold 0.5 of every (configuration set, TTA), in one pass over the case-days:
-    each configuration's OOF file is read once per case-day and TTA."""
-    rows: dict[tuple, list] = {(tuple(c.name for c in s), t): [] for s in sets for t in ttas}
+    """OOF score of every (configuration set, TTA) with per-class thresholds tuned on its own OOF
+    (the first step of post-processing, which moves the score most; the later steps are left out:
+    each would cost a pass per candidate). One pass over the case-days: each configuration's OOF
+    file is read once per case-day and TTA."""
+    sums = {(tuple(c.name for c in s), t): np.zeros((len(CLASSES), len(THRESHOLDS), 4)) for s in sets for t in ttas}
     configs = {c.name: c for s in sets for c in s}
     for case_day in cache.case_days():
         gt = cache.original_masks(case_day)
@@ -119,9 +123,9 @@ def candidate_scores(sets: list[tuple[Configuration, ...]], ttas, cache: Cache) 
             for s in sets:
                 names = tuple(c.name for c in s)
                 mean = sum(probs[n] for n in names) / len(names)
-                rows[(names, tta)] += [(cls, ScoreSums.of_volume(mean[k] >= 0.5, gt[k]))
-                                       for k, cls in enumerate(CLASSES)]
-    return {key: class_scores(sum_rows(r, CLASSES))["score"] for key, r in rows.items()}
+                for k in range(len(CLASSES)):
+                    sums[(names, tta)][k] += threshold_sums(mean[k], gt[k])
+    return {key: best_thresholds(total)[1] for key, total in sums.items()}
 
 
 def folds_by_score(conf: Configuration) -> list[int]:

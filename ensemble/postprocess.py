@@ -162,6 +162,29 @@ def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.
     return sums, scored, evaluated
 
 
+def threshold_sums(prob: np.ndarray, gt: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
+    """ScoreSums `(K, 4)` of one class volume at each threshold; a threshold that keeps the same
+    number of voxels as a lower one keeps the same mask and reuses its sums."""
+    prob = np.asarray(prob, dtype=np.float32)
+    out, seen = np.zeros((len(thresholds), 4)), {}
+    for k, t in enumerate(thresholds):
+        mask = prob >= t
+        count = int(np.count_nonzero(mask))
+        if count not in seen:
+            seen[count] = np.asarray(ScoreSums.of_volume(mask, gt))
+        out[k] = seen[count]
+    return out
+
+
+def best_thresholds(sums: np.ndarray, thresholds=THRESHOLDS) -> tuple[list[float], float]:
+    """Per-class thresholds and the score they reach, from ScoreSums `(C, K, 4)` over volumes: the
+    search of `tune`'s first step, starting from 0.5."""
+    thresholds = list(thresholds)
+    default = [thresholds.index(0.5) if 0.5 in thresholds else 0] * sums.shape[0]
+    chosen = _choose(sums, default)
+    return [float(thresholds[k]) for k in chosen], total_score(np.array([sums[c, k] for c, k in enumerate(chosen)]))
+
+
 def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=MIN_SIZES, min_pixels=MIN_PIXELS,
          gate_thresholds=GATE_THRESHOLDS, log=print,
          class_tolerance: float = CLASS_TOLERANCE) -> tuple[PostProcess, list[dict]]:
