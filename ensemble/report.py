@@ -308,8 +308,9 @@ def _latency_section(rep: Report, manifest: EnsembleManifest) -> None:
     rep.text(f"Latency: each fold model timed on {lat['device']} ({lat['timed_slices']} slices, the fused "
              f"inference engine, back to the original size; median of 3 runs). The ensemble built: "
              f"{lat['ensemble_ms_per_slice']:.2f} ms per slice, OOF score {lat['ensemble_oof_score']:.4f} with "
-             f"per-class thresholds tuned on it, as every candidate is scored" + (f"; chosen within a budget of {lat['budget_ms_per_slice']:g} ms per slice"
-                                 if lat.get("budget_ms_per_slice") else "") + ".")
+             f"per-class thresholds tuned on it, as every candidate is scored"
+             + (f"; chosen within a budget of {lat['budget_ms_per_slice']:g} ms per slice"
+                if lat.get("budget_ms_per_slice") else "") + ".")
     rep.figure(latency_front(lat["candidates"], (lat["ensemble_ms_per_slice"], lat["ensemble_oof_score"]),
                              lat.get("budget_ms_per_slice"), lat["device"]),
                "latency_front", "Candidate ensembles (configurations, fold models per configuration, TTA): OOF score "
