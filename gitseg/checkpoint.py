@@ -4,18 +4,22 @@ Written by the training loop (rank 0, atomically), read by inference, the refit'
 pass, the ensemble and the search. Fields: format, model (weights, no DDP/compile wrapper),
 config (resolved), fold, epoch, metrics, history, best_score, best_epoch, preprocessing (size,
 channels, stride, normalisation, classes); `last.pt` also holds the optimizer state. Loaded with
-`weights_only=True`: only tensors and plain Python values, never pickled code.
+`weights_only=True`: only tensors and plain Python values, never pickled code. Each file also
+holds `weights_sha256`, the digest of its weights, checked when it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
 from gitseg.config import Config, from_dict
-from gitseg.files import atomic_path
+from gitseg.files import atomic_path, corrupt, write_failed
 from gitseg.models import build_model
 
 CHECKPOINT_FORMAT = 1
@@ -29,18 +33,46 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def weights_digest(weights: dict) -> str:
+    """sha256 over a state dict's names and tensor bytes, in name order: torch checks a checkpoint's
+    structure when it loads it, but not the tensor bytes (an altered byte loads silently)."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write `state` whole (atomically), with the digest of its weights; a failed write (a full disk)
+    leaves the previous file intact and says so."""
+    state = {**state, "weights_sha256": weights_digest(state["model"])}
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
 
 
 def load_checkpoint(path) -> dict:
+    """The checkpoint at `path`, checked: a truncated file (torch's own error) or weights that do not
+    match their digest raise CorruptFileError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
+    advice = "restore it from a copy, or delete it to train that run again"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as exc:
+        raise corrupt(path, f"torch cannot read it: {str(exc).splitlines()[0][:120]}", advice) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a gitseg checkpoint of format {CHECKPOINT_FORMAT}")
+    expected = state.pop("weights_sha256", None)  # absent in checkpoints written before digests
+    if expected is not None and weights_digest(state["model"]) != expected:
+        raise corrupt(path, "its weights do not match their sha256", advice)
     return state
 
 

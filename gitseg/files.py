@@ -4,6 +4,7 @@ its scratch folder, nor two commands the same folder at once."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -40,6 +41,23 @@ def atomic_path(path, suffix: str = ""):
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+class CorruptFileError(ValueError):
+    """A file that is truncated or altered: detected before its contents are used."""
+
+
+def corrupt(path, problem: str, advice: str) -> CorruptFileError:
+    return CorruptFileError(f"{path} is truncated or altered ({problem}); {advice}")
+
+
+def write_failed(path, exc: OSError) -> OSError:
+    """A clear error for a failed write (the previous file, if any, is left as it was)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(exc.errno, f"no space left on the device writing {path}; the previous version, if any, is "
+                                  f"intact: free some space and run the command again")
+    return OSError(exc.errno, f"writing {path} failed ({exc.strerror or exc}); the previous version, if any, is "
+                              f"intact")
 
 
 def write_text_atomic(path, text: str) -> None:

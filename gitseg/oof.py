@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gitseg.data.cache import Cache
+from gitseg.files import atomic_path, corrupt, write_failed
 from gitseg.infer import predict_volume_sets
 
 OOF_FOLDER = "oof"  # inside a refit run's final checkpoint
@@ -43,7 +44,7 @@ def gate_file(folder, case_day: str, tta: str | None = None) -> Path:
 def load_gate(folder, case_day: str, tta: str | None = None, refit_tta: str | None = None) -> np.ndarray | None:
     """float32 `(3, D)` gate probabilities of one case-day, or None when the model has no gate head."""
     path = gate_file(folder, case_day, None if tta == refit_tta else tta)
-    return np.load(path).astype(np.float32) if path.is_file() else None
+    return _load(path).astype(np.float32) if path.is_file() else None
 
 
 def load_oof(folder, case_day: str, tta: str | None = None, refit_tta: str | None = None) -> np.ndarray:
@@ -57,7 +58,25 @@ def load_oof(folder, case_day: str, tta: str | None = None, refit_tta: str | Non
     path = oof_file(folder, case_day, None if tta == refit_tta else tta)
     if not path.is_file():
         raise FileNotFoundError(f"no out-of-fold probabilities {path}; re-run the refit")
-    return np.load(path).astype(np.float32)
+    return _load(path).astype(np.float32)
+
+
+def _load(path: Path) -> np.ndarray:
+    """np.load, with a truncated or damaged file named in a CorruptFileError."""
+    try:
+        return np.load(path)
+    except (ValueError, EOFError, OSError) as exc:
+        raise corrupt(path, f"numpy cannot read it: {exc}", "re-run the refit of that fold (its run resumes "
+                                                            "and writes the out-of-fold files again)") from None
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    """Write a whole file or none (a full disk: a clear error, no truncated file left behind)."""
+    try:
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, array)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
 
 
 def write_oof(model, cache: Cache, case_days: list[str], folder, channels: int, stride: int, tta: str,
@@ -75,9 +94,9 @@ def write_oof(model, cache: Cache, case_days: list[str], folder, channels: int, 
                                            out_size=(entry["height"], entry["width"]), device=device)
         for name, p in probs.items():
             files.append(oof_file(folder, case_day, None if name == tta else name))
-            np.save(files[-1], p)
+            _save(files[-1], p)
             if name in gates:
                 files.append(gate_file(folder, case_day, None if name == tta else name))
                 files[-1].parent.mkdir(exist_ok=True)
-                np.save(files[-1], gates[name])
+                _save(files[-1], gates[name])
     return files

@@ -13,7 +13,7 @@ from gitseg.data import cache as cache_mod
 from gitseg.data.cache import Cache, assign_splits, prepare, resize_masks
 from gitseg.data.dataset import SliceDataset, VolumeDataset, build_augment, window_indices
 from gitseg.data.uwmgi import DataFormatError, index_root, load_volume
-from gitseg.files import FolderInUse, folder_lock, lock_file
+from gitseg.files import CorruptFileError, FolderInUse, folder_lock, lock_file
 
 QUIET = dict(log=lambda *_: None)
 
@@ -106,6 +106,21 @@ def test_a_second_prepare_into_one_cache_refuses_and_the_cache_is_valid(synth_ro
     assert any(code == 0 for code, _ in results)
     cache = Cache(out)
     assert len(cache.entries) == 10 and not list(out.glob(".staging-*")) and not lock_file(out).exists()
+
+
+def test_a_truncated_cache_volume_is_named_and_rebuilt(synth_root, tmp_path):
+    out = tmp_path / "c"
+    prepare(synth_root, out, size=32, folds=2, **QUIET)
+    cache = Cache(out)
+    case_day = cache.case_days()[0]
+    image = out / "volumes" / cache.entries[case_day]["files"]["image"]
+    image.write_bytes(image.read_bytes()[:-100])
+    with pytest.raises(CorruptFileError, match=rf"{image.name} is truncated or altered .*run `gitseg prepare` again"):
+        Cache(out).image(case_day)
+    lines = []
+    prepare(synth_root, out, size=32, folds=2, log=lines.append)
+    assert "9 cached, 1 to build" in lines[0]
+    assert Cache(out).image(case_day).shape == (40, 32, 32)
 
 
 def damage_one_png(root):

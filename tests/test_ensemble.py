@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +31,7 @@ from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
-from gitseg.files import FolderInUse, folder_lock
+from gitseg.files import CorruptFileError, FolderInUse, folder_lock
 from gitseg.infer import predict_volume
 from gitseg.metrics import ScoreSums
 from gitseg.oof import load_oof, write_oof
@@ -323,6 +325,28 @@ def test_gate_probabilities_join_the_oof_contract_and_the_ensemble(train_cache, 
     plain = load_refit(refit_run).configurations[0]
     assert oof_gate([plain], [1.0], case_day, cache) is None and not (plain.folds[1].oof / "gate").exists()
     assert built[1].postprocess["gate"] == [0.0] * 3
+
+
+def test_a_truncated_oof_file_is_named_and_a_full_disk_leaves_none(refit_run, train_cache, tmp_path, monkeypatch):
+    conf = load_refit(refit_run).configurations[0]
+    cache = Cache(train_cache)
+    case_day = cache.case_days(folds=[0])[0]
+    copy = tmp_path / "oof"
+    shutil.copytree(conf.folds[0].oof, copy)
+    path = copy / f"{case_day}.npy"
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(CorruptFileError, match=rf"{case_day}.npy is truncated or altered .*re-run the refit"):
+        load_oof(copy, case_day)
+
+    def full_disk(file, array):
+        Path(file).write_bytes(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    model = model_from_checkpoint(load_checkpoint(conf.folds[0].checkpoint))
+    with pytest.raises(OSError, match="no space left on the device writing"):
+        write_oof(model, cache, [case_day], tmp_path / "full", 3, 1, "hflip")
+    assert not [p for p in (tmp_path / "full").rglob("*") if p.is_file()]  # nothing half-written
 
 
 # ---------------------------------------------------------------------------------------------

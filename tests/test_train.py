@@ -1,8 +1,12 @@
 """fit(): learning, checkpoints, determinism, resume, DDP on CPU (gloo), config errors."""
 
+import errno
 import json
 import math
 import socket
+import struct
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_config
 
-from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
+from gitseg.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint, save_checkpoint
 from gitseg.config import ConfigError
 from gitseg.data.cache import Cache
 from gitseg.data.dataset import SliceDataset
+from gitseg.files import CorruptFileError
 from gitseg.losses import LossMix
 from gitseg.models import build_model
 from gitseg.train import fit, lr_at, precise_bn, score_fold, seed_everything
@@ -105,6 +110,47 @@ def test_resume_refuses_a_different_config(train_cache, tmp_path):
     fit(tiny_config(train_cache, tmp_path / "r"), **QUIET)
     with pytest.raises(ConfigError, match="different configuration"):
         fit(tiny_config(train_cache, tmp_path / "r", lr=0.01), **QUIET)
+
+
+def test_a_damaged_checkpoint_is_caught_before_use_and_resume_names_it(train_cache, tmp_path):
+    cfg = tiny_config(train_cache, tmp_path / "r")
+    fit(cfg, **QUIET)
+    last = tmp_path / "r" / LAST
+    good = last.read_bytes()
+    # One altered byte inside the weights: torch would load it silently; the digest does not match.
+    with zipfile.ZipFile(last) as archive:  # torch's format: one zip record per tensor storage
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    altered = bytearray(good)
+    name_len, extra_len = struct.unpack("<HH", altered[record.header_offset + 26:record.header_offset + 30])
+    altered[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0xFF
+    last.write_bytes(bytes(altered))
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # torch itself notices nothing
+    with pytest.raises(CorruptFileError, match=r"last.pt is truncated or altered \(its weights do not match"):
+        load_checkpoint(last)
+    # Resuming stops with the file's name rather than training from damaged weights.
+    with pytest.raises(CorruptFileError, match="last.pt"):
+        fit(tiny_config(train_cache, tmp_path / "r", epochs=2), **QUIET)
+    last.write_bytes(good[: len(good) // 2])  # truncated: torch's own error, turned into the same one
+    with pytest.raises(CorruptFileError, match="torch cannot read it"):
+        load_checkpoint(last)
+    last.write_bytes(good)
+    assert load_checkpoint(last)["epoch"] == 0
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = build_model(tiny_config(tmp_path, tmp_path).model, 3)
+    path = tmp_path / BEST
+    save_checkpoint(path, {"format": 1, "model": model.state_dict(), "epoch": 0})
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"no space left on the device writing .*best.pt; the previous version"):
+        save_checkpoint(path, {"format": 1, "model": model.state_dict(), "epoch": 1})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == [BEST]
 
 
 def _free_port():

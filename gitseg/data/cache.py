@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
-from gitseg.files import folder_lock, write_text_atomic
+from gitseg.files import corrupt, folder_lock, write_text_atomic
 from gitseg.progress import say
 
 CACHE_FORMAT = 1
@@ -102,15 +102,27 @@ def _entry_key(rows: pd.DataFrame, size: int) -> str:
     return digest.hexdigest()
 
 
+def open_volume(path: Path, mmap: bool = True) -> np.ndarray:
+    """A cache array (memory-mapped by default); a truncated or damaged file raises CorruptFileError."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise corrupt(path, f"numpy cannot read it: {exc}", "run `gitseg prepare` again: it rebuilds damaged "
+                                                            "entries") from None
+
+
 def _read_entry(volumes: Path, case_day: str) -> dict | None:
+    """A complete cache entry, or None (missing, or a file of it truncated: it is rebuilt)."""
     path = volumes / f"{case_day}.json"
     try:
         entry = json.loads(path.read_text())
-    except (OSError, ValueError):
+        for k in ("image", "masks", "orig"):
+            open_volume(volumes / entry["files"][k])  # a header and size check, nothing read
+    except (OSError, ValueError, KeyError):
         return None
-    if all((volumes / entry["files"][k]).is_file() for k in ("image", "masks", "orig")):
-        return entry
-    return None
+    return entry
 
 
 def _build_entry(rows: pd.DataFrame, size: int, key: str, staging: Path) -> dict:
@@ -294,9 +306,7 @@ class Cache:
         # Opened lazily per process: memmaps do not survive pickling into DataLoader workers.
         if case_day not in self._open:
             files = self.entries[case_day]["files"]
-            volumes = self.root / "volumes"
-            self._open[case_day] = (np.load(volumes / files["image"], mmap_mode="r"),
-                                    np.load(volumes / files["masks"], mmap_mode="r"))
+            self._open[case_day] = tuple(open_volume(self.root / "volumes" / files[k]) for k in ("image", "masks"))
         return self._open[case_day]
 
     def __getstate__(self):
@@ -316,7 +326,7 @@ class Cache:
     def original_masks(self, case_day: str) -> np.ndarray:
         """bool `(3, D, H, W)` at the original image size (for scoring at full resolution)."""
         e = self.entries[case_day]
-        packed = np.load(self.root / "volumes" / e["files"]["orig"])
+        packed = open_volume(self.root / "volumes" / e["files"]["orig"], mmap=False)
         return unpack_masks(packed, e["width"])
 
 
