@@ -61,6 +61,11 @@ class EnsembleModel:
         model = cls(folder, manifest.members, manifest.tta, PostProcess.from_dict(manifest.postprocess), device)
         for m in model.members:
             file = folder / m.file
+            # The manifest may come from anyone: it names files inside its folder, nothing else.
+            if Path(m.file).is_absolute() or ".." in Path(m.file).parts or \
+                    not file.resolve().is_relative_to(folder.resolve()):
+                raise ValueError(f"{path}: member file {m.file!r} is outside the ensemble folder; an ensemble "
+                                 f"manifest names only files inside its folder (models/<name>.pt)")
             if not file.is_file():
                 raise FileNotFoundError(f"ensemble member {file} is missing; copy the whole ensemble folder")
             if verify and m.sha256 and sha256(file) != m.sha256:

@@ -189,7 +189,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
         try:
-            set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({str(exc).splitlines()[0]})") from None
+        try:
+            set_dotted(data, key.strip(), value)
         except ConfigError as exc:
             raise ConfigError(f"override {exc}") from None
     return data

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -403,6 +405,20 @@ def test_a_second_ensemble_into_one_folder_refuses(refit_run, tmp_path):
         with pytest.raises(FolderInUse, match=r"ens is in use by gitseg ensemble \(pid \d+ on host"):
             build_ensemble(refit_run, out=out, **QUIET)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["../outside.pt", "/etc/passwd", "models/../../outside.pt", "models/link.pt"])
+def test_a_manifest_naming_files_outside_its_folder_is_refused(built, tmp_path, name):
+    out, _ = built
+    copy = tmp_path / "ens"
+    shutil.copytree(out, copy)
+    (tmp_path / "outside.pt").write_bytes((copy / "models" / "rank0_fold0.pt").read_bytes())
+    (copy / "models" / "link.pt").symlink_to(tmp_path / "outside.pt")
+    manifest = json.loads((copy / ENSEMBLE_MANIFEST).read_text())
+    manifest["members"][0]["file"], manifest["members"][0]["sha256"] = name, ""
+    (copy / ENSEMBLE_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"member file {re.escape(repr(name))} is outside the ensemble folder"):
+        EnsembleModel.load(copy)
 
 
 def test_copied_ensemble_predicts_the_same_probabilities(built, synth_root, tmp_path):

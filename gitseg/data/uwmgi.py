@@ -98,11 +98,17 @@ def rle_decode(rle, shape: tuple[int, int]) -> np.ndarray:
         raise DataFormatError(f"RLE must be a string of 'start length' pairs, got {type(rle).__name__}")
     tokens = rle.split()
     try:
-        numbers = np.array([int(t) for t in tokens], dtype=np.int64)
+        values = [int(t) for t in tokens]
     except ValueError:
         raise DataFormatError(f"RLE has a token that is not an integer: {rle[:60]!r}") from None
-    if len(numbers) % 2:
-        raise DataFormatError(f"RLE has an odd number of values ({len(numbers)}): {rle[:60]!r}")
+    if len(values) % 2:
+        raise DataFormatError(f"RLE has an odd number of values ({len(values)}): {rle[:60]!r}")
+    # Checked on Python ints, before int64 could overflow.
+    if any(v < 1 for v in values):
+        raise DataFormatError(f"RLE has a start below 1 or a length below 1: {rle[:60]!r}")
+    if any(v > height * width for v in values):
+        raise DataFormatError(f"RLE runs past the end of a {height}x{width} image: {rle[:60]!r}")
+    numbers = np.array(values, dtype=np.int64)
     starts, lengths = numbers[0::2] - 1, numbers[1::2]
     if (starts < 0).any() or (lengths <= 0).any():
         raise DataFormatError(f"RLE has a start below 1 or a length below 1: {rle[:60]!r}")
