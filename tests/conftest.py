@@ -103,7 +103,7 @@ def small_demo(tmp_path_factory):
     """(demo folder, terminal stdout, terminal stderr) of one small `gitseg demo` on local Ray: the
     slow tests that only read a search, its refit, ensemble or report share it."""
     tmp = tmp_path_factory.mktemp("demo")
-    config = write_configs(tmp, tmp / "set-by-the-demo", "demo", epochs=2, num_samples=3,
+    config = write_configs(tmp, tmp / "set-by-the-demo", "demo", epochs=3, num_samples=3,
                            points=[{"train.lr": 1e-7}, {"train.lr": 1e30}], objectives=["score", "latency"],
                            refit={"topk": 1, "select": "pareto"})
     out = tmp / "demo"

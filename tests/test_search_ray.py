@@ -53,7 +53,7 @@ def test_the_console_reads_like_a_tool_and_the_rest_is_in_the_log(small_demo):
     log = out / "demo.log"
     assert f"is in {log}; --verbose" in stdout
     text = log.read_text()
-    assert "RayTrainWorker" in text and "fit: fold 0 epoch 1/2" in text and "Trial status" in text
+    assert "RayTrainWorker" in text and "fit: fold 0 epoch 1/3" in text and "Trial status" in text
 
 
 def test_report_has_every_section_and_no_network_reference(small_demo):
@@ -132,7 +132,7 @@ def test_search_asha_failure_and_refit(small_demo):
     assert best["status"] == "finished" and float(best["best_score"]) > 0
     assert Path(best["checkpoint"]).is_file()
     stopped = next(r for r in rows if r["status"] == "stopped early")
-    assert "train.lr=1e-07" in stopped["config"] and int(stopped["epochs_run"]) < 2
+    assert "train.lr=1e-07" in stopped["config"] and int(stopped["epochs_run"]) < 3
     # Multi-objective: each trial that trained reported its measured latency; the front is marked and
     # the refit (select: pareto, topk 1) took the front's best score.
     assert float(best["latency_ms"]) > 0 and float(stopped["latency_ms"]) > 0 and failed["latency_ms"] == ""
@@ -165,11 +165,11 @@ def test_search_asha_failure_and_refit(small_demo):
         assert probs.shape == (3, entry["slices"], entry["height"], entry["width"]) and probs.dtype == np.float16
         assert 0 <= probs.min() and probs.max() <= 1
     # On the search fold the refit continued the finished trial's run instead of training again:
-    # it reported the trial's last epoch once, then its OOF (fold 1 trained 2 epochs, then OOF),
+    # it reported the trial's last epoch once, then its OOF (fold 1 trained 3 epochs, then OOF),
     # and its model is the trial's best model.
     reported = {lines[0]["config"]["job"]["fold"]: [r.get("stage") for r in lines]
                 for lines in trial_results(root, experiment="refit").values()}
-    assert reported == {0: [None, "oof"], 1: [None, None, "oof"]}
+    assert reported == {0: [None, "oof"], 1: [None, None, None, "oof"]}
     trial_state, refit_state = (load_checkpoint(path) for path in (best["checkpoint"], refit.models[0].checkpoint))
     assert all(torch.equal(trial_state["model"][k], refit_state["model"][k]) for k in trial_state["model"])
 
