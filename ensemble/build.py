@@ -140,8 +140,12 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     # the best single configuration.
     tune_start = time.perf_counter()
     ens_tta = own_oof if tta != NO_TTA else run.refit.tta
-    post_tta, steps_tta = tune(oof_volumes(chosen, weights, cache, tta=ens_tta), log=log if tta != NO_TTA else note)
     post_none, steps_none = tune(oof_volumes(chosen, weights, cache, tta=NO_TTA), log=log if tta == NO_TTA else note)
+    if run.refit.tta == NO_TTA and ens_tta in (None, NO_TTA):  # the same OOF files: tuned once
+        post_tta, steps_tta = post_none, steps_none
+    else:
+        post_tta, steps_tta = tune(oof_volumes(chosen, weights, cache, tta=ens_tta),
+                                   log=log if tta != NO_TTA else note)
     post, steps = (post_none, steps_none) if tta == NO_TTA else (post_tta, steps_tta)
     tune_seconds = time.perf_counter() - tune_start
     single_conf, single_fold = best_single_fold(configs)

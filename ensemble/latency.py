@@ -102,7 +102,8 @@ def measure_members(configs: list[Configuration], ttas, cache: Cache, device, lo
 
 def configuration_sets(configs: list[Configuration]) -> list[tuple[Configuration, ...]]:
     """Every non-empty subset up to ALL_SUBSETS_UP_TO configurations; beyond, the prefixes of the
-    OOF ranking and each configuration alone (the subsets grow as 2^n, each costing an OOF pass)."""
+    OOF ranking and each configuration alone (the subsets grow as 2^n, each scored at every
+    threshold on every OOF case-day)."""
     ranked = sorted(configs, key=lambda c: -c.cv_score)
     if len(ranked) <= ALL_SUBSETS_UP_TO:
         return [s for n in range(1, len(ranked) + 1) for s in itertools.combinations(ranked, n)]

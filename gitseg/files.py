@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 
 def temporary_beside(path, suffix: str = "") -> Path:
     """A hidden name in `path`'s folder, unique per process and call, for writing `path` whole.
@@ -49,6 +51,17 @@ class CorruptFileError(ValueError):
 
 def corrupt(path, problem: str, advice: str) -> CorruptFileError:
     return CorruptFileError(f"{path} is truncated or altered ({problem}); {advice}")
+
+
+def load_array(path, advice: str, mmap: bool = False):
+    """np.load of a `.npy` file (memory-mapped with `mmap`); a truncated or damaged file raises
+    CorruptFileError naming it with `advice`, a missing one FileNotFoundError."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except FileNotFoundError:
+        raise
+    except (ValueError, EOFError, OSError) as exc:
+        raise corrupt(path, f"numpy cannot read it: {exc}", advice) from None
 
 
 def write_failed(path, exc: OSError) -> OSError:

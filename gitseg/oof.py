@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gitseg.data.cache import Cache
-from gitseg.files import atomic_path, corrupt, write_failed
+from gitseg.files import atomic_path, load_array, write_failed
 from gitseg.infer import predict_volume_sets
 
 OOF_FOLDER = "oof"  # inside a refit run's final checkpoint
@@ -62,12 +62,7 @@ def load_oof(folder, case_day: str, tta: str | None = None, refit_tta: str | Non
 
 
 def _load(path: Path) -> np.ndarray:
-    """np.load, with a truncated or damaged file named in a CorruptFileError."""
-    try:
-        return np.load(path)
-    except (ValueError, EOFError, OSError) as exc:
-        raise corrupt(path, f"numpy cannot read it: {exc}", "re-run the refit of that fold (its run resumes "
-                                                            "and writes the out-of-fold files again)") from None
+    return load_array(path, "re-run the refit of that fold (its run resumes and writes the out-of-fold files again)")
 
 
 def _save(path: Path, array: np.ndarray) -> None:

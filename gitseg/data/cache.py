@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
-from gitseg.files import corrupt, folder_lock, write_text_atomic
+from gitseg.files import folder_lock, load_array, write_text_atomic
 from gitseg.progress import say
 
 CACHE_FORMAT = 1
@@ -104,13 +104,7 @@ def _entry_key(rows: pd.DataFrame, size: int) -> str:
 
 def open_volume(path: Path, mmap: bool = True) -> np.ndarray:
     """A cache array (memory-mapped by default); a truncated or damaged file raises CorruptFileError."""
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None)
-    except (ValueError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise corrupt(path, f"numpy cannot read it: {exc}", "run `gitseg prepare` again: it rebuilds damaged "
-                                                            "entries") from None
+    return load_array(path, "run `gitseg prepare` again: it rebuilds damaged entries", mmap=mmap)
 
 
 def _read_entry(volumes: Path, case_day: str) -> dict | None:
