@@ -63,16 +63,22 @@ class RefitRun:
 
 
 def load_refit(run_dir) -> RefitRun:
-    """The search and refit records of `run_dir` and its refit configurations with every fold.
-
-    A configuration missing a fold (its refit failed) cannot give OOF for every case, so it is left
-    out and named among the problems.
-    """
+    """The search and refit records of `run_dir` and its refit configurations with every fold."""
     run_dir = Path(run_dir)
     advice = ("point --run at the folder of a finished search with its refit (<storage_path>/<name>, holding "
               f"{SEARCH_RECORD} and {REFIT_RECORD}; run `gitseg search --config ...` with refit.topk > 0)")
     search = records.load(SearchRecord, run_dir / SEARCH_RECORD, advice)
     refit = records.load(RefitRecord, run_dir / REFIT_RECORD, advice)
+    configurations, problems = configurations_of(refit)
+    return RefitRun(search, refit, configurations, problems)
+
+
+def configurations_of(refit: RefitRecord) -> tuple[list[Configuration], list[str]]:
+    """The configurations of a refit record with a model for every fold, and the problems found.
+
+    A configuration missing a fold (its refit failed) cannot give OOF for every case, so it is left
+    out and named among the problems.
+    """
     by_rank: dict[int, Configuration] = {}
     problems = []
     for entry in refit.models:
@@ -90,7 +96,7 @@ def load_refit(run_dir) -> RefitRun:
             problems.append(f"{conf.name} ({conf.trial_id}) left out: no model for fold(s) {missing}")
         else:
             configurations.append(conf)
-    return RefitRun(search, refit, configurations, problems)
+    return configurations, problems
 
 
 def oof_probs(configs: list[Configuration], weights: list[float], case_day: str, cache: Cache,

@@ -22,8 +22,6 @@ REFIT_EXPERIMENT = "refit"
 
 def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: Cache, log=say) -> list[RefitModel]:
     """Refit (or resume refitting) the top `settings.refit.topk` rows on every fold; writes refit.json."""
-    import ray.tune  # heavy
-
     ok = [r for r in rows if r.status != "failed" and not math.isnan(r.best_score)]
     if settings.refit.select == "pareto":  # the score-latency front, best score first (rows are sorted)
         ok = [r for r in ok if r.pareto]
@@ -38,28 +36,42 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
              "start_from": r.checkpoint.removesuffix(f"/{BEST}") if f == settings.fold and r.checkpoint else None}
             for i, r in enumerate(top) for f in folds]
     root = experiment_root(settings.storage_path, settings.name)
-    fn = trainable(refit_trial, base=base, storage_path=f"{root}/refit_runs", workers=settings.workers,
-                   max_failures=settings.max_failures, tta=settings.refit.tta)
     reused = sum(1 for job in jobs if job["start_from"])
     which = "the score-latency front's" if settings.refit.select == "pareto" else "the top"
     log(f"search: refit of {which} {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs"
         + (f", {reused} of them continuing the search trial's run on fold {settings.fold}" if reused else ""))
+    refits = train_fold_jobs(settings, jobs, base, root, REFIT_EXPERIMENT, "refit_runs", settings.refit.tta, "refit")
+    write_text(f"{root}/{REFIT_RECORD}", to_json(RefitRecord(folds=folds, tta=settings.refit.tta, models=refits)))
+    failed = [e for e in refits if e.error]
+    log(f"search: refit wrote {len(refits) - len(failed)} fold models with out-of-fold probabilities to "
+        f"{root}/{REFIT_RECORD}" + (f"; {len(failed)} failed" if failed else ""))
+    return refits
+
+
+def train_fold_jobs(settings: SearchConfig, jobs: list[dict], base: dict, root: str, experiment: str, runs: str,
+                    tta: str, label: str) -> list[RefitModel]:
+    """One Ray Train run per job {rank, trial_id, values, fold, start_from} (the configuration `base`
+    with the job's values, on the job's fold), each leaving its best checkpoint and the out-of-fold
+    probabilities of its fold with TTA `tta`, as one Tune experiment `<root>/<experiment>` (its Train
+    runs under `<root>/<runs>`); re-running resumes it. Returns one entry per job, by rank then fold."""
+    import ray.tune  # heavy
+
+    fn = trainable(refit_trial, base=base, storage_path=f"{root}/{runs}", workers=settings.workers,
+                   max_failures=settings.max_failures, tta=tta)
     fs, fs_root = filesystem(root)
-    experiment = f"{fs_root}/{REFIT_EXPERIMENT}"
-    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        tuner = ray.tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=True,
-                                       storage_filesystem=fs)
+    path = f"{fs_root}/{experiment}"
+    if ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
+        tuner = ray.tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = ray.tune.Tuner(
             fn,
             param_space={"job": ray.tune.grid_search(jobs)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(settings)),
-            run_config=ray.tune.RunConfig(name=REFIT_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
-                                          verbose=1, callbacks=[tune_progress("refit", len(jobs))]),
+            run_config=ray.tune.RunConfig(name=experiment, storage_path=fs_root, storage_filesystem=fs,
+                                          verbose=1, callbacks=[tune_progress(label, len(jobs))]),
         )
-    results = tuner.fit()
     refits = []
-    for result in results:
+    for result in tuner.fit():
         job = result.config["job"]
         metrics = result.metrics or {}
         done = metrics.get("stage") == "oof"
@@ -70,9 +82,4 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
             entry.checkpoint = f"{metrics['checkpoint_path']}/best.pt"
             entry.oof = f"{metrics['checkpoint_path']}/{OOF_FOLDER}"
         refits.append(entry)
-    refits.sort(key=lambda e: (e.rank, e.fold))
-    write_text(f"{root}/{REFIT_RECORD}", to_json(RefitRecord(folds=folds, tta=settings.refit.tta, models=refits)))
-    failed = [e for e in refits if e.error]
-    log(f"search: refit wrote {len(refits) - len(failed)} fold models with out-of-fold probabilities to "
-        f"{root}/{REFIT_RECORD}" + (f"; {len(failed)} failed" if failed else ""))
-    return refits
+    return sorted(refits, key=lambda e: (e.rank, e.fold))
