@@ -27,6 +27,8 @@ class DataConfig:
     stride: int = 2                 # slices between window members (neighbouring 3 mm slices are alike)
     augment: float = 1.0            # augmentation strength, 0 = none
     num_workers: int = 0            # DataLoader worker processes per training process
+    teacher: str | None = None      # teacher folder (gitseg distill): soft targets for every training
+                                    # case-day, and pseudo-labelled unlabelled case-days (gitseg.teacher)
 
 
 @dataclasses.dataclass
@@ -65,6 +67,8 @@ class TrainConfig:
     val_batch_size: int | None = None    # windows per validation forward (None: 4 on CPU, 32 on GPU)
     precise_bn: int = 0                  # >0: before each validation, recompute BatchNorm statistics over
                                          # this many training batches (BENCHMARKS.md, val_noise); 0: off
+    teacher_weight: float = 0.5          # with data.teacher: loss = (1 - w) * loss on the labels
+                                         # + w * BCE toward the teacher's probabilities
 
 
 @dataclasses.dataclass

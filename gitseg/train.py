@@ -31,6 +31,7 @@ from gitseg.losses import LossMix, check_loss_terms
 from gitseg.metrics import summarise, volume_stats
 from gitseg.models import build_model, check_input_size, check_model_names, split_outputs, unwrap
 from gitseg.progress import say
+from gitseg.teacher import Teacher
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -75,6 +76,10 @@ def check_config(cfg: Config, cache: Cache) -> None:
             raise ConfigError(f"{key} must be at least {low} (got {value})")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be positive (got {cfg.train.lr})")
+    if not 0 <= cfg.train.teacher_weight <= 1:
+        raise ConfigError(f"train.teacher_weight must be in [0, 1] (got {cfg.train.teacher_weight})")
+    if cfg.data.teacher and not Path(cfg.data.teacher).is_dir():
+        raise ConfigError(f"data.teacher: {cfg.data.teacher} is not a folder; `gitseg distill` writes one")
     if not 0 < cfg.train.threshold < 1:
         raise ConfigError(f"train.threshold must be in (0, 1) (got {cfg.train.threshold})")
 
@@ -218,7 +223,8 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     augment = build_augment(cfg.data.augment)
-    dataset = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride, augment=augment)
+    teacher = Teacher(cfg.data.teacher) if cfg.data.teacher else None
+    dataset = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride, augment=augment, teacher=teacher)
     steps = steps_per_epoch(len(dataset), world, cfg.train.batch_size, cfg.train.max_steps_per_epoch)
     return Run(model=model, optimizer=optimizer, dataset=dataset, loss_fn=LossMix(cfg.train.loss).to(device),
                steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,
@@ -247,6 +253,7 @@ def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, devic
     """At most `run.steps_per_epoch` optimiser steps; returns train_loss, lr and samples (all ranks)."""
     _, world = distributed()
     gate_loss = torch.nn.BCEWithLogitsLoss()
+    soft_loss = torch.nn.BCEWithLogitsLoss()  # toward probabilities: the distillation term
     run.model.train()
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
     samples, lr = 0, cfg.train.lr
@@ -261,11 +268,15 @@ def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, devic
         targets = targets.to(device, non_blocking=True)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        labels, soft = targets[:, :3], targets[:, 3:]  # soft: the teacher's probabilities, when distilling
         with autocast(device, cfg.train.amp):
             logits, gate_logits = split_outputs(run.model(images))
-            loss, _ = run.loss_fn(logits, targets)
+            loss, _ = run.loss_fn(logits, labels)
+            if soft.shape[1]:
+                w = cfg.train.teacher_weight
+                loss = (1 - w) * loss + w * soft_loss(logits.float(), soft)
             if gate_logits is not None:
-                loss = loss + cfg.train.gate_weight * gate_loss(gate_logits.float(), targets.amax(dim=(2, 3)))
+                loss = loss + cfg.train.gate_weight * gate_loss(gate_logits.float(), labels.amax(dim=(2, 3)))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr "
                                      f"or check the data")

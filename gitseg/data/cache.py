@@ -62,14 +62,23 @@ def _resize_stack(stack: np.ndarray, size: tuple[int, int], interpolation) -> np
                      for s in stack])
 
 
-def preprocess_volume(image: np.ndarray, size: int) -> np.ndarray:
-    """uint16 `(D, H, W)` scan → float16 `(D, size, size)` network input."""
+def _resize_to_input(stack: np.ndarray, size: int) -> np.ndarray:
+    """float `(N, H, W)` → `(N, size, size)`: area averaging when shrinking, bilinear when enlarging."""
     import cv2  # heavy: OpenCV loads only where images are resized
 
-    norm = normalise_volume(image)
-    shrink = size < max(image.shape[1:])
-    resized = _resize_stack(norm, (size, size), cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return resized.astype(np.float16)
+    shrink = size < max(stack.shape[1:])
+    return _resize_stack(stack, (size, size), cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def preprocess_volume(image: np.ndarray, size: int) -> np.ndarray:
+    """uint16 `(D, H, W)` scan → float16 `(D, size, size)` network input."""
+    return _resize_to_input(normalise_volume(image), size).astype(np.float16)
+
+
+def resize_probs(probs: np.ndarray, size: int) -> np.ndarray:
+    """float `(C, D, H, W)` probabilities → float32 `(C, D, size, size)`, resized as the images are."""
+    c, d, h, w = probs.shape
+    return _resize_to_input(np.asarray(probs, dtype=np.float32).reshape(c * d, h, w), size).reshape(c, d, size, size)
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -28,27 +28,43 @@ class SliceDataset(Dataset):
     """2.5D training samples: image float32 `(C, S, S)`, masks float32 `(3, S, S)`.
 
     `augment` is an albumentations transform applied identically to every channel and mask.
+    With a `teacher` (gitseg.teacher.Teacher), the targets are `(6, S, S)`: the labels, then the
+    teacher's probabilities, augmented together; the teacher's pseudo-labelled case-days are added
+    as samples, their pseudo-labels standing for the labels.
     """
 
-    def __init__(self, cache: Cache, case_days: list[str], channels: int = 3, stride: int = 1, augment=None):
+    def __init__(self, cache: Cache, case_days: list[str], channels: int = 3, stride: int = 1, augment=None,
+                 teacher=None):
         if not case_days:
             raise ValueError("SliceDataset needs at least one case-day")
-        self.cache, self.augment = cache, augment
-        self.windows = {cd: window_indices(cache.entries[cd]["slices"], channels, stride) for cd in case_days}
-        self.items = [(cd, z) for cd in case_days for z in range(cache.entries[cd]["slices"])]
+        self.cache, self.augment, self.teacher = cache, augment, teacher
+        self.pseudo = set()
+        slices = {cd: cache.entries[cd]["slices"] for cd in case_days}
+        if teacher is not None:
+            teacher.check_covers(case_days, cache.size)
+            self.pseudo = set(teacher.pseudo)
+            slices.update({cd: teacher.entries[cd]["slices"] for cd in teacher.pseudo})
+        self.windows = {cd: window_indices(d, channels, stride) for cd, d in slices.items()}
+        self.items = [(cd, z) for cd, d in slices.items() for z in range(d)]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         case_day, z = self.items[index]
-        image = np.asarray(self.cache.image(case_day)[self.windows[case_day][z]], dtype=np.float32)  # (C, S, S)
-        masks = self.cache.masks(case_day, z)  # (3, S, S)
+        source = self.teacher if case_day in self.pseudo else self.cache
+        image = np.asarray(source.image(case_day)[self.windows[case_day][z]], dtype=np.float32)  # (C, S, S)
+        masks = source.masks(case_day, z)  # (3, S, S)
+        if self.teacher is not None:  # uint8 0/1 labels and 0..255 probabilities, transformed as one
+            masks = np.concatenate([masks.astype(np.uint8), self.teacher.probs(case_day, z)])
         if self.augment is not None:
             out = self.augment(image=image.transpose(1, 2, 0), mask=masks.transpose(1, 2, 0).astype(np.uint8))
             image = np.ascontiguousarray(out["image"].transpose(2, 0, 1))
             masks = out["mask"].transpose(2, 0, 1)
-        return torch.from_numpy(image), torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))
+        targets = np.ascontiguousarray(masks, dtype=np.float32)
+        if self.teacher is not None:
+            targets[3:] /= 255.0
+        return torch.from_numpy(image), torch.from_numpy(targets)
 
 
 class VolumeDataset(Dataset):
