@@ -89,6 +89,35 @@ def cmd_ensemble(args) -> None:
                 f"cases" + (": too few to mean much" if gain["cases"] < FEW_CASES else "") + ")")
 
 
+def distill_out(args) -> Path:
+    """The student's folder: --out, or `<ensemble>-student` beside the ensemble."""
+    ensemble = Path(args.ensemble)
+    return Path(args.out) if args.out else ensemble.parent / f"{ensemble.name}-student"
+
+
+def cmd_distill(args) -> None:
+    from ensemble.distill import build_student, plan, write_teacher
+    from gitseg.config import from_dict, to_dict
+    from gitseg.records import SEARCH_RECORD, SearchRecord, load
+    from gitseg.tables import format_table
+    from search.distill import train_students
+    from search.settings import SearchConfig
+
+    p = plan(args.ensemble, args.config, args.set, out=distill_out(args), tta=args.tta)
+    search = load(SearchRecord, p.run_dir / SEARCH_RECORD, "the ensemble's search folder has moved")
+    settings = from_dict(SearchConfig, search.settings)  # Ray resources and workers as the search had them
+    pseudo = None if args.pseudo_labels is None else (args.pseudo_labels or p.cache.manifest["source"])
+    source = write_teacher(p, pseudo)
+    folds = sorted({p.cache.entries[cd]["fold"] for cd in p.cache.case_days()})
+    record = train_students(settings, to_dict(p.student), str(p.teacher.resolve()), folds, p.work,
+                            tta=search.settings["refit"]["tta"])
+    result = build_student(p, record, source)
+    if "models" in result:
+        say(format_table([{k: r[k] for k in ("model", "tta", "ms_per_slice", "latency_vs_ensemble", "score", "dice",
+                                             "hausdorff", "gain_over_single")} for r in result["models"]],
+                         floats="{:.4f}"))
+
+
 def cmd_predict(args) -> int:
     from ensemble.predict import predict_tree
 
@@ -125,6 +154,9 @@ def log_file(args) -> Path | None:
         if "://" in settings.storage_path:  # an object store: the log stays on this machine
             return Path(f"{settings.name}-search.log").resolve()
         return Path(settings.storage_path, settings.name, "search.log").resolve()
+    if args.command == "distill":
+        out = distill_out(args)
+        return out.with_name(f"{out.name}.work") / "distill.log"
     folder = getattr(args, {"ensemble": "run", "report": "run", "predict": "out", "demo": "out"}[args.command])
     return Path(folder, f"{args.command}.log").resolve()
 
@@ -192,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="prepared cache (default: the search's data.cache)")
     add_verbose(p)
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("distill", help="train one student network on the labels and an ensemble's probabilities; "
+                                       "its folder works with `gitseg predict`")
+    p.add_argument("--ensemble", required=True, help="teacher ensemble folder made by `gitseg ensemble`")
+    p.add_argument("--config", required=True, help="the student's experiment YAML (e.g. configs/student_demo.yaml); "
+                                                   "data.cache is the ensemble's")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a student config key")
+    p.add_argument("--out", default=None, help="the student's ensemble folder (default: ENSEMBLE-student beside "
+                                               "the ensemble; its work files go to OUT.work)")
+    p.add_argument("--tta", default="none", help="the student's TTA at prediction time (default none)")
+    p.add_argument("--pseudo-labels", nargs="?", const="", default=None, metavar="ROOT",
+                   help="also train on the unlabelled test/ case-days of ROOT (default: the cache's data root), "
+                        "labelled by the ensemble")
+    add_verbose(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("predict", help="predict a UWMGI tree: submission.csv and optional NIfTI masks")
     p.add_argument("--ensemble", required=True, help="ensemble folder made by `gitseg ensemble`")

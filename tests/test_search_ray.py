@@ -80,21 +80,47 @@ def test_report_has_every_section_and_no_network_reference(small_demo):
     assert (report / "tables" / "ablation.csv").is_file() and (report / "tables" / "leaderboard.csv").is_file()
 
 
-def test_predict_spread_over_ray_matches_in_process(small_demo, tmp_path):
+def test_distill_gives_a_folder_predict_uses_in_process_and_over_ray(small_demo, tmp_path):
+    """`gitseg distill` with pseudo-labels on the demo's ensemble: a one-network folder, a holdout table
+    of four models with latency, and `gitseg predict` with it (and with the ensemble) spread over Ray
+    gives the submission it gives in process. One Ray instance serves the distill and the predictions."""
     import ray
 
     from ensemble.predict import predict_tree
+    from gitseg.cli import main
+    from gitseg.teacher import Teacher
 
     out, _, _ = small_demo
     ensemble, data, quiet = out / "search" / "demo" / "ensemble", out / "data", dict(log=lambda *_: None)
-    local = predict_tree(ensemble, data, tmp_path / "local", nifti=tmp_path / "nii_local", **quiet)
+    student = {"data": {"channels": 3, "stride": 1, "augment": 0.0},
+               "model": {"arch": "FPN", "encoder": "tu-test_resnet", "head_prior": None},
+               "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 4, "lr": 0.003, "teacher_weight": 0.5}}
+    (tmp_path / "student.yaml").write_text(json.dumps(student))
+    ray.init(num_cpus=3)
     try:
-        spread = predict_tree(ensemble, data, tmp_path / "ray", nifti=tmp_path / "nii_ray", ray_address="local",
-                              **quiet)
+        assert main(["distill", "--ensemble", str(ensemble), "--config", str(tmp_path / "student.yaml"),
+                     "--out", str(tmp_path / "student"), "--pseudo-labels"]) == 0
+        folder = tmp_path / "student"
+        manifest = json.loads((folder / "ensemble.json").read_text())
+        assert len(manifest["members"]) == 1 and manifest["selection"]["method"] == "distilled"
+        result = json.loads((folder / "distill.json").read_text())
+        assert [r["model"] for r in result["models"]] == ["student", "student, labels only", "best single model",
+                                                          "ensemble"]
+        assert all(r["ms_per_slice"] > 0 and 0 <= r["score"] <= 1 for r in result["models"])
+        teacher = Teacher(tmp_path / "student.work" / "teacher")
+        assert teacher.pseudo and all(cd.startswith("case") for cd in teacher.pseudo)
+        # Each student configuration trained on every fold, with its own OOF; the teacher only for rank 0.
+        refit = records.load(RefitRecord, tmp_path / "student.work" / REFIT_RECORD)
+        assert sorted((m.rank, m.fold) for m in refit.models if m.checkpoint) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert {m.rank: m.values["data.teacher"] for m in refit.models} == {0: str(teacher.folder.resolve()),
+                                                                           1: None}
+        for model in (folder, ensemble):
+            local = predict_tree(model, data, tmp_path / model.name / "local", **quiet)
+            spread = predict_tree(model, data, tmp_path / model.name / "ray", ray_address="auto", **quiet)
+            assert local["written"] and spread["written"] == local["written"] and not spread["failed"]
+            assert (Path(spread["submission"]).read_text() == Path(local["submission"]).read_text())
     finally:
         ray.shutdown()
-    assert local["written"] and spread["written"] == local["written"] and not spread["failed"]
-    assert (tmp_path / "ray" / "submission.csv").read_text() == (tmp_path / "local" / "submission.csv").read_text()
 
 
 def run_search(config: Path, *extra, timeout=600) -> subprocess.CompletedProcess:
