@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_ensemble.py
 	$(VENV)/bin/python benchmarks/bench_asha.py
 	$(VENV)/bin/python benchmarks/bench_ensemble_gain.py
+	$(VENV)/bin/python benchmarks/bench_distill.py
 
 clean:
 	rm -rf runs .pytest_cache
