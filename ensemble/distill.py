@@ -51,6 +51,7 @@ from gitseg.records import (
     Selection,
 )
 from gitseg.tables import csv_text
+from gitseg.train import check_config
 
 DISTILL_RECORD = "distill.json"
 STUDENT_ROW, LABELS_ROW = "student", "student, labels only"
@@ -78,8 +79,6 @@ class Plan:
 def plan(ensemble_dir, student_yaml, overrides: list[str] | None = None, out=None, tta: str = "none") -> Plan:
     """Check everything `gitseg distill` needs before any work: the ensemble, its search folder and
     cache, and the student configuration (on the ensemble's cache: the same folds and holdout)."""
-    from gitseg.train import check_config  # the training loop's checks, with torch
-
     ensemble = Path(ensemble_dir)
     manifest = records.load(EnsembleManifest, ensemble / ENSEMBLE_MANIFEST,
                             "point --ensemble at a folder made by `gitseg ensemble`")
