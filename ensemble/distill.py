@@ -197,12 +197,14 @@ def _build_student(p: Plan, record: RefitRecord, teacher_source: dict, log) -> d
     started = time.perf_counter()
     configs, problems = configurations_of(record)
     by_rank = {c.rank: c for c in configs}
-    if 0 not in by_rank or 1 not in by_rank:
+    trained = {m.rank for m in record.models}  # rank 1, the labels-only reference, unless --no-reference
+    if 0 not in by_rank or (1 in trained and 1 not in by_rank):
         raise ValueError(f"the student runs in {p.work} lack a fold model: {'; '.join(problems)}")
-    student, labels_only = by_rank[0], by_rank[1]
+    student, labels_only = by_rank[0], by_rank.get(1)
+    students = [c for c in (student, labels_only) if c is not None]
     own = p.tta if p.tta in oof_tta_sets(record.tta) else None
     tuned = {}
-    for conf in (student, labels_only):
+    for conf in students:
         conf.cv_score = oof_score([conf], [1.0], p.cache, tta=own)
         tuned[conf.rank] = tune(oof_volumes([conf], [1.0], p.cache, tta=own), log=log if conf is student else note)
         log(f"distill: {conf.trial_id}: OOF score {conf.cv_score:.4f} at threshold 0.5, "
@@ -235,11 +237,12 @@ def _build_student(p: Plan, record: RefitRecord, teacher_source: dict, log) -> d
             timings={})
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
         oof = {c.trial_id: {"at_0.5": c.cv_score, "tuned": tuned_score(tuned[c.rank][1]),
-                            "postprocess": tuned[c.rank][0].to_dict()} for c in (student, labels_only)}
+                            "postprocess": tuned[c.rank][0].to_dict()} for c in students}
         result = {"teacher": teacher_source, "student_config": to_dict(p.student), "tta": p.tta,
                   "student_fold": fold, "oof": oof}
         if p.cache.case_days(holdout=True):
-            result.update(holdout_table(p, EnsembleModel.load(staging), labels_only, tuned[1][0], log))
+            reference = (labels_only, tuned[1][0]) if labels_only else None
+            result.update(holdout_table(p, EnsembleModel.load(staging), reference, log))
         else:
             log("distill: the cache has no holdout case-days; no holdout table")
         manifest.timings["total_s"] = time.perf_counter() - started
@@ -251,22 +254,26 @@ def _build_student(p: Plan, record: RefitRecord, teacher_source: dict, log) -> d
     return result
 
 
-def holdout_table(p: Plan, model: EnsembleModel, labels_only, labels_post, log) -> dict:
+def holdout_table(p: Plan, model: EnsembleModel, reference, log) -> dict:
     """The four models on the holdout, each with post-processing tuned on its own OOF and its
-    latency measured here: the student, the student on labels alone, and the teacher ensemble's best
-    single fold model and the ensemble as built (their rows read from its evaluation.json)."""
+    latency measured here: the student, the student on labels alone (`reference`: its configuration
+    and post-processing; None: the row is left out), and the teacher ensemble's best single fold
+    model and the ensemble as built (their rows read from its evaluation.json)."""
     holdout = p.cache.case_days(holdout=True)
     teacher_scores = p.manifest.scores.holdout
     if teacher_scores is None or sorted(teacher_scores.case_days) != sorted(holdout):
         raise ValueError(f"{p.ensemble} was not evaluated on the holdout of {p.cache.root}; rebuild it with "
                          f"`gitseg ensemble` on this cache")
     evaluation = records.load(Evaluation, p.ensemble / EVALUATION, "rebuild the ensemble with `gitseg ensemble`")
-    fold = folds_by_score(labels_only)[0]
-    reference = member_from_checkpoint(labels_only.folds[fold].checkpoint,
-                                       str(labels_only.folds[fold].checkpoint.resolve()), 1.0, "labels-only")
-    ev = evaluate_holdout(model, p.cache, {LABELS_ROW: ([reference], p.tta, labels_post),
-                                           STUDENT_ROW: (model.members, p.tta, model.post)}, log)
-    rows = {STUDENT_ROW: ev.rows[STUDENT_ROW], LABELS_ROW: ev.rows[LABELS_ROW],
+    variants = {STUDENT_ROW: (model.members, p.tta, model.post)}
+    if reference:
+        labels_only, labels_post = reference
+        fold = folds_by_score(labels_only)[0]
+        checkpoint = labels_only.folds[fold].checkpoint
+        variants = {LABELS_ROW: ([member_from_checkpoint(checkpoint, str(checkpoint.resolve()), 1.0, "labels-only")],
+                                 p.tta, labels_post), **variants}
+    ev = evaluate_holdout(model, p.cache, variants, log)
+    rows = {STUDENT_ROW: ev.rows[STUDENT_ROW], **({LABELS_ROW: ev.rows[LABELS_ROW]} if reference else {}),
             SINGLE_ROW: evaluation.rows[TUNED_SINGLE], ENSEMBLE_ROW: evaluation.rows[final_variant(p.manifest.tta)]}
 
     # Latency: every network timed here, on one volume, with its own TTA.
@@ -279,14 +286,15 @@ def holdout_table(p: Plan, model: EnsembleModel, labels_only, labels_post, log) 
     single_ckpt = next(c for c in run.configurations if c.name == single_conf).folds[int(single_fold)].checkpoint
     single_tta = next(r["tta"] for r in teacher_scores.ablation if r["variant"] == TUNED_SINGLE)
     ms = {STUDENT_ROW: _network_ms(model.folder / model.members[0].file, p.tta, volume, out_size, device),
-          LABELS_ROW: _network_ms(labels_only.folds[fold].checkpoint, p.tta, volume, out_size, device),
           SINGLE_ROW: _network_ms(single_ckpt, single_tta, volume, out_size, device),
           ENSEMBLE_ROW: sum(_network_ms(p.ensemble / m.file, p.manifest.tta, volume, out_size, device)
                             for m in p.manifest.members)}
     what = {STUDENT_ROW: (f"the distilled student, fold {model.members[0].fold} model", p.tta),
-            LABELS_ROW: (f"the same configuration on the labels alone, fold {fold} model", p.tta),
             SINGLE_ROW: (f"the teacher's {teacher_scores.best_single_fold_model}", single_tta),
             ENSEMBLE_ROW: (f"the teacher ensemble, {len(p.manifest.members)} networks", p.manifest.tta)}
+    if reference:
+        ms[LABELS_ROW] = _network_ms(checkpoint, p.tta, volume, out_size, device)
+        what[LABELS_ROW] = (f"the same configuration on the labels alone, fold {fold} model", p.tta)
     table = []
     for name, r in rows.items():
         s = scores_from_rows(r)
@@ -303,9 +311,10 @@ def holdout_table(p: Plan, model: EnsembleModel, labels_only, labels_post, log) 
     # The student's share of what the ensemble adds over one network, at the student's share of its
     # latency; undefined when the ensemble adds nothing.
     share = student_gain / ensemble_gain if ensemble_gain > 0 else None
-    teacher_adds = paired_gain(rows[STUDENT_ROW], rows[LABELS_ROW])
-    log(f"distill: what the teacher adds (student minus labels only): {teacher_adds['gain']:+.4f} "
-        f"[{teacher_adds['ci95'][0]:+.4f}, {teacher_adds['ci95'][1]:+.4f}] over {teacher_adds['cases']} cases")
+    teacher_adds = paired_gain(rows[STUDENT_ROW], rows[LABELS_ROW]) if reference else None
+    if teacher_adds:
+        log(f"distill: what the teacher adds (student minus labels only): {teacher_adds['gain']:+.4f} "
+            f"[{teacher_adds['ci95'][0]:+.4f}, {teacher_adds['ci95'][1]:+.4f}] over {teacher_adds['cases']} cases")
     log(f"distill: the ensemble adds {ensemble_gain:+.4f} over the best single model, the student {student_gain:+.4f}"
         + (f" ({share:.0%} of it)" if share is not None else "")
         + f" at {ms[STUDENT_ROW] / ms[ENSEMBLE_ROW]:.0%} of the ensemble's latency")

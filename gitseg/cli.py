@@ -110,7 +110,7 @@ def cmd_distill(args) -> None:
     source = write_teacher(p, pseudo)
     folds = sorted({p.cache.entries[cd]["fold"] for cd in p.cache.case_days()})
     record = train_students(settings, to_dict(p.student), str(p.teacher.resolve()), folds, p.work,
-                            tta=search.settings["refit"]["tta"])
+                            tta=search.settings["refit"]["tta"], reference=not args.no_reference)
     result = build_student(p, record, source)
     if "models" in result:
         say(format_table([{k: r[k] for k in ("model", "tta", "ms_per_slice", "latency_vs_ensemble", "score", "dice",
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-labels", nargs="?", const="", default=None, metavar="ROOT",
                    help="also train on the unlabelled test/ case-days of ROOT (default: the cache's data root), "
                         "labelled by the ensemble")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not train the student on the labels alone (the holdout table's reference row that says "
+                        "what the teacher adds): half the training")
     add_verbose(p)
     p.set_defaults(func=cmd_distill)
 

@@ -3,8 +3,9 @@ teacher's targets and on the labels alone, as the refit trains its configuration
 
 Both students leave out-of-fold probabilities, so each gets post-processing tuned on its own; the
 labels-only one is the reference that says what the teacher adds. Everything lives under the
-distill work folder: `students/` (the Tune experiment), `student_runs/` (the Train runs) and
-refit.json (rank 0: the distilled student, rank 1: labels only). Re-running resumes.
+distill work folder: `student/` and `reference/` (the Tune experiments), `student_runs/` and
+`reference_runs/` (their Train runs) and refit.json (rank 0: the distilled student, rank 1: labels
+only). Re-running resumes each; a run with `--no-reference` trains only the first.
 """
 
 from __future__ import annotations
@@ -22,17 +23,25 @@ STUDENT, LABELS_ONLY = "student", "labels-only"
 
 
 def train_students(settings: SearchConfig, student: dict, teacher: str, folds: list[int], work, tta: str,
-                   log=say) -> RefitRecord:
-    """Train `student` (an experiment config dict) on `folds`, once with `data.teacher` = `teacher` and
-    once without; writes and returns `<work>/refit.json`. Ray settings come from `settings` (the
-    ensemble's search: workers, logical CPUs, failures)."""
+                   reference: bool = True, log=say) -> RefitRecord:
+    """Train `student` (an experiment config dict) on `folds` with `data.teacher` = `teacher` and, with
+    `reference`, once more without; writes and returns `<work>/refit.json`. Ray settings come from
+    `settings` (the ensemble's search: workers, logical CPUs, failures)."""
     work = str(Path(work).resolve())
-    jobs = [{"rank": rank, "trial_id": name, "values": {"data.teacher": path}, "fold": f, "start_from": None}
-            for rank, (name, path) in enumerate(((STUDENT, teacher), (LABELS_ONLY, None))) for f in folds]
-    log(f"distill: the student on folds {folds}, with the teacher and on the labels alone: {len(jobs)} Train runs")
+
+    def jobs(rank: int, name: str, path: str | None) -> list[dict]:
+        return [{"rank": rank, "trial_id": name, "values": {"data.teacher": path}, "fold": f, "start_from": None}
+                for f in folds]
+
+    log(f"distill: the student on folds {folds}, with the teacher" + (" and on the labels alone" if reference else "")
+        + f": {len(folds) * (2 if reference else 1)} Train runs")
     connected = init_ray(settings)
     try:
-        models = train_fold_jobs(settings, jobs, student, work, "students", "student_runs", tta, "distill")
+        models = train_fold_jobs(settings, jobs(0, STUDENT, teacher), student, work, "student", "student_runs", tta,
+                                 "distill: student")
+        if reference:
+            models += train_fold_jobs(settings, jobs(1, LABELS_ONLY, None), student, work, "reference",
+                                      "reference_runs", tta, "distill: reference")
     finally:
         if connected:
             import ray  # heavy

@@ -524,3 +524,57 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capfd):
     assert main(["predict", "--ensemble", str(tmp_path / "nope"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p2")]) == 2
     assert "gitseg ensemble" in capfd.readouterr().err and not (tmp_path / "p2").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation without Ray: the teacher targets and the student's folder (the Train runs of
+# `gitseg distill` are tested in test_search_ray.py)
+
+
+def test_distill_teacher_targets_and_student_folder(built, refit_run, train_cache, synth_root, tmp_path):
+    """The teacher folder holds the ensemble's OOF probabilities (quantised, at the cache size) and
+    pseudo-labels of test/; the student folder, built here from the refit's two configurations standing
+    in for the distilled and labels-only students, has one network, a four-row holdout table with
+    latency, and predicts."""
+    from ensemble.distill import build_student, plan, teacher_members, write_teacher
+    from gitseg.data.cache import resize_probs
+    from gitseg.teacher import Teacher, quantise
+
+    folder, manifest = built
+    (tmp_path / "student.yaml").write_text("model: {encoder: tu-test_resnet}\n")
+    p = plan(folder, tmp_path / "student.yaml", out=tmp_path / "student")
+    assert p.student.data.cache == str(Cache(train_cache).root) and p.work == tmp_path / "student.work"
+    source = write_teacher(p, pseudo_root=synth_root, **QUIET)
+    teacher = Teacher(p.teacher)
+    cache = Cache(train_cache)
+    assert sorted(cd for cd, e in teacher.entries.items() if not e["pseudo"]) == sorted(cache.case_days())
+    assert sorted(teacher.pseudo) == sorted(set(index_root(synth_root, "test")[0]["case_day"]))
+    configs, weights, tta = teacher_members(p)
+    assert {c.name for c in configs} == {m.configuration for m in manifest.members} and tta == "hflip"
+    case_day = cache.case_days(folds=[1])[0]
+    expected = quantise(resize_probs(oof_probs(configs, weights, case_day, cache, tta), cache.size))
+    assert np.array_equal(np.stack([teacher.probs(case_day, z) for z in range(expected.shape[1])], axis=1), expected)
+    assert write_teacher(p, pseudo_root=synth_root, **QUIET) == source  # kept, not rewritten
+
+    record = records.load(RefitRecord, refit_run / REFIT_RECORD)
+    result = build_student(p, record, source, **QUIET)
+    student = EnsembleModel.load(p.out)
+    assert len(student.members) == 1 and student.tta == "none"
+    assert [r["model"] for r in result["models"]] == ["student", "student, labels only", "best single model",
+                                                      "ensemble"]
+    rows = {r["model"]: r for r in result["models"]}
+    assert rows["ensemble"]["score"] == pytest.approx(manifest.scores.holdout.score)
+    assert rows["best single model"]["score"] == pytest.approx(
+        next(r["score"] for r in manifest.scores.holdout.ablation if r["variant"] == TUNED_SINGLE))
+    assert all(r["ms_per_slice"] > 0 for r in result["models"])
+    assert rows["ensemble"]["latency_vs_ensemble"] == 1.0 and result["teacher_adds"]["cases"] > 0
+    assert (p.out / "distill_holdout.csv").is_file()
+    done = predict_tree(p.out, synth_root, tmp_path / "pred", **QUIET)
+    assert done["written"] and not done["failed"]
+
+    # Without the labels-only reference (--no-reference): the table has the other three rows.
+    only = RefitRecord(folds=record.folds, tta=record.tta, models=[m for m in record.models if m.rank == 0])
+    p.out = tmp_path / "student2"
+    result = build_student(p, only, source, **QUIET)
+    assert [r["model"] for r in result["models"]] == ["student", "best single model", "ensemble"]
+    assert result["teacher_adds"] is None

@@ -21,6 +21,7 @@ import torch
 from conftest import ENV, RAY, write_configs
 
 from gitseg import records
+from gitseg.checkpoint import load_checkpoint
 from gitseg.oof import oof_file
 from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
@@ -81,9 +82,11 @@ def test_report_has_every_section_and_no_network_reference(small_demo):
 
 
 def test_distill_gives_a_folder_predict_uses_in_process_and_over_ray(small_demo, tmp_path):
-    """`gitseg distill` with pseudo-labels on the demo's ensemble: a one-network folder, a holdout table
-    of four models with latency, and `gitseg predict` with it (and with the ensemble) spread over Ray
-    gives the submission it gives in process. One Ray instance serves the distill and the predictions."""
+    """`gitseg distill` with pseudo-labels on the demo's ensemble: Train runs that learn from the teacher
+    folder, a one-network folder with its holdout table, and `gitseg predict` with it; the ensemble
+    spread over Ray gives the submission it gives in process. One Ray instance serves it all. Without
+    the labels-only reference (--no-reference: half the Train runs; the four-row table and the
+    teacher's content are tested without Ray in test_ensemble.py)."""
     import ray
 
     from ensemble.predict import predict_tree
@@ -99,26 +102,26 @@ def test_distill_gives_a_folder_predict_uses_in_process_and_over_ray(small_demo,
     ray.init(num_cpus=3)
     try:
         assert main(["distill", "--ensemble", str(ensemble), "--config", str(tmp_path / "student.yaml"),
-                     "--out", str(tmp_path / "student"), "--pseudo-labels"]) == 0
+                     "--out", str(tmp_path / "student"), "--pseudo-labels", "--no-reference"]) == 0
         folder = tmp_path / "student"
         manifest = json.loads((folder / "ensemble.json").read_text())
         assert len(manifest["members"]) == 1 and manifest["selection"]["method"] == "distilled"
         result = json.loads((folder / "distill.json").read_text())
-        assert [r["model"] for r in result["models"]] == ["student", "student, labels only", "best single model",
-                                                          "ensemble"]
+        assert [r["model"] for r in result["models"]] == ["student", "best single model", "ensemble"]
         assert all(r["ms_per_slice"] > 0 and 0 <= r["score"] <= 1 for r in result["models"])
         teacher = Teacher(tmp_path / "student.work" / "teacher")
         assert teacher.pseudo and all(cd.startswith("case") for cd in teacher.pseudo)
-        # Each student configuration trained on every fold, with its own OOF; the teacher only for rank 0.
+        # The student trained on every fold from the teacher folder, each fold run with its OOF.
         refit = records.load(RefitRecord, tmp_path / "student.work" / REFIT_RECORD)
-        assert sorted((m.rank, m.fold) for m in refit.models if m.checkpoint) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-        assert {m.rank: m.values["data.teacher"] for m in refit.models} == {0: str(teacher.folder.resolve()),
-                                                                           1: None}
-        for model in (folder, ensemble):
-            local = predict_tree(model, data, tmp_path / model.name / "local", **quiet)
-            spread = predict_tree(model, data, tmp_path / model.name / "ray", ray_address="auto", **quiet)
-            assert local["written"] and spread["written"] == local["written"] and not spread["failed"]
-            assert (Path(spread["submission"]).read_text() == Path(local["submission"]).read_text())
+        assert sorted((m.rank, m.fold) for m in refit.models if m.checkpoint and m.oof) == [(0, 0), (0, 1)]
+        assert {m.values["data.teacher"] for m in refit.models} == {str(teacher.folder.resolve())}
+        config = load_checkpoint(Path(refit.models[0].checkpoint))["config"]
+        assert config["data"]["teacher"] == str(teacher.folder.resolve()) and config["train"]["teacher_weight"] == 0.5
+        assert predict_tree(folder, data, tmp_path / "student-pred", **quiet)["written"]
+        local = predict_tree(ensemble, data, tmp_path / "local", **quiet)
+        spread = predict_tree(ensemble, data, tmp_path / "ray", ray_address="auto", **quiet)
+        assert local["written"] and spread["written"] == local["written"] and not spread["failed"]
+        assert Path(spread["submission"]).read_text() == Path(local["submission"]).read_text()
     finally:
         ray.shutdown()
 
