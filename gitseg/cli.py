@@ -22,6 +22,11 @@ def cmd_synth(args) -> None:
                             overwrite=args.overwrite, progress=counter("synth: case-days"))
     say(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
           f"case-days ({summary['train_slices']} labelled slices; sizes {', '.join(summary['sizes'])}) to {args.out}")
+    if args.dicom:
+        from gitseg.data.dicom import write_dicom_tree
+
+        folders = write_dicom_tree(args.out, "test", seed=args.seed, progress=counter("synth: DICOM series"))
+        say(f"synth: wrote the {len(folders)} unlabelled case-days as DICOM MR series to {Path(args.out) / 'dicom'}")
 
 
 def cmd_prepare(args) -> None:
@@ -119,6 +124,15 @@ def cmd_distill(args) -> None:
 
 
 def cmd_predict(args) -> int:
+    sources = [name for name in ("data", "dicom", "nifti_in") if getattr(args, name)]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --data (a UWMGI tree), --dicom (one series folder) or --nifti-in "
+                         "(one NIfTI volume)")
+    if args.dicom or args.nifti_in:
+        from ensemble.clinical import predict_series
+
+        predict_series(args.ensemble, args.out, dicom=args.dicom, nifti_in=args.nifti_in, device=args.device)
+        return 0
     from ensemble.predict import predict_tree
 
     result = predict_tree(args.ensemble, args.data, args.out, nifti=args.nifti, split=args.split,
@@ -180,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-cases", type=int, default=1, help="unlabelled cases under test/ (default 1)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write the unlabelled case-days as DICOM MR series under OUT/dicom/<case_day>/")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="build the volume cache, folds and holdout from a UWMGI root")
@@ -243,10 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("predict", help="predict a UWMGI tree: submission.csv and optional NIfTI masks")
-    p.add_argument("--ensemble", required=True, help="ensemble folder made by `gitseg ensemble`")
-    p.add_argument("--data", required=True, help="UWMGI root holding test/ (or train/ with --split train)")
-    p.add_argument("--out", required=True, help="folder for submission.csv")
+    p = sub.add_parser("predict", help="predict a UWMGI tree (submission.csv, NIfTI masks), or one DICOM series "
+                                       "(DICOM-SEG, RT Structure Set, NIfTI) or NIfTI volume")
+    p.add_argument("--ensemble", required=True, help="ensemble folder made by `gitseg ensemble` or `gitseg distill`")
+    p.add_argument("--data", default=None, help="UWMGI root holding test/ (or train/ with --split train)")
+    p.add_argument("--dicom", default=None, metavar="SERIES_DIR",
+                   help="a folder holding one MR series (files in any order, any names): writes seg.dcm, "
+                        "rtstruct.dcm and labels.nii.gz to --out")
+    p.add_argument("--nifti-in", default=None, metavar="FILE", help="one NIfTI volume: writes labels.nii.gz to --out")
+    p.add_argument("--out", required=True, help="folder for the outputs")
     p.add_argument("--nifti", default=None, help="folder for one NIfTI label volume (+ scan) per case-day")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which tree to read (default test)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

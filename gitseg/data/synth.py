@@ -322,7 +322,7 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; choose another --out or pass --overwrite")
-        for name in ("train", "test", "train.csv", "sample_submission.csv"):
+        for name in ("train", "test", "train.csv", "sample_submission.csv", "dicom"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)

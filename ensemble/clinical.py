@@ -1,0 +1,304 @@
+"""Clinical outputs of one series: DICOM-SEG, an RT Structure Set and NIfTI labels, side by side.
+
+    gitseg predict --ensemble DIR --dicom SERIES_DIR --out OUT   ->  OUT/seg.dcm, OUT/rtstruct.dcm,
+                                                                     OUT/labels.nii.gz, OUT/timings.json
+    gitseg predict --ensemble DIR --nifti-in FILE --out OUT      ->  OUT/labels.nii.gz
+
+- `seg.dcm`: a binary DICOM Segmentation written with highdicom, one segment per organ (SNOMED CT
+  codes), each frame referencing its source slice.
+- `rtstruct.dcm`: an RT Structure Set, one ROI per organ with the TG-263 names, closed planar
+  contours per slice in patient coordinates, referencing the series, its study and its frame of
+  reference. Written with pydicom; the contours come from OpenCV's `findContours`, which OpenCV
+  (already a dependency) keeps, rather than from a dedicated RTSTRUCT library: rt-utils, the
+  common one, pins old pydicom and numpy versions and has had no release since 2023. A slice's
+  contours are the outlines of its regions and of their holes (and of islands in holes); a reader
+  fills them with the even-odd rule, as planning systems treat nested contours (`rtstruct_masks`).
+- `labels.nii.gz`: the labels 1..3 (where organs overlap, the more probable one), with the affine
+  of the DICOM geometry converted to NIfTI's RAS: any viewer overlays it on the series.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.model import EnsembleModel
+from ensemble.predict import label_volume
+from gitseg import __version__
+from gitseg.data.dicom import Series, read_series
+from gitseg.data.uwmgi import CLASSES
+from gitseg.files import atomic_path, write_text_atomic
+from gitseg.progress import say
+
+# TG-263 structure names, in class order, and what SEG codes them as (SNOMED CT).
+TG263 = ("Bowel_Large", "Bowel_Small", "Stomach")
+COLOURS = ((205, 133, 63), (255, 182, 193), (0, 128, 255))
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _codes():
+    from pydicom.sr.codedict import codes
+
+    return (codes.SCT.LargeIntestine, codes.SCT.SmallIntestine, codes.SCT.Stomach)
+
+
+def _uid(series: Series, kind: str) -> str:
+    """A UID that is the same for the same series and output (re-running replaces, not duplicates)."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[series.uid, kind, __version__])
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM-SEG
+
+
+def write_seg(path, masks: np.ndarray, series: Series) -> None:
+    """Binary DICOM-SEG of bool `masks` `(3, D, H, W)` (series order), one segment per class."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(name="gitseg", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [hd.seg.SegmentDescription(
+        segment_number=c + 1, segment_label=TG263[c], segmented_property_category=codes.cid7150.AnatomicalStructure,
+        segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for c, code in enumerate(_codes())]
+    seg = hd.seg.Segmentation(
+        source_images=series.datasets, pixel_array=np.moveaxis(masks, 0, -1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+        series_instance_uid=_uid(series, "seg-series"), series_number=901, sop_instance_uid=_uid(series, "seg"),
+        instance_number=1, manufacturer="gitseg", manufacturer_model_name="gitseg ensemble",
+        software_versions=__version__, device_serial_number="none", series_description="gitseg organs at risk")
+    with atomic_path(path, suffix=".dcm") as tmp:
+        seg.save_as(tmp)
+
+
+def seg_masks(path, series: Series) -> np.ndarray:
+    """bool `(3, D, H, W)` of a SEG file, in `series`' slice order (the round trip's reader)."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(path)
+    uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2, 3],
+                                               assert_missing_frames_are_empty=True)
+    return np.moveaxis(pixels, -1, 0).astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# RT Structure Set
+
+
+def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """The contours of a 2D bool mask as `(N, 2)` pixel (column, row) points, filled with the even-odd
+    rule to give the mask back: the outline of each region with its holes filled, then the outline of
+    each hole's own pixels, then of islands inside holes, and so on. Each polygon runs through the
+    centres of the pixels it encloses, so that filling it (boundary included) gives those pixels."""
+    import cv2  # heavy: OpenCV loads only where contours are drawn
+    from scipy import ndimage
+
+    contours = []
+    while mask.any():
+        filled = ndimage.binary_fill_holes(mask)
+        found, _ = cv2.findContours(filled.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contours += [c[:, 0, :].astype(np.float64) for c in found]
+        mask = filled & ~mask  # the holes: their outlines come next
+    return contours
+
+
+def to_patient(points: np.ndarray, z: int, affine: np.ndarray) -> np.ndarray:
+    """Pixel (column, row) points of slice z → patient LPS mm `(N, 3)`."""
+    homogeneous = np.column_stack([points, np.full(len(points), z), np.ones(len(points))])
+    return (affine @ homogeneous.T).T[:, :3]
+
+
+def write_rtstruct(path, masks: np.ndarray, series: Series) -> int:
+    """RT Structure Set of bool `masks` `(3, D, H, W)`; returns the number of contours written."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    src = series.datasets[0]
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = _uid(series, "rtstruct")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = RT_STRUCTURE_SET_STORAGE, ds.file_meta.MediaStorageSOPInstanceUID
+    now = time.localtime()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
+    # Patient and study: the source series', so that a planning system files it with the scan.
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        setattr(ds, key, src.get(key, ""))
+    ds.FrameOfReferenceUID = src.FrameOfReferenceUID  # the Frame of Reference module: the series' own
+    ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID, ds.SeriesNumber = _uid(series, "rtstruct-series"), 902
+    ds.SeriesDescription = "gitseg organs at risk"
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "gitseg", "gitseg ensemble", __version__
+    ds.OperatorsName = ""
+    ds.StructureSetLabel = "gitseg"
+    ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.ApprovalStatus = "UNAPPROVED"  # an automatic segmentation: a clinician reviews it
+
+    def image_ref(z: int):
+        ref = pydicom.Dataset()
+        ref.ReferencedSOPClassUID = series.datasets[z].SOPClassUID
+        ref.ReferencedSOPInstanceUID = series.datasets[z].SOPInstanceUID
+        return ref
+
+    rt_series = pydicom.Dataset()
+    rt_series.SeriesInstanceUID = src.SeriesInstanceUID
+    rt_series.ContourImageSequence = Sequence([image_ref(z) for z in range(len(series.datasets))])
+    rt_study = pydicom.Dataset()
+    rt_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (as the standard asks)
+    rt_study.ReferencedSOPInstanceUID = src.StudyInstanceUID
+    rt_study.RTReferencedSeriesSequence = Sequence([rt_series])
+    frame = pydicom.Dataset()
+    frame.FrameOfReferenceUID = src.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = Sequence([rt_study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+
+    rois, contours, observations = [], [], []
+    written = 0
+    for c, name in enumerate(TG263):
+        roi = pydicom.Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = c + 1, src.FrameOfReferenceUID, name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        rois.append(roi)
+        items = []
+        for z in range(masks.shape[1]):
+            for points in slice_contours(masks[c, z]):
+                item = pydicom.Dataset()
+                item.ContourImageSequence = Sequence([image_ref(z)])
+                item.ContourGeometricType = "CLOSED_PLANAR"
+                item.NumberOfContourPoints = len(points)
+                item.ContourData = [f"{v:.4f}" for v in to_patient(points, z, series.affine).ravel()]
+                items.append(item)
+        written += len(items)
+        contour = pydicom.Dataset()
+        contour.ROIDisplayColor = list(COLOURS[c])
+        contour.ReferencedROINumber = c + 1
+        if items:
+            contour.ContourSequence = Sequence(items)
+        contours.append(contour)
+        observation = pydicom.Dataset()
+        observation.ObservationNumber, observation.ReferencedROINumber = c + 1, c + 1
+        observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+        observations.append(observation)
+    ds.StructureSetROISequence = Sequence(rois)
+    ds.ROIContourSequence = Sequence(contours)
+    ds.RTROIObservationsSequence = Sequence(observations)
+    with atomic_path(path, suffix=".dcm") as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return written
+
+
+def rtstruct_masks(path, series: Series) -> np.ndarray:
+    """bool `(3, D, H, W)` rasterised from an RT Structure Set on `series`' grid: each contour's
+    points mapped back to pixels, the slice's polygons filled with the even-odd rule."""
+    import cv2  # heavy
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    inverse = np.linalg.inv(series.affine)
+    slice_of = {str(d.SOPInstanceUID): z for z, d in enumerate(series.datasets)}
+    names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
+    shape = (len(series.datasets), *series.image.shape[1:])
+    masks = np.zeros((len(TG263), *shape), bool)
+    for roi in ds.ROIContourSequence:
+        c = TG263.index(names[int(roi.ReferencedROINumber)])
+        for item in roi.get("ContourSequence", []):
+            z = slice_of[str(item.ContourImageSequence[0].ReferencedSOPInstanceUID)]
+            points = np.asarray(item.ContourData, dtype=np.float64).reshape(-1, 3)
+            pixels = (inverse @ np.column_stack([points, np.ones(len(points))]).T).T[:, :2]
+            layer = np.zeros(shape[1:], np.uint8)
+            cv2.fillPoly(layer, [np.round(pixels).astype(np.int32)], 1)
+            if len(pixels) <= 2:  # a one- or two-pixel contour: its pixels
+                layer[np.round(pixels[:, 1]).astype(int), np.round(pixels[:, 0]).astype(int)] = 1
+            masks[c, z] ^= layer.astype(bool)
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI with the DICOM geometry
+
+
+def nifti_affine_of(affine_lps: np.ndarray) -> np.ndarray:
+    """NIfTI (RAS) affine of arrays stored (x=column, y=row, z=slice) from the DICOM (LPS) one."""
+    return LPS_TO_RAS @ affine_lps
+
+
+def write_labels_nifti(path, labels: np.ndarray, affine_lps: np.ndarray) -> None:
+    """uint8 labels `(D, H, W)` as NIfTI with axes (column, row, slice) and the series' geometry."""
+    import nibabel as nib  # only NIfTI output needs it
+
+    image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(labels, (2, 1, 0))), nifti_affine_of(affine_lps))
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(image, tmp)
+
+
+def read_nifti_volume(path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI scan as float32 `(D, H, W)` (slice, row, column: the array's z, y, x) and its LPS affine
+    for (column, row, slice) indices, so it goes through the same steps as a DICOM series."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --nifti-in takes a NIfTI file (.nii or .nii.gz)")
+    try:
+        image = nib.load(path)
+    except Exception as exc:  # nibabel raises several types for a file that is not NIfTI
+        raise ValueError(f"{path} cannot be read as NIfTI ({exc})") from None
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"{path} holds a {data.ndim}-D image of shape {data.shape}; give one 3-D volume")
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0))), LPS_TO_RAS @ image.affine
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, log=say) -> dict:
+    """Predict one series (`dicom` folder or `nifti_in` file) into `out`; returns the timings in
+    seconds (read, inference, write) and the files written, also saved as OUT/timings.json."""
+    model = EnsembleModel.load(ensemble_dir, device)  # checked before anything is read
+    out = Path(out)
+    start = time.perf_counter()
+    if dicom is not None:
+        series = read_series(dicom)
+        image, affine = series.image, series.affine
+        source = f"{len(series.datasets)} slices of {series.name}"
+    else:
+        image, affine = read_nifti_volume(nifti_in)
+        series, source = None, f"{nifti_in} ({image.shape[0]} slices)"
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    probs, masks = model.predict_scan(image)
+    infer_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"labels": out / "labels.nii.gz"}
+    write_labels_nifti(files["labels"], label_volume(probs, masks), affine)
+    contours = None
+    if series is not None:
+        files["seg"], files["rtstruct"] = out / "seg.dcm", out / "rtstruct.dcm"
+        write_seg(files["seg"], masks, series)
+        contours = write_rtstruct(files["rtstruct"], masks, series)
+    write_s = time.perf_counter() - start
+    timings = {"read_s": read_s, "inference_s": infer_s, "write_s": write_s, "slices": int(image.shape[0]),
+               "size": list(image.shape[1:]), "device": str(model.device), "contours": contours,
+               "voxels": {cls: int(masks[c].sum()) for c, cls in enumerate(CLASSES)},
+               "files": {k: str(v) for k, v in files.items()}}
+    write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
+    log(f"predict: {source}: read {read_s:.1f} s, inference {infer_s:.1f} s, writing {write_s:.1f} s; "
+        f"wrote {', '.join(p.name for p in files.values())} to {out}")
+    return timings
