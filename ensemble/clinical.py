@@ -41,14 +41,14 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _codes():
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes  # heavy: only the DICOM outputs need pydicom
 
     return (codes.SCT.LargeIntestine, codes.SCT.SmallIntestine, codes.SCT.Stomach)
 
 
 def _uid(series: Series, kind: str) -> str:
     """A UID that is the same for the same series and output (re-running replaces, not duplicates)."""
-    from pydicom.uid import generate_uid
+    from pydicom.uid import generate_uid  # heavy: only the DICOM outputs need pydicom
 
     return generate_uid(entropy_srcs=[series.uid, kind, __version__])
 
@@ -59,7 +59,7 @@ def _uid(series: Series, kind: str) -> str:
 
 def write_seg(path, masks: np.ndarray, series: Series) -> None:
     """Binary DICOM-SEG of bool `masks` `(3, D, H, W)` (series order), one segment per class."""
-    import highdicom as hd
+    import highdicom as hd  # heavy: only SEG output needs highdicom (it loads pydicom and pillow)
     from pydicom.sr.codedict import codes
 
     algorithm = hd.AlgorithmIdentificationSequence(name="gitseg", version=__version__,
@@ -80,7 +80,7 @@ def write_seg(path, masks: np.ndarray, series: Series) -> None:
 
 def seg_masks(path, series: Series) -> np.ndarray:
     """bool `(3, D, H, W)` of a SEG file, in `series`' slice order (the round trip's reader)."""
-    import highdicom as hd
+    import highdicom as hd  # heavy: only SEG reading needs highdicom
 
     seg = hd.seg.segread(path)
     uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
@@ -118,7 +118,7 @@ def to_patient(points: np.ndarray, z: int, affine: np.ndarray) -> np.ndarray:
 
 def write_rtstruct(path, masks: np.ndarray, series: Series) -> int:
     """RT Structure Set of bool `masks` `(3, D, H, W)`; returns the number of contours written."""
-    import pydicom
+    import pydicom  # heavy: only the DICOM outputs need pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian
@@ -203,8 +203,8 @@ def write_rtstruct(path, masks: np.ndarray, series: Series) -> int:
 def rtstruct_masks(path, series: Series) -> np.ndarray:
     """bool `(3, D, H, W)` rasterised from an RT Structure Set on `series`' grid: each contour's
     points mapped back to pixels, the slice's polygons filled with the even-odd rule."""
-    import cv2  # heavy
-    import pydicom
+    import cv2  # heavy: OpenCV loads only where contours are drawn
+    import pydicom  # heavy: only the DICOM outputs need pydicom
 
     ds = pydicom.dcmread(path)
     inverse = np.linalg.inv(series.affine)
@@ -248,7 +248,7 @@ def write_labels_nifti(path, labels: np.ndarray, affine_lps: np.ndarray) -> None
 def read_nifti_volume(path) -> tuple[np.ndarray, np.ndarray]:
     """A NIfTI scan as float32 `(D, H, W)` (slice, row, column: the array's z, y, x) and its LPS affine
     for (column, row, slice) indices, so it goes through the same steps as a DICOM series."""
-    import nibabel as nib
+    import nibabel as nib  # only NIfTI input needs it
 
     path = Path(path)
     if not path.is_file():

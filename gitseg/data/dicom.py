@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gitseg.data.uwmgi import index_root, volume_from_rows
+
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 # Tolerances: direction cosines compared to 1e-4 (scanners write 6 decimals); a gap between slices
 # more than 10% off the series' typical spacing is a missing or extra slice.
@@ -241,8 +243,6 @@ DICOM_FOLDER = "dicom"  # under a synthetic tree: dicom/<case_day>/, one series 
 def write_dicom_tree(root, split: str = "test", seed: int = 0, progress=None) -> list[Path]:
     """Write every case-day of a UWMGI tree's `split` as a DICOM MR series under
     `root/dicom/<case_day>/` (`gitseg synth --dicom`); returns the series folders."""
-    from gitseg.data.uwmgi import index_root, volume_from_rows
-
     root = Path(root)
     slices, problems = index_root(root, split)
     if problems:
