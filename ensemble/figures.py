@@ -150,3 +150,21 @@ def search_front(rows: list[TrialRow]):
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def robustness(table: list[dict], clean: float):
+    """Holdout score against severity, one line per corruption, the clean score dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = list(dict.fromkeys(r["corruption"] for r in table if r["corruption"] != "clean"))
+    for name in names:
+        points = sorted((r["severity"], r["score"]) for r in table if r["corruption"] == name)
+        ax.plot([0] + [p[0] for p in points], [clean] + [p[1] for p in points], marker="o", ms=3, label=name)
+    ax.axhline(clean, color="k", ls="--", lw=1, label="clean")
+    ax.set_xticks([0, 1, 2, 3])
+    ax.set_xlabel("severity (0: clean)")
+    ax.set_ylabel("holdout score")
+    ax.set_title("Robustness: score under MRI corruptions")
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return fig

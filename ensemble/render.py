@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+import shutil
 from pathlib import Path
 
 from gitseg.tables import csv_text
@@ -62,6 +63,11 @@ class Report:
 
         fig.savefig(self.out / "figures" / f"{name}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
+        self.parts.append(("figure", caption, f"figures/{name}.png"))
+
+    def image(self, path: Path, name: str, caption: str) -> None:
+        """A figure drawn elsewhere (a PNG file), copied into the report's folder."""
+        shutil.copyfile(path, self.out / "figures" / f"{name}.png")
         self.parts.append(("figure", caption, f"figures/{name}.png"))
 
     def write(self) -> None:

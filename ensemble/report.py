@@ -289,6 +289,24 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     per_case = per_case_table(final_rows)
     rep.table("holdout_per_case", per_case, "Per case-day, worst first")
     _overlays(rep, manifest, ensemble_dir, cache, per_case)
+    _robustness_section(rep, ensemble_dir)
+
+
+def _robustness_section(rep: Report, ensemble_dir: Path) -> None:
+    """The holdout under MRI corruptions, when `gitseg robustness` has run on this ensemble."""
+    path = ensemble_dir / "robustness" / "robustness.json"
+    if not path.is_file():
+        return
+    result = json.loads(path.read_text())
+    rep.section("Robustness")
+    rep.text(f"The holdout ({len(result['holdout_case_days'])} case-days, {result['cases']} cases) under MRI "
+             f"corruptions from TorchIO, 3 severities each (seed {result['seed']}); clean score "
+             f"{result['clean_score']:.4f}. Drop: the corrupted score minus the clean one, with a 95% paired bootstrap "
+             f"interval over cases. Scores per image size and spacing group stand in for scanners.")
+    rep.table("robustness", result["table"], "Score per corruption and severity")
+    figure = ensemble_dir / "robustness" / "figures" / "robustness.png"
+    if figure.is_file():
+        rep.image(figure, "robustness", "Holdout score against severity, per corruption")
 
 
 def _interval(gain: dict) -> str:

@@ -144,6 +144,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_robustness(args) -> None:
+    from ensemble.robustness import CORRUPTIONS, run_robustness
+    from gitseg.tables import format_table
+
+    result = run_robustness(args.ensemble, cache_dir=args.cache, out=args.out,
+                            corruptions=args.corruptions or CORRUPTIONS, severities=args.severities or (1, 2, 3),
+                            data_root=args.data, seed=args.seed)
+    say(format_table([{k: r.get(k, "") for k in ("corruption", "severity", "amount", "score", "drop", "drop_ci95_low",
+                                                  "drop_ci95_high", "worst_class")}
+                      for r in result["table"]], floats="{:.4f}"))
+
+
 def cmd_report(args) -> None:
     from ensemble.report import build_report
 
@@ -171,6 +183,8 @@ def log_file(args) -> Path | None:
     if args.command == "distill":
         out = distill_out(args)
         return out.with_name(f"{out.name}.work") / "distill.log"
+    if args.command == "robustness":
+        return Path(args.out or Path(args.ensemble, "robustness")).with_suffix(".log").resolve()
     folder = getattr(args, {"ensemble": "run", "report": "run", "predict": "out", "demo": "out"}[args.command])
     return Path(folder, f"{args.command}.log").resolve()
 
@@ -275,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread volumes over a Ray cluster: auto (the running cluster), an address, or local")
     add_verbose(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("robustness", help="score an ensemble's holdout under MRI corruptions (bias field, noise, "
+                                          "motion, ghosting, spike, blur, lower resolution, gamma), 3 severities each")
+    p.add_argument("--ensemble", required=True, help="ensemble folder made by `gitseg ensemble` or `gitseg distill`")
+    p.add_argument("--cache", default=None, help="prepared cache whose holdout is scored (default: the ensemble's)")
+    p.add_argument("--data", default=None, help="UWMGI root of the raw scans (default: the one the cache was "
+                                                "prepared from)")
+    p.add_argument("--out", default=None, help="output folder (default ENSEMBLE/robustness; `gitseg report` shows it)")
+    p.add_argument("--corruptions", nargs="+", default=None, metavar="NAME", help="a subset (default: all)")
+    p.add_argument("--severities", nargs="+", type=int, default=None, help="a subset of 1 2 3 (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    add_verbose(p)
+    p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser("report", help="static HTML/Markdown/CSV report of a search and its ensemble")
     p.add_argument("--run", required=True, help="search folder: <storage_path>/<name>")

@@ -631,3 +631,34 @@ def test_predict_a_dicom_series_and_a_nifti_volume(built, tmp_path):
     assert np.allclose(again.affine, labels.affine)
     assert main(["predict", "--ensemble", str(folder), "--dicom", str(series_dir), "--data", str(root),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_robustness_scores_the_holdout_under_corruptions_and_the_report_shows_it(built, refit_run, tmp_path):
+    from ensemble.report import build_report
+    from ensemble.robustness import CLEAN, SEVERITIES, corrupt, run_robustness
+
+    folder = tmp_path / "ensemble"
+    shutil.copytree(built[0], folder)
+    result = run_robustness(folder, corruptions=["gaussian_noise", "blur", "rician_noise"], severities=[1, 3],
+                            **QUIET)
+    table = result["table"]
+    assert [(r["corruption"], r["severity"]) for r in table] == [
+        (CLEAN, 0), ("gaussian_noise", 1), ("gaussian_noise", 3), ("blur", 1), ("blur", 3), ("rician_noise", 1),
+        ("rician_noise", 3)]
+    clean = table[0]["score"]
+    for r in table[1:]:
+        assert r["drop"] == pytest.approx(r["score"] - clean) and r["drop_ci95_low"] <= r["drop"] + 1e-9
+        assert r["worst_class"] in CLASSES and r["amount"] == SEVERITIES[r["corruption"]][r["severity"] - 1]
+        assert any(k.startswith("score [") for k in r)
+    assert (folder / "robustness" / "figures" / "robustness.png").is_file()
+    assert (folder / "robustness" / "robustness.csv").is_file()
+    # Corruptions are seeded: the same inputs give the same volume; a stronger one changes it more.
+    scan = np.random.default_rng(0).integers(0, 1000, (4, 32, 32)).astype(np.uint16)
+    a, b = corrupt(scan, (3.0, 1.5, 1.5), "motion", 2, seed=1), corrupt(scan, (3.0, 1.5, 1.5), "motion", 2, seed=1)
+    assert np.array_equal(a, b)
+    base = scan / np.percentile(scan[:, ::2, ::2], 99.5)
+    mild, strong = (np.abs(corrupt(scan, (3.0, 1.5, 1.5), "gaussian_noise", s, seed=1) - base).mean() for s in (1, 3))
+    assert 0 < mild < strong
+    page = build_report(refit_run, ensemble_dir=folder, out=tmp_path / "report", **QUIET).read_text()
+    assert ">Robustness</h2>" in page and "figures/robustness.png" in page
+    assert (tmp_path / "report" / "figures" / "robustness.png").is_file()
