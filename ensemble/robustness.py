@@ -3,18 +3,8 @@
 Each holdout case-day's raw scan (read from the tree the cache was prepared from, at its original
 size) is scaled so that its 99.5th percentile is 1, corrupted, and predicted by the ensemble as
 any scan is (the same normalisation, resizing, TTA and post-processing), then scored against its
-labels with the competition metric. Corruptions come from TorchIO, seeded per case-day, with fixed
-amounts (a range of one value) so that a severity means one thing:
-
-    bias_field       smooth multiplicative field (TorchIO RandomBiasField, coefficients)
-    gaussian_noise   additive noise, std as a share of the scan's 99.5th percentile
-    rician_noise     the magnitude of a complex signal with Gaussian noise (MRI's noise floor)
-    motion           rigid motion during the acquisition (RandomMotion, degrees and mm)
-    ghosting         ghosts along the phase-encoding direction (RandomGhosting, intensity)
-    spike            a k-space spike: stripes (RandomSpike, intensity)
-    blur             Gaussian blur, std in mm (RandomBlur)
-    lower_resolution in-plane downsampling and back (RandomAnisotropy, factor)
-    gamma            contrast change, x ** exp(log_gamma) (RandomGamma)
+labels with the competition metric. The corruptions and their amounts per severity are
+gitseg.data.artefacts' (the same ones `data.artefacts` trains with), seeded per case-day.
 
 What it writes (default `<ensemble>/robustness/`): robustness.json and robustness.csv (score,
 Dice, Hausdorff per corruption and severity; the drop from the clean score with a 95% paired
@@ -29,11 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ensemble import figures
 from ensemble.evaluate import paired_gain, scores_from_rows
 from ensemble.model import EnsembleModel
+from gitseg.data.artefacts import ARTEFACTS, SEVERITIES, check_names, corrupt
 from gitseg.data.cache import NORM_PERCENTILE, Cache
 from gitseg.data.uwmgi import CLASSES, index_root, volume_from_rows
 from gitseg.files import staged_folder, write_text_atomic
@@ -42,56 +32,7 @@ from gitseg.progress import bar, say
 from gitseg.tables import csv_text
 
 CLEAN = "clean"
-# Amounts per severity 1, 2, 3 (each the single value of TorchIO's range).
-SEVERITIES = {
-    "bias_field": (0.2, 0.4, 0.8),
-    "gaussian_noise": (0.02, 0.05, 0.10),
-    "rician_noise": (0.02, 0.05, 0.10),
-    "motion": (2.0, 5.0, 10.0),          # degrees and mm alike
-    "ghosting": (0.3, 0.6, 1.0),
-    "spike": (0.5, 1.0, 2.0),
-    "blur": (0.5, 1.0, 2.0),
-    "lower_resolution": (2.0, 3.0, 4.0),
-    "gamma": (0.15, 0.3, 0.5),
-}
-CORRUPTIONS = tuple(SEVERITIES)
-
-
-def _transform(name: str, amount: float):
-    import torchio as tio  # heavy: only the robustness report needs TorchIO
-
-    fixed = (amount, amount)
-    # The spatial axes of the tensors below are (column, row, slice): in-plane is 0 and 1.
-    return {
-        "bias_field": lambda: tio.RandomBiasField(coefficients=fixed),
-        "gaussian_noise": lambda: tio.RandomNoise(mean=0.0, std=fixed),
-        "motion": lambda: tio.RandomMotion(degrees=fixed, translation=fixed, num_transforms=2),
-        "ghosting": lambda: tio.RandomGhosting(num_ghosts=(4, 4), axes=(1,), intensity=fixed),
-        "spike": lambda: tio.RandomSpike(num_spikes=(1, 1), intensity=fixed),
-        "blur": lambda: tio.RandomBlur(std=fixed),
-        "lower_resolution": lambda: tio.RandomAnisotropy(axes=(0,), downsampling=fixed),
-        "gamma": lambda: tio.RandomGamma(log_gamma=fixed),
-    }[name]()
-
-
-def corrupt(scan: np.ndarray, spacing, name: str, severity: int, seed: int) -> np.ndarray:
-    """float32 `(D, H, W)` scan corrupted by `name` at `severity` (1-3), after scaling its 99.5th
-    percentile to 1; the same inputs give the same output."""
-    import torchio as tio  # heavy: only the robustness report needs TorchIO
-
-    scale = float(np.percentile(scan[:, ::2, ::2], NORM_PERCENTILE)) or 1.0
-    volume = np.asarray(scan, np.float32) / scale
-    amount = SEVERITIES[name][severity - 1]
-    torch.manual_seed(seed)
-    if name == "rician_noise":  # TorchIO has Gaussian noise only: the magnitude of a complex signal
-        rng = np.random.default_rng(seed)
-        real = volume + rng.normal(0, amount, volume.shape)
-        return np.sqrt(real ** 2 + rng.normal(0, amount, volume.shape) ** 2).astype(np.float32)
-    thickness, row_mm, col_mm = spacing
-    image = tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0)))[None],
-                            affine=np.diag([col_mm, row_mm, thickness, 1.0]))
-    out = _transform(name, amount)(image).data[0].numpy().transpose(2, 1, 0)
-    return np.clip(out, 0, None).astype(np.float32)  # magnitude images: no negative intensities
+CORRUPTIONS = ARTEFACTS
 
 
 def _rows(masks: np.ndarray, gt: np.ndarray, entry: dict) -> list[dict]:
@@ -109,9 +50,7 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
     """Score the holdout of `cache_dir` (default: the ensemble's) clean and under each corruption and
     severity; writes `out` (default `<ensemble>/robustness`) and returns robustness.json's content."""
     started = time.perf_counter()
-    unknown = [c for c in corruptions if c not in SEVERITIES]
-    if unknown:
-        raise ValueError(f"unknown corruption(s) {unknown}; choose from {', '.join(CORRUPTIONS)}")
+    check_names(corruptions)
     if not set(severities) <= {1, 2, 3}:
         raise ValueError(f"severities are 1, 2 and 3 (got {list(severities)})")
     model = EnsembleModel.load(ensemble_dir)
@@ -135,7 +74,7 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
         gt = cache.original_masks(case_day)
         for name, severity in variants:
             scan = volume.image if name == CLEAN else corrupt(volume.image, entry["spacing"], name, severity,
-                                                               seed + 1000 * i)
+                                                               seed + 1000 * i, NORM_PERCENTILE)
             _, masks = model.predict_scan(scan)
             rows[(name, severity)] += _rows(masks, gt, entry)
             progress.update()

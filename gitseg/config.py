@@ -27,6 +27,9 @@ class DataConfig:
     stride: int = 2                 # slices between window members (neighbouring 3 mm slices are alike)
     augment: float = 1.0            # augmentation strength, 0 = none
     num_workers: int = 0            # DataLoader worker processes per training process
+    artefacts: list[str] = dataclasses.field(default_factory=list)  # MRI artefacts to train with
+                                    # (gitseg.data.artefacts: bias_field, gaussian_noise, motion, ...)
+    artefact_prob: float = 0.2      # the chance of each listed artefact per training sample
     teacher: str | None = None      # teacher folder (gitseg distill): soft targets for every training
                                     # case-day, and pseudo-labelled unlabelled case-days (gitseg.teacher)
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from gitseg.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, default_device, load_checkpoint, save_checkpoint
 from gitseg.config import Config, ConfigError, save_config, to_dict
+from gitseg.data.artefacts import Artefacts
 from gitseg.data.cache import Cache
 from gitseg.data.dataset import SliceDataset, build_augment, window_indices
 from gitseg.data.uwmgi import CLASSES
@@ -76,6 +77,10 @@ def check_config(cfg: Config, cache: Cache) -> None:
             raise ConfigError(f"{key} must be at least {low} (got {value})")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be positive (got {cfg.train.lr})")
+    try:
+        Artefacts(cfg.data.artefacts, cfg.data.artefact_prob)
+    except ValueError as exc:
+        raise ConfigError(f"data.artefacts/data.artefact_prob: {exc}") from None
     if not 0 <= cfg.train.teacher_weight <= 1:
         raise ConfigError(f"train.teacher_weight must be in [0, 1] (got {cfg.train.teacher_weight})")
     if cfg.data.teacher and not Path(cfg.data.teacher).is_dir():
@@ -224,7 +229,9 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
 
     augment = build_augment(cfg.data.augment)
     teacher = Teacher(cfg.data.teacher) if cfg.data.teacher else None
-    dataset = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride, augment=augment, teacher=teacher)
+    artefacts = Artefacts(cfg.data.artefacts, cfg.data.artefact_prob) if cfg.data.artefacts else None
+    dataset = SliceDataset(cache, train_days, cfg.data.channels, cfg.data.stride, augment=augment, teacher=teacher,
+                           artefacts=artefacts)
     steps = steps_per_epoch(len(dataset), world, cfg.train.batch_size, cfg.train.max_steps_per_epoch)
     return Run(model=model, optimizer=optimizer, dataset=dataset, loss_fn=LossMix(cfg.train.loss).to(device),
                steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,

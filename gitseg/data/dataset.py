@@ -27,17 +27,19 @@ def window_indices(depth: int, channels: int, stride: int) -> np.ndarray:
 class SliceDataset(Dataset):
     """2.5D training samples: image float32 `(C, S, S)`, masks float32 `(3, S, S)`.
 
-    `augment` is an albumentations transform applied identically to every channel and mask.
+    `augment` is an albumentations transform applied identically to every channel and mask;
+    `artefacts` (gitseg.data.artefacts.Artefacts) MRI artefacts applied to the image before it.
     With a `teacher` (gitseg.teacher.Teacher), the targets are `(6, S, S)`: the labels, then the
     teacher's probabilities, augmented together; the teacher's pseudo-labelled case-days are added
     as samples, their pseudo-labels standing for the labels.
     """
 
     def __init__(self, cache: Cache, case_days: list[str], channels: int = 3, stride: int = 1, augment=None,
-                 teacher=None):
+                 teacher=None, artefacts=None):
         if not case_days:
             raise ValueError("SliceDataset needs at least one case-day")
-        self.cache, self.augment, self.teacher = cache, augment, teacher
+        self.cache, self.augment, self.teacher, self.artefacts = cache, augment, teacher, artefacts
+        self.stride = stride
         self.pseudo = set()
         slices = {cd: cache.entries[cd]["slices"] for cd in case_days}
         if teacher is not None:
@@ -50,11 +52,22 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _pixel_mm(self, case_day: str) -> tuple[float, float, float]:
+        """(slice, row, column) mm between the window's slices and the resized pixels."""
+        entry = self.cache.entries.get(case_day) or self.teacher.entries[case_day]
+        size = self.cache.size
+        if "spacing" not in entry:  # a pseudo-labelled case-day: no recorded spacing
+            return (3.0 * self.stride, 1.5, 1.5)
+        thickness, row_mm, col_mm = entry["spacing"]
+        return (thickness * self.stride, row_mm * entry["height"] / size, col_mm * entry["width"] / size)
+
     def __getitem__(self, index: int):
         case_day, z = self.items[index]
         source = self.teacher if case_day in self.pseudo else self.cache
         image = np.asarray(source.image(case_day)[self.windows[case_day][z]], dtype=np.float32)  # (C, S, S)
         masks = source.masks(case_day, z)  # (3, S, S)
+        if self.artefacts is not None:  # acquisition artefacts: the image only, at its pixel size
+            image = self.artefacts(image, self._pixel_mm(case_day))
         if self.teacher is not None:  # uint8 0/1 labels and 0..255 probabilities, transformed as one
             masks = np.concatenate([masks.astype(np.uint8), self.teacher.probs(case_day, z)])
         if self.augment is not None:
