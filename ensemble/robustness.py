@@ -104,10 +104,12 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
     result = {"ensemble": str(Path(ensemble_dir).resolve()), "cache": str(cache.root.resolve()),
               "holdout_case_days": holdout, "cases": len({cache.entries[cd]["case"] for cd in holdout}),
               "seed": seed, "severities": {c: SEVERITIES[c] for c in corruptions}, "groups": groups,
-              "clean_score": clean["score"], "table": table, "time_s": time.perf_counter() - started}
+              "clean_score": clean["score"], "table": table, "time_s": time.perf_counter() - started,
+              # per-volume score sums of every variant, for comparisons across models (bench_artefacts.py)
+              "rows": {f"{name}/{severity}": r for (name, severity), r in rows.items()}}
     out = Path(out) if out is not None else Path(ensemble_dir) / "robustness"
     with staged_folder(out) as staging:
-        write_text_atomic(staging / "robustness.json", json.dumps(result, indent=1, default=float))
+        write_text_atomic(staging / "robustness.json", json.dumps(result, default=float))
         write_text_atomic(staging / "robustness.csv", csv_text(table))
         (staging / "figures").mkdir()
         fig = figures.robustness(table, clean["score"])
