@@ -131,6 +131,10 @@ def cmd_predict(args) -> int:
     if args.dicom or args.nifti_in:
         from ensemble.clinical import predict_series
 
+        if args.ray or args.nifti or args.split != "test":
+            raise ValueError("--ray, --nifti and --split apply to a UWMGI tree (--data); one series is predicted "
+                             "in this process and its NIfTI labels are written to --out")
+
         predict_series(args.ensemble, args.out, dicom=args.dicom, nifti_in=args.nifti_in, device=args.device)
         return 0
     from ensemble.predict import predict_tree
