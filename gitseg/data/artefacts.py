@@ -3,9 +3,11 @@ robustness report, ensemble/robustness.py) and augmenting training samples with 
 up to severity 2 (`data.artefacts`, gitseg.data.dataset), so that what a model is trained to
 withstand is what it is tested on.
 
-Every artefact but Rician noise is a TorchIO transform with a fixed amount (a range of one value):
+Every artefact but Rician noise is a TorchIO transform with a fixed amount (a range of one value,
+except the bias field's):
 
-    bias_field       smooth multiplicative field (RandomBiasField, coefficients)
+    bias_field       smooth multiplicative field (RandomBiasField: polynomial coefficients drawn
+                     from +-amount, the one random amount here)
     gaussian_noise   additive noise, std as a share of the scan's 99.5th percentile
     rician_noise     the magnitude of a complex signal with Gaussian noise (MRI's noise floor;
                      TorchIO has Gaussian noise only)
@@ -53,7 +55,9 @@ def _transform(name: str, amount: float):
     fixed = (amount, amount)
     # The spatial axes of the tensors below are (column, row, slice): in-plane is 0 and 1.
     return {
-        "bias_field": lambda: tio.RandomBiasField(coefficients=fixed),
+        # The field is exp of a polynomial whose coefficients TorchIO draws from this range: a range
+        # of one value would set all 20 to +amount, a field of e^(20 x amount) across the volume.
+        "bias_field": lambda: tio.RandomBiasField(coefficients=(-amount, amount)),
         "gaussian_noise": lambda: tio.RandomNoise(mean=0.0, std=fixed),
         "motion": lambda: tio.RandomMotion(degrees=fixed, translation=fixed, num_transforms=2),
         "ghosting": lambda: tio.RandomGhosting(num_ghosts=(4, 4), axes=(1,), intensity=fixed),
