@@ -64,6 +64,16 @@ def load_array(path, advice: str, mmap: bool = False):
         raise corrupt(path, f"numpy cannot read it: {exc}", advice) from None
 
 
+def save_array(path, array) -> None:
+    """np.save a whole `.npy` file or none: a failed write (a full disk) leaves no truncated file and
+    raises `write_failed`'s clear error."""
+    try:
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, array)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
+
+
 def write_failed(path, exc: OSError) -> OSError:
     """A clear error for a failed write (the previous file, if any, is left as it was)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gitseg.data.cache import Cache
-from gitseg.files import atomic_path, load_array, write_failed
+from gitseg.files import load_array, save_array
 from gitseg.infer import predict_volume_sets
 
 OOF_FOLDER = "oof"  # inside a refit run's final checkpoint
@@ -65,15 +65,6 @@ def _load(path: Path) -> np.ndarray:
     return load_array(path, "re-run the refit of that fold (its run resumes and writes the out-of-fold files again)")
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    """Write a whole file or none (a full disk: a clear error, no truncated file left behind)."""
-    try:
-        with atomic_path(path, suffix=".npy") as tmp:
-            np.save(tmp, array)
-    except OSError as exc:
-        raise write_failed(path, exc) from exc
-
-
 def write_oof(model, cache: Cache, case_days: list[str], folder, channels: int, stride: int, tta: str,
               device=None) -> list[Path]:
     """Predict `case_days` of `cache` with `model` at their original size into `folder`, with TTA `tta`
@@ -89,9 +80,9 @@ def write_oof(model, cache: Cache, case_days: list[str], folder, channels: int, 
                                            out_size=(entry["height"], entry["width"]), device=device)
         for name, p in probs.items():
             files.append(oof_file(folder, case_day, None if name == tta else name))
-            _save(files[-1], p)
+            save_array(files[-1], p)
             if name in gates:
                 files.append(gate_file(folder, case_day, None if name == tta else name))
                 files[-1].parent.mkdir(exist_ok=True)
-                _save(files[-1], gates[name])
+                save_array(files[-1], gates[name])
     return files

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gitseg.files import atomic_path, load_array, write_failed, write_text_atomic
+from gitseg.files import load_array, save_array, write_text_atomic
 
 TEACHER_RECORD = "teacher.json"
 TEACHER_FORMAT = 1
@@ -35,24 +35,16 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(probs, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    try:
-        with atomic_path(path, suffix=".npy") as tmp:
-            np.save(tmp, array)
-    except OSError as exc:
-        raise write_failed(path, exc) from exc
-
-
 def write_case_day(folder, case_day: str, probs: np.ndarray, image: np.ndarray | None = None,
                    packed_masks: np.ndarray | None = None) -> None:
     """One case-day's teacher probabilities float `(3, D, S, S)` at the cache size; a pseudo-labelled
     one also gets its network input float16 `(D, S, S)` and packed pseudo-label masks."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _save(folder / f"{case_day}.probs.npy", quantise(probs))
+    save_array(folder / f"{case_day}.probs.npy", quantise(probs))
     if image is not None:
-        _save(folder / f"{case_day}.image.npy", np.asarray(image, dtype=np.float16))
-        _save(folder / f"{case_day}.masks.npy", packed_masks)
+        save_array(folder / f"{case_day}.image.npy", np.asarray(image, dtype=np.float16))
+        save_array(folder / f"{case_day}.masks.npy", packed_masks)
 
 
 def write_record(folder, size: int, source: dict, case_days: dict[str, dict]) -> None:
