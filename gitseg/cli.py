@@ -15,11 +15,20 @@ from gitseg.progress import captured, counter, error, say
 
 
 def cmd_synth(args) -> None:
-    from gitseg.data.synth import write_dataset
+    from gitseg.data.synth import UWMGI_TEST_CASES, write_dataset
 
-    summary = write_dataset(args.out, cases=args.cases, days=args.days, slices=args.slices, size=args.size,
-                            seed=args.seed, test_cases=args.test_cases, workers=args.workers,
-                            overwrite=args.overwrite, progress=counter("synth: case-days"))
+    shape = {"cases": args.cases, "days": args.days, "slices": args.slices, "size": args.size}
+    if args.profile == "uwmgi":
+        given = [f"--{k}" for k, v in shape.items() if v is not None]
+        if given:
+            raise ValueError(f"--profile uwmgi is the real data's shape; leave out {', '.join(given)}")
+        test_cases = UWMGI_TEST_CASES if args.test_cases is None else args.test_cases
+    else:
+        shape["cases"] = 8 if args.cases is None else args.cases
+        shape["days"] = 3 if args.days is None else args.days
+        test_cases = 1 if args.test_cases is None else args.test_cases
+    summary = write_dataset(args.out, **shape, seed=args.seed, test_cases=test_cases, workers=args.workers,
+                            overwrite=args.overwrite, progress=counter("synth: case-days"), profile=args.profile)
     say(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
           f"case-days ({summary['train_slices']} labelled slices; sizes {', '.join(summary['sizes'])}) to {args.out}")
     if args.dicom:
@@ -204,12 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic data set in the UWMGI format")
     p.add_argument("--out", required=True, help="folder to write (train.csv, train/, test/)")
-    p.add_argument("--cases", type=int, default=8, help="labelled cases (default 8)")
-    p.add_argument("--days", type=int, default=3, help="scan days per case (default 3)")
+    p.add_argument("--profile", default="small", choices=("small", "uwmgi"),
+                   help="small: the options below (the default); uwmgi: the real training set's shape (85 cases, "
+                        "274 case-days, 38,496 slices at the real sizes) and 50 unlabelled test cases")
+    p.add_argument("--cases", type=int, default=None, help="labelled cases (default 8)")
+    p.add_argument("--days", type=int, default=None, help="scan days per case (default 3)")
     p.add_argument("--slices", type=int, default=None, help="slices per scan (default: 144, or 80 for 276 px scans)")
     p.add_argument("--size", type=int, default=None, help="longer image side in px (default: the real sizes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-cases", type=int, default=1, help="unlabelled cases under test/ (default 1)")
+    p.add_argument("--test-cases", type=int, default=None, help="unlabelled cases under test/ (default 1; 50 with "
+                                                                 "--profile uwmgi)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
     p.add_argument("--dicom", action="store_true",

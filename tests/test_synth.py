@@ -87,3 +87,34 @@ def test_twenty_case_days_at_128px_of_every_real_slice_count(tmp_path):
     assert summary["train_case_days"] == 20 and not problems
     assert slices["case_day"].nunique() == 20 and len(slices) == summary["train_slices"]
     assert set(slices.groupby("case_day").size()) <= {144, 80}
+
+
+def test_the_uwmgi_profile_has_the_real_training_sets_shape():
+    """85 cases of 1-5 days, 274 case-days, 38,496 slices, the four real sizes at their real
+    case-day counts (docs/DATA.md), one size per case, 50 one-day test cases; the same for a seed."""
+    from collections import Counter
+
+    from gitseg.data.synth import REAL_SCANS, plan_uwmgi
+
+    jobs = plan_uwmgi(seed=0)
+    train = [j for j in jobs if j.split == "train"]
+    test = [j for j in jobs if j.split == "test"]
+    assert len({j.case for j in train}) == 85 and len(train) == 274
+    assert sum(j.geo.slices for j in train) == 38_496
+    days = Counter(j.case for j in train)
+    assert min(days.values()) >= 1 and max(days.values()) <= 5
+    sizes = Counter((j.geo.width, j.geo.height, j.geo.spacing, j.geo.slices) for j in train)
+    assert sizes == {(w, h, sp, sl): n for w, h, sp, sl, n in REAL_SCANS}
+    assert all(len({(j.geo.width, j.geo.height) for j in train if j.case == c}) == 1 for c in days)
+    assert len({j.case for j in test}) == 50 == len(test) and not {j.case for j in test} & set(days)
+    assert len({(j.case, j.day) for j in jobs}) == len(jobs)
+    again = plan_uwmgi(seed=0)
+    assert [(j.case, j.day, j.geo) for j in again] == [(j.case, j.day, j.geo) for j in jobs]
+    assert [(j.case, j.day) for j in plan_uwmgi(seed=1)] != [(j.case, j.day) for j in jobs]
+
+
+def test_the_uwmgi_profile_refuses_shape_options(tmp_path):
+    from gitseg.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "x"), "--profile", "uwmgi", "--cases", "3"]) == 2
+    assert not (tmp_path / "x").exists()

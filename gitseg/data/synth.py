@@ -310,14 +310,68 @@ def plan_dataset(cases: int, days: int, slices: int | None, size: int | None, se
     return jobs
 
 
+# The real training set's shape (docs/DATA.md): 85 cases, 274 case-days. A case keeps its scanner
+# size on every day; the 276 px scans (80 slices) are 15 case-days and the 234 px one a single one.
+UWMGI_CASES = 85
+UWMGI_TEST_CASES = 50
+MAX_DAYS = 5
+
+
+def _days_per_case(total: int, cases: int, rng) -> list[int]:
+    """`total` case-days split over `cases` cases, each 1 to MAX_DAYS."""
+    days = np.ones(cases, int)
+    for _ in range(total - cases):
+        open_cases = np.flatnonzero(days < MAX_DAYS)
+        days[rng.choice(open_cases)] += 1
+    return days.tolist()
+
+
+def plan_uwmgi(seed: int = 0, test_cases: int = UWMGI_TEST_CASES) -> list[_Job]:
+    """The real training set's shape (`gitseg synth --profile uwmgi`): 85 labelled cases with 1-5
+    scan days each, 274 case-days and 38,496 slices in the four real sizes at their real shares, and
+    `test_cases` unlabelled cases of one day each. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    small = [g for g in REAL_SCANS if g[4] <= 15]           # 276 px (15 case-days), 234 px (1)
+    large = [g for g in REAL_SCANS if g[4] > 15]            # 266 px and 360 x 310 px
+    cases_of = {g: (1 if g[4] == 1 else g[4] // 3) for g in small}
+    left = UWMGI_CASES - sum(cases_of.values())
+    share = sum(g[4] for g in large)
+    for g in large[:-1]:
+        cases_of[g] = round(left * g[4] / share)
+    cases_of[large[-1]] = UWMGI_CASES - sum(cases_of.values())
+    plan = [(g, d) for g, n in cases_of.items() for d in _days_per_case(g[4], n, rng)]
+    order = rng.permutation(len(plan))
+    total = UWMGI_CASES + test_cases
+    numbers = np.sort(rng.choice(np.arange(1, 2 * total + 2), size=total, replace=False))
+    weights = np.array([g[4] for g in REAL_SCANS], dtype=float)
+    jobs = []
+    for index, case in enumerate(numbers):
+        if index < UWMGI_CASES:
+            (w, h, sp, sl, _), days, split = *plan[order[index]], "train"
+        else:
+            (w, h, sp, sl, _), days, split = REAL_SCANS[rng.choice(len(REAL_SCANS), p=weights / weights.sum())], 1, \
+                "test"
+        day_numbers = np.sort(rng.choice(np.arange(0, 41), size=days, replace=False))
+        for day_index, day in enumerate(day_numbers):
+            jobs.append(_Job(split, int(case), int(day), index, day_index, ScanGeometry(w, h, sp, sl), seed))
+    return jobs
+
+
+PROFILES = ("small", "uwmgi")
+
+
 def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None, size: int | None = None,
                   seed: int = 0, test_cases: int = 1, workers: int | None = None, overwrite: bool = False,
-                  progress=None) -> dict:
+                  progress=None, profile: str = "small") -> dict:
     """Write a synthetic UWMGI tree under `out` and return a short summary.
 
     `size` scales every scan so its longer side is `size` px (None: real sizes); `slices` fixes
-    the slice count (None: 144, or 80 for the 276 px scans). Deterministic for a seed.
+    the slice count (None: 144, or 80 for the 276 px scans). Deterministic for a seed. `profile`
+    "uwmgi" ignores `cases`, `days`, `slices` and `size`: the real training set's shape
+    (`plan_uwmgi`), with `test_cases` unlabelled cases.
     """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown synth profile {profile!r}; choose one of {', '.join(PROFILES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -329,7 +383,8 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan_dataset(cases, days, slices, size, seed, test_cases)
+    jobs = plan_uwmgi(seed, test_cases) if profile == "uwmgi" else plan_dataset(cases, days, slices, size, seed,
+                                                                               test_cases)
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     rows: list[tuple[str, str, str]] = []
     if workers <= 1:
