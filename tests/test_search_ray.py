@@ -11,6 +11,7 @@ import csv
 import json
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,28 @@ def test_distill_gives_a_folder_predict_uses_in_process_and_over_ray(small_demo,
         assert Path(spread["submission"]).read_text() == Path(local["submission"]).read_text()
     finally:
         ray.shutdown()
+
+
+def test_robustness_on_the_demo_ensemble_gives_its_table_figure_and_report_section(small_demo, tmp_path):
+    """`gitseg robustness` on the demo's ensemble (two corruptions at one severity: the test's share)."""
+    from gitseg.cli import main
+
+    out, _, _ = small_demo
+    run = out / "search" / "demo"
+    ensemble = tmp_path / "ensemble"
+    shutil.copytree(run / "ensemble", ensemble)
+    assert main(["robustness", "--ensemble", str(ensemble), "--corruptions", "bias_field", "spike",
+                 "--severities", "3"]) == 0
+    result = json.loads((ensemble / "robustness" / "robustness.json").read_text())
+    assert [(r["corruption"], r["severity"]) for r in result["table"]] == [("clean", 0), ("bias_field", 3),
+                                                                          ("spike", 3)]
+    # The clean score is the demo's holdout score (raw scans read and preprocessed as prepare did); a
+    # few voxels may differ with the thread count of this process.
+    assert result["clean_score"] == pytest.approx(json.loads((run / "demo.json").read_text())["holdout_score"],
+                                                  abs=2e-3)
+    assert (ensemble / "robustness" / "figures" / "robustness.png").is_file()
+    assert main(["report", "--run", str(run), "--ensemble", str(ensemble), "--out", str(tmp_path / "report")]) == 0
+    assert ">Robustness</h2>" in (tmp_path / "report" / "index.html").read_text()
 
 
 def run_search(config: Path, *extra, timeout=600) -> subprocess.CompletedProcess:
