@@ -20,24 +20,23 @@ or student saw, is not.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
 from ensemble.evaluate import TUNED_SINGLE, evaluate_holdout, final_variant, paired_gain, scores_from_rows
-from ensemble.latency import folds_by_score
+from ensemble.latency import checkpoint_ms, folds_by_score
 from ensemble.members import configurations_of, load_refit, oof_probs, oof_score, oof_volumes
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
 from ensemble.postprocess import tune
 from gitseg import __version__, records, teacher
-from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
+from gitseg.checkpoint import default_device
 from gitseg.config import Config, load_config, to_dict
 from gitseg.data.cache import Cache, pack_masks, preprocess_volume, resize_masks, resize_probs
 from gitseg.data.uwmgi import CLASSES, index_root, volume_from_rows
 from gitseg.files import folder_lock, staged_folder, write_text_atomic
-from gitseg.infer import TTA_SETS, device_name, ms_per_slice, prepare_for_inference
+from gitseg.infer import TTA_SETS, device_name
 from gitseg.oof import oof_tta_sets
 from gitseg.progress import bar, note, say
 from gitseg.records import (
@@ -110,8 +109,8 @@ def teacher_members(p: Plan):
 
 
 def _teacher_source(p: Plan, pseudo_root) -> dict:
-    digest = hashlib.sha256((p.ensemble / ENSEMBLE_MANIFEST).read_bytes()).hexdigest()
-    return {"ensemble": str(p.ensemble.resolve()), "manifest_sha256": digest, "cache": str(p.cache.root.resolve()),
+    return {"ensemble": str(p.ensemble.resolve()), "manifest_sha256": sha256(p.ensemble / ENSEMBLE_MANIFEST),
+            "cache": str(p.cache.root.resolve()),
             "pseudo_labels": str(Path(pseudo_root).resolve()) if pseudo_root else None}
 
 
@@ -181,10 +180,7 @@ def tuned_score(steps: list[dict]) -> float:
 
 
 def _network_ms(checkpoint: Path, tta: str, volume, out_size, device) -> float:
-    state = load_checkpoint(checkpoint)
-    pre = state["preprocessing"]
-    network = prepare_for_inference(model_from_checkpoint(state, device))
-    return ms_per_slice(network, volume, int(pre["channels"]), int(pre["stride"]), out_size, tta, device)
+    return checkpoint_ms(checkpoint, [tta], volume, out_size, device)[tta]
 
 
 def build_student(p: Plan, record: RefitRecord, teacher_source: dict, log=say) -> dict:

@@ -75,6 +75,15 @@ def choose_under_budget(candidates: list[Candidate], budget_ms: float) -> Candid
 # Measuring
 
 
+def checkpoint_ms(checkpoint, ttas, volume, out_size, device) -> dict[str, float]:
+    """ms per slice of one checkpoint's network with each TTA in `ttas`, on `volume` (`ms_per_slice`)."""
+    state = load_checkpoint(checkpoint)
+    pre = state["preprocessing"]
+    network = prepare_for_inference(model_from_checkpoint(state, device))
+    return {tta: ms_per_slice(network, volume, int(pre["channels"]), int(pre["stride"]), out_size, tta, device)
+            for tta in ttas}
+
+
 def measure_members(configs: list[Configuration], ttas, cache: Cache, device, log=print) -> list[dict]:
     """ms per slice of every fold model of `configs` with each TTA in `ttas`, on one cached volume."""
     case_day = (cache.case_days(holdout=True) or cache.case_days())[0]
@@ -83,11 +92,7 @@ def measure_members(configs: list[Configuration], ttas, cache: Cache, device, lo
     rows = []
     for conf in configs:
         for fold, fm in sorted(conf.folds.items()):
-            state = load_checkpoint(fm.checkpoint)
-            pre = state["preprocessing"]
-            network = prepare_for_inference(model_from_checkpoint(state, device))
-            for tta in ttas:
-                ms = ms_per_slice(network, volume, int(pre["channels"]), int(pre["stride"]), out_size, tta, device)
+            for tta, ms in checkpoint_ms(fm.checkpoint, ttas, volume, out_size, device).items():
                 rows.append({"configuration": conf.name, "fold": fold, "tta": tta, "ms_per_slice": ms})
         mean = {t: np.mean([r["ms_per_slice"] for r in rows if r["configuration"] == conf.name and r["tta"] == t])
                 for t in ttas}

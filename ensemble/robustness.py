@@ -23,12 +23,14 @@ import numpy as np
 from ensemble import figures
 from ensemble.evaluate import paired_gain, scores_from_rows
 from ensemble.model import EnsembleModel
+from gitseg import records
 from gitseg.data.artefacts import ARTEFACTS, SEVERITIES, check_names, corrupt
 from gitseg.data.cache import NORM_PERCENTILE, Cache
 from gitseg.data.uwmgi import CLASSES, index_root, volume_from_rows
 from gitseg.files import staged_folder, write_text_atomic
 from gitseg.metrics import ScoreSums
 from gitseg.progress import bar, say
+from gitseg.records import ENSEMBLE_MANIFEST, EnsembleManifest
 from gitseg.tables import csv_text
 
 CLEAN = "clean"
@@ -54,8 +56,8 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
     if not set(severities) <= {1, 2, 3}:
         raise ValueError(f"severities are 1, 2 and 3 (got {list(severities)})")
     model = EnsembleModel.load(ensemble_dir)
-    manifest = json.loads((Path(ensemble_dir) / "ensemble.json").read_text())
-    cache = Cache(cache_dir or manifest["source"]["cache"])
+    manifest = records.load(EnsembleManifest, Path(ensemble_dir) / ENSEMBLE_MANIFEST)  # checked by load above
+    cache = Cache(cache_dir or manifest.source["cache"])
     holdout = cache.case_days(holdout=True)
     if not holdout:
         raise ValueError(f"the cache {cache.root} has no holdout case-days; prepare it with --holdout > 0")
