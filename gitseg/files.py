@@ -15,6 +15,8 @@ import socket
 import tempfile
 import time
 import uuid
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,31 @@ def save_array(path, array) -> None:
             np.save(tmp, array)
     except OSError as exc:
         raise write_failed(path, exc) from exc
+
+
+def save_compressed(path, **arrays) -> None:
+    """np.savez_compressed `arrays` into `path` (`.npz`, deflate) whole or not at all, like `save_array`.
+
+    Zip members carry a CRC-32, so a truncated or altered file is detected when read.
+    """
+    try:
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, **arrays)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
+
+
+def load_compressed(path, advice: str, names=None) -> dict[str, np.ndarray]:
+    """The arrays `names` (default: all) of a `save_compressed` file that holds them, decompressed and
+    checked; a damaged file raises CorruptFileError naming it with `advice`, a missing one
+    FileNotFoundError. Arrays not asked for are not decompressed."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files if names is None or name in names}
+    except FileNotFoundError:
+        raise
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+        raise corrupt(path, f"numpy cannot read it: {exc}", advice) from None
 
 
 def write_failed(path, exc: OSError) -> OSError:

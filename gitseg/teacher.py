@@ -24,15 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from gitseg.files import load_array, save_array, write_text_atomic
+from gitseg.oof import quantise
 
 TEACHER_RECORD = "teacher.json"
 TEACHER_FORMAT = 1
 ADVICE = "run `gitseg distill` again: it rewrites the teacher folder"
-
-
-def quantise(probs: np.ndarray) -> np.ndarray:
-    """float probabilities in [0, 1] → uint8 steps of 1/255."""
-    return np.clip(np.rint(np.asarray(probs, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def write_case_day(folder, case_day: str, probs: np.ndarray, image: np.ndarray | None = None,

@@ -9,7 +9,8 @@ from conftest import tiny_config
 from gitseg.config import ConfigError
 from gitseg.data.cache import Cache, pack_masks, resize_probs
 from gitseg.data.dataset import SliceDataset
-from gitseg.teacher import Teacher, quantise, write_case_day, write_record
+from gitseg.oof import quantise
+from gitseg.teacher import Teacher, write_case_day, write_record
 from gitseg.train import fit
 
 QUIET = dict(log=lambda *_: None)

@@ -33,10 +33,10 @@ from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
-from gitseg.files import CorruptFileError, FolderInUse, folder_lock
+from gitseg.files import CorruptFileError, FolderInUse, folder_lock, save_compressed
 from gitseg.infer import predict_volume
 from gitseg.metrics import ScoreSums
-from gitseg.oof import load_oof, write_oof
+from gitseg.oof import dequantise, load_oof, oof_file, quantise, write_oof
 from gitseg.records import (
     ENSEMBLE_MANIFEST,
     REFIT_RECORD,
@@ -153,12 +153,12 @@ def test_oof_assembly_never_uses_a_model_on_cases_it_trained_on(train_cache, tmp
             oof = tmp_path / f"r{rank}f{fold}"
             oof.mkdir()
             for cd, e in cache.entries.items():
-                np.save(oof / f"{cd}.npy", np.full((3, e["slices"], 2, 2), (fold + 1) / 10, np.float16))
+                save_compressed(oof_file(oof, cd), probs=quantise(np.full((3, e["slices"], 2, 2), (fold + 1) / 10)))
             folds[fold] = FoldModel(fold, oof / "best.pt", oof, 0.0)
         configs.append(Configuration(rank, f"t{rank}", {}, folds))
     for case_day in cache.case_days():
         probs = oof_probs(configs, [1.0, 3.0], case_day, cache)
-        assert np.allclose(probs, (cache.entries[case_day]["fold"] + 1) / 10, atol=1e-3)
+        assert np.allclose(probs, (cache.entries[case_day]["fold"] + 1) / 10, atol=0.5 / 255)
     holdout = cache.case_days(holdout=True)[0]
     with pytest.raises(ValueError, match="holdout"):
         oof_probs(configs, [1.0, 1.0], holdout, cache)
@@ -237,7 +237,7 @@ def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, t
     """Each tuned row of the ablation uses the post-processing tuned on that model's own OOF (the
     single fold model: its validation fold; the ensemble without TTA: its TTA-free OOF) and scores
     the holdout with it. Tuning is replaced by a stand-in that gives every OOF source its own
-    threshold (a quantile of its probabilities, so that the masks differ)."""
+    threshold (a quantile of the probability values it holds, so that the masks differ)."""
     import ensemble.build as build
 
     real_volumes, tuned = build.oof_volumes, {}
@@ -249,7 +249,7 @@ def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, t
 
     def stand_in_tune(load, log=None):
         probs = np.concatenate([volume[0].ravel() for volume in load()])
-        post = PostProcess(thresholds=[float(np.quantile(probs, 0.9 + 0.02 * len(tuned)))] * len(CLASSES))
+        post = PostProcess(thresholds=[float(np.quantile(np.unique(probs), 0.5 + 0.1 * len(tuned)))] * len(CLASSES))
         tuned[load.source] = post
         return post, [{"step": "thresholds", "values": post.thresholds, "before": 0.0, "after": 0.0, "kept": True}]
 
@@ -284,8 +284,9 @@ def test_refit_oof_without_tta_is_the_untransformed_view(built, refit_run, train
     pre, entry = state["preprocessing"], cache.entries[case_day]
     expected = predict_volume(model_from_checkpoint(state), cache.image(case_day), pre["channels"], pre["stride"],
                               out_size=(entry["height"], entry["width"]), tta="none")
-    assert np.array_equal(load_oof(conf.folds[0].oof, case_day, "none", "hflip"), expected.astype(np.float32))
-    assert not np.array_equal(load_oof(conf.folds[0].oof, case_day, "hflip", "hflip"), expected.astype(np.float32))
+    stored = dequantise(quantise(expected))
+    assert np.array_equal(load_oof(conf.folds[0].oof, case_day, "none", "hflip"), stored)
+    assert not np.array_equal(load_oof(conf.folds[0].oof, case_day, "hflip", "hflip"), stored)
     with pytest.raises(ValueError, match="not with 'flips'"):
         load_oof(conf.folds[0].oof, case_day, "flips", "hflip")
 
@@ -325,7 +326,7 @@ def test_gate_probabilities_join_the_oof_contract_and_the_ensemble(train_cache, 
         holdout_score(model, cache, model.members, "hflip", PostProcess()), abs=1e-12)
     # Without a gate head (the shared run): no gate probabilities, no gate step, the rule off.
     plain = load_refit(refit_run).configurations[0]
-    assert oof_gate([plain], [1.0], case_day, cache) is None and not (plain.folds[1].oof / "gate").exists()
+    assert oof_gate([plain], [1.0], case_day, cache) is None
     assert built[1].postprocess["gate"] == [0.0] * 3
 
 
@@ -335,16 +336,22 @@ def test_a_truncated_oof_file_is_named_and_a_full_disk_leaves_none(refit_run, tr
     case_day = cache.case_days(folds=[0])[0]
     copy = tmp_path / "oof"
     shutil.copytree(conf.folds[0].oof, copy)
-    path = copy / f"{case_day}.npy"
-    path.write_bytes(path.read_bytes()[:-64])
-    with pytest.raises(CorruptFileError, match=rf"{case_day}.npy is truncated or altered .*re-run the refit"):
+    path = oof_file(copy, case_day)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-64])
+    with pytest.raises(CorruptFileError, match=rf"{case_day}.npz is truncated or altered .*re-run the refit"):
+        load_oof(copy, case_day)
+    # One byte altered inside the compressed probabilities: the zip member's CRC catches it.
+    middle = len(whole) // 2
+    path.write_bytes(whole[:middle] + bytes([whole[middle] ^ 0xFF]) + whole[middle + 1:])
+    with pytest.raises(CorruptFileError, match=rf"{case_day}.npz is truncated or altered"):
         load_oof(copy, case_day)
 
-    def full_disk(file, array):
-        Path(file).write_bytes(b"\x93NUMPY partial")
+    def full_disk(file, **arrays):
+        Path(file).write_bytes(b"PK partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "save", full_disk)
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
     model = model_from_checkpoint(load_checkpoint(conf.folds[0].checkpoint))
     with pytest.raises(OSError, match="no space left on the device writing"):
         write_oof(model, cache, [case_day], tmp_path / "full", 3, 1, "hflip")
@@ -538,7 +545,7 @@ def test_distill_teacher_targets_and_student_folder(built, refit_run, train_cach
     latency, and predicts."""
     from ensemble.distill import build_student, plan, teacher_members, write_teacher
     from gitseg.data.cache import resize_probs
-    from gitseg.teacher import Teacher, quantise
+    from gitseg.teacher import Teacher
 
     folder, manifest = built
     (tmp_path / "student.yaml").write_text("model: {encoder: tu-test_resnet}\n")

@@ -209,13 +209,12 @@ def test_search_asha_failure_and_refit(small_demo):
         state = load_checkpoint(model.checkpoint)
         assert state["fold"] == model.fold
         model_from_checkpoint(state)
-        oof = sorted(p.stem for p in Path(model.oof).glob("*.npy"))
+        oof = sorted(p.stem for p in Path(model.oof).glob("*.npz"))
         assert oof == sorted(cache.case_days(folds=[model.fold]))
         assert not set(oof) & set(cache.case_days(holdout=True))
-        probs = np.load(oof_file(model.oof, oof[0]))  # as stored: float16
+        probs = np.load(oof_file(model.oof, oof[0]))["probs"]  # as stored: uint8 steps of 1/255
         entry = cache.entries[oof[0]]
-        assert probs.shape == (3, entry["slices"], entry["height"], entry["width"]) and probs.dtype == np.float16
-        assert 0 <= probs.min() and probs.max() <= 1
+        assert probs.shape == (3, entry["slices"], entry["height"], entry["width"]) and probs.dtype == np.uint8
     # On the search fold the refit continued the finished trial's run instead of training again:
     # it reported the trial's last epoch once, then its OOF (fold 1 trained 3 epochs, then OOF),
     # and its model is the trial's best model.
