@@ -41,6 +41,8 @@ class ModelConfig:
     encoder_weights: str | None = None   # None: random; a named weight set (downloads); or a local file
     gate: bool = False                   # auxiliary classification head predicting organ presence per slice
     head_prior: float | None = 0.01      # initial foreground probability of the mask head; None: smp's init
+    options: dict = dataclasses.field(default_factory=dict)  # more keyword arguments of the smp architecture,
+                                         # e.g. {encoder_depth: 4, decoder_channels: [64, 32, 16, 8]}
 
 
 @dataclasses.dataclass

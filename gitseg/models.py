@@ -59,16 +59,21 @@ def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     local = weights is not None and (Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")
                                      or Path(weights).exists())
     smp = _smp()
+    reserved = {"encoder_name", "encoder_weights", "in_channels", "classes", "aux_params"} & set(cfg.options)
+    if reserved:
+        raise ConfigError(f"model.options: {', '.join(sorted(reserved))} come from the other model keys and the "
+                          f"data window; remove them from model.options")
     kwargs = dict(encoder_name=cfg.encoder, encoder_weights=None if local else weights,
-                  in_channels=in_channels, classes=NUM_CLASSES)
+                  in_channels=in_channels, classes=NUM_CLASSES, **cfg.options)
     if cfg.gate:
         kwargs["aux_params"] = dict(classes=NUM_CLASSES, dropout=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model = getattr(smp, cfg.arch)(**kwargs)
-        except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder} cannot be built: {exc}") from None
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as exc:
+            raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder}"
+                              f"{f' and options {cfg.options}' if cfg.options else ''} cannot be built: {exc}") from None
     if local:
         load_encoder_weights(model, Path(weights))
     if cfg.head_prior is not None:

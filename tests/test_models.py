@@ -93,3 +93,15 @@ def test_head_prior_starts_every_pixel_near_the_prior(arch):
 def test_head_prior_outside_0_1_is_a_config_error(prior):
     with pytest.raises(ConfigError, match="model.head_prior must be in"):
         build_model(ModelConfig(arch="Unet", encoder="tu-test_resnet", head_prior=prior), in_channels=3)
+
+
+def test_model_options_reach_the_architecture_and_bad_ones_are_named():
+    """model.options passes more smp keyword arguments (the real-size rehearsal's CPU-sized model)."""
+    small = build_model(ModelConfig(encoder="tu-test_resnet", options={"encoder_depth": 3,
+                                                                       "decoder_channels": [16, 8, 4]}), 3)
+    assert [m.out_channels for m in small.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1] == 4
+    assert small(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ConfigError, match="options .*cannot be built"):
+        build_model(ModelConfig(encoder="tu-test_resnet", options={"no_such_argument": 1}), 3)
+    with pytest.raises(ConfigError, match="in_channels come from"):
+        build_model(ModelConfig(encoder="tu-test_resnet", options={"in_channels": 1}), 3)
