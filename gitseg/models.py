@@ -72,8 +72,8 @@ def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
         try:
             model = getattr(smp, cfg.arch)(**kwargs)
         except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as exc:
-            raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder}"
-                              f"{f' and options {cfg.options}' if cfg.options else ''} cannot be built: {exc}") from None
+            options = f" and options {cfg.options}" if cfg.options else ""
+            raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder}{options} cannot be built: {exc}") from None
     if local:
         load_encoder_weights(model, Path(weights))
     if cfg.head_prior is not None:

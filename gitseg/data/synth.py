@@ -261,8 +261,9 @@ class _Job:
     seed: int
 
 
-def _write_scan(out: Path, job: _Job) -> list[tuple[str, str, str]]:
-    """Render and write one case-day; returns its train.csv rows (none for the test split)."""
+def _write_scan(out: Path, job: _Job) -> tuple[str, list[tuple[str, str, str]]]:
+    """Render and write one case-day; returns its split and its rows (id, class, RLE): train.csv's for
+    the train split, sample_submission.csv's (RLE empty) for the test split."""
     case_rng = np.random.default_rng([job.seed, job.case_index])
     anatomy = sample_case(case_rng)
     day_rng = np.random.default_rng([job.seed, job.case_index, job.day_index + 1])
@@ -280,8 +281,8 @@ def _write_scan(out: Path, job: _Job) -> list[tuple[str, str, str]]:
         if not cv2.imwrite(str(scans / name), image[z]):
             raise OSError(f"could not write {scans / name}")
         for c, cls in enumerate(CLASSES):
-            rows.append((slice_id(case_day, z + 1), cls, rle_encode(masks[c, z])))
-    return rows if job.split == "train" else []
+            rows.append((slice_id(case_day, z + 1), cls, rle_encode(masks[c, z]) if job.split == "train" else ""))
+    return job.split, rows
 
 
 def plan_dataset(cases: int, days: int, slices: int | None, size: int | None, seed: int,
@@ -386,24 +387,26 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
     jobs = plan_uwmgi(seed, test_cases) if profile == "uwmgi" else plan_dataset(cases, days, slices, size, seed,
                                                                                test_cases)
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    rows: list[tuple[str, str, str]] = []
+    rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
     if workers <= 1:
         results = (_write_scan(out, job) for job in jobs)
-        for i, result in enumerate(results):
-            rows += result
+        for i, (split, result) in enumerate(results):
+            rows[split] += result
             if progress:
                 progress(i + 1, len(jobs))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            for i, result in enumerate(pool.map(_write_scan, [out] * len(jobs), jobs)):
-                rows += result
+            for i, (split, result) in enumerate(pool.map(_write_scan, [out] * len(jobs), jobs)):
+                rows[split] += result
                 if progress:
                     progress(i + 1, len(jobs))
+    # As Kaggle's hidden copy: one row per (test slice, class), to be filled in; the public copy of
+    # the real data is header-only (DATA.md), and `gitseg predict` does not need it.
+    columns = ("id", "class", "predicted")
+    write_text_atomic(out / "sample_submission.csv", csv_text([dict(zip(columns, r)) for r in rows["test"]], columns))
     # train.csv last and atomically: a tree without it is visibly unfinished.
     columns = ("id", "class", "segmentation")
-    write_text_atomic(out / "train.csv", csv_text([dict(zip(columns, row)) for row in rows], columns))
-    with open(out / "sample_submission.csv", "w") as f:
-        f.write("id,class,predicted\n")
+    write_text_atomic(out / "train.csv", csv_text([dict(zip(columns, row)) for row in rows["train"]], columns))
     train = [j for j in jobs if j.split == "train"]
     return {
         "root": str(out),
