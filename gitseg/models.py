@@ -7,6 +7,7 @@ classification head as an empty-slice gate.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -139,6 +140,20 @@ def check_input_size(model: nn.Module, in_channels: int, size: int, arch: str) -
         model.train(was_training)
     if tuple(logits.shape[-2:]) != (size, size):
         raise ConfigError(f"model: {arch} returns {tuple(logits.shape[-2:])} for {size}x{size} inputs")
+
+
+def check_parameters_used(model: nn.Module, in_channels: int, size: int, cfg: ModelConfig) -> None:
+    """One training step's backward on a copy: every parameter must get a gradient, or DDP stops the
+    run with an error about unused parameters (e.g. model.options encoder_depth below 5 with a timm
+    encoder: its last blocks are built but never used)."""
+    probe = copy.deepcopy(model).train()
+    logits, gate = split_outputs(probe(torch.zeros(2, in_channels, size, size)))
+    (logits.sum() + (gate.sum() if gate is not None else 0)).backward()
+    unused = [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        raise ConfigError(f"model: {cfg.arch} with encoder {cfg.encoder} and options {cfg.options} leaves "
+                          f"{len(unused)} parameters unused (e.g. {unused[0]}), which distributed training "
+                          f"refuses; with a timm encoder keep encoder_depth at 5 and slim decoder_channels instead")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -30,7 +30,14 @@ from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import autocast, predict_volume, prepare_for_inference
 from gitseg.losses import LossMix, check_loss_terms
 from gitseg.metrics import summarise, volume_stats
-from gitseg.models import build_model, check_input_size, check_model_names, split_outputs, unwrap
+from gitseg.models import (
+    build_model,
+    check_input_size,
+    check_model_names,
+    check_parameters_used,
+    split_outputs,
+    unwrap,
+)
 from gitseg.progress import say
 from gitseg.teacher import Teacher
 
@@ -207,6 +214,8 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.channels)
     check_input_size(model, cfg.data.channels, cache.size, cfg.model.arch)
+    if world > 1 and cfg.model.options:  # DDP's own error about unused parameters does not say why
+        check_parameters_used(model, cfg.data.channels, min(cache.size, 128), cfg.model)
     model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

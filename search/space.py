@@ -27,7 +27,7 @@ import itertools
 from gitseg.config import Config, ConfigError, apply_overrides, from_dict, get_dotted, set_dotted
 from gitseg.data.dataset import window_indices
 from gitseg.losses import check_loss_terms
-from gitseg.models import build_model, check_input_size, check_model_names
+from gitseg.models import build_model, check_input_size, check_model_names, check_parameters_used
 
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
@@ -235,11 +235,13 @@ def check_space(params: list[Param], base: dict, cache_size: int) -> int:
         except ValueError as exc:
             raise ConfigError(f"space: data.channels/data.stride {cfg.data.channels}/{cfg.data.stride}: "
                               f"{exc}") from None
-        model_key = (cfg.model.arch, cfg.model.encoder, cfg.model.gate, cfg.data.channels)
+        model_key = (cfg.model.arch, cfg.model.encoder, cfg.model.gate, cfg.data.channels, str(cfg.model.options))
         if model_key not in built:
             check_model_names(cfg.model)
             model = build_model(cfg.model, cfg.data.channels)
             check_input_size(model, cfg.data.channels, cache_size, cfg.model.arch)
+            if cfg.model.options:  # smp's defaults use every parameter; options may not (DDP refuses)
+                check_parameters_used(model, cfg.data.channels, min(cache_size, 128), cfg.model)
             built.add(model_key)
     encode(params, base_values(params, base))  # the default point lies inside the space
     return len(built)

@@ -105,3 +105,19 @@ def test_model_options_reach_the_architecture_and_bad_ones_are_named():
         build_model(ModelConfig(encoder="tu-test_resnet", options={"no_such_argument": 1}), 3)
     with pytest.raises(ConfigError, match="in_channels come from"):
         build_model(ModelConfig(encoder="tu-test_resnet", options={"in_channels": 1}), 3)
+
+
+def test_options_that_leave_parameters_unused_are_refused_before_ddp_does():
+    """A timm encoder at encoder_depth 4 builds its last blocks but never uses them: DDP would stop
+    the trial with an obscure error; the check names the cause and the fix."""
+    from gitseg.models import check_parameters_used
+
+    cfg = ModelConfig(encoder="tu-mobilenetv3_small_050", options={"encoder_depth": 4,
+                                                                   "decoder_channels": [32, 16, 8, 8]})
+    with pytest.raises(ConfigError, match="parameters unused .*keep encoder_depth at 5"):
+        check_parameters_used(build_model(cfg, 3), 3, 64, cfg)
+    cfg.options = {"decoder_channels": [32, 16, 16, 8, 8]}
+    model = build_model(cfg, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_parameters_used(model, 3, 64, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # probed on a copy
