@@ -23,6 +23,12 @@ def cmd_synth(args) -> None:
         if given:
             raise ValueError(f"--profile uwmgi is the real data's shape; leave out {', '.join(given)}")
         test_cases = UWMGI_TEST_CASES if args.test_cases is None else args.test_cases
+    elif args.profile == "shapes":
+        given = [f"--{k}" for k, v in shape.items() if v is not None and k != "cases"]
+        if given:
+            raise ValueError(f"--profile shapes writes the real scan geometries; leave out {', '.join(given)}")
+        shape["cases"] = 1 if args.cases is None else args.cases
+        test_cases = 1 if args.test_cases is None else args.test_cases
     else:
         shape["cases"] = 8 if args.cases is None else args.cases
         shape["days"] = 3 if args.days is None else args.days
@@ -213,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic data set in the UWMGI format")
     p.add_argument("--out", required=True, help="folder to write (train.csv, train/, test/)")
-    p.add_argument("--profile", default="small", choices=("small", "uwmgi"),
+    p.add_argument("--profile", default="small", choices=("small", "uwmgi", "shapes"),
                    help="small: the options below (the default); uwmgi: the real training set's shape (85 cases, "
-                        "274 case-days, 38,496 slices at the real sizes) and 50 unlabelled test cases")
+                        "274 case-days, 38,496 slices at the real sizes) and 50 unlabelled test cases; shapes: "
+                        "--cases one-day cases of each real scan geometry")
     p.add_argument("--cases", type=int, default=None, help="labelled cases (default 8)")
     p.add_argument("--days", type=int, default=None, help="scan days per case (default 3)")
     p.add_argument("--slices", type=int, default=None, help="slices per scan (default: 144, or 80 for 276 px scans)")

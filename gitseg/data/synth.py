@@ -358,7 +358,22 @@ def plan_uwmgi(seed: int = 0, test_cases: int = UWMGI_TEST_CASES) -> list[_Job]:
     return jobs
 
 
-PROFILES = ("small", "uwmgi")
+def plan_shapes(cases_per_shape: int, seed: int = 0, test_cases: int = 1) -> list[_Job]:
+    """Every real scan geometry (size, spacing, slice count) in `cases_per_shape` cases of one day each,
+    and `test_cases` unlabelled cases cycling through them: the real shapes in few case-days (the
+    test suite's real-size coverage)."""
+    rng = np.random.default_rng(seed)
+    geos = [ScanGeometry(w, h, sp, sl) for w, h, sp, sl, _ in REAL_SCANS]
+    total = len(geos) * cases_per_shape + test_cases
+    numbers = np.sort(rng.choice(np.arange(2, 2 * total + 2), size=total, replace=False))
+    jobs = []
+    for index, case in enumerate(numbers):
+        split = "train" if index < len(geos) * cases_per_shape else "test"
+        jobs.append(_Job(split, int(case), int(rng.integers(0, 41)), index, 0, geos[index % len(geos)], seed))
+    return jobs
+
+
+PROFILES = ("small", "uwmgi", "shapes")
 
 
 def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None, size: int | None = None,
@@ -369,7 +384,8 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
     `size` scales every scan so its longer side is `size` px (None: real sizes); `slices` fixes
     the slice count (None: 144, or 80 for the 276 px scans). Deterministic for a seed. `profile`
     "uwmgi" ignores `cases`, `days`, `slices` and `size`: the real training set's shape
-    (`plan_uwmgi`), with `test_cases` unlabelled cases.
+    (`plan_uwmgi`), with `test_cases` unlabelled cases; "shapes" writes `cases` one-day cases of each
+    real scan geometry (`plan_shapes`).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown synth profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -384,8 +400,12 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan_uwmgi(seed, test_cases) if profile == "uwmgi" else plan_dataset(cases, days, slices, size, seed,
-                                                                               test_cases)
+    if profile == "uwmgi":
+        jobs = plan_uwmgi(seed, test_cases)
+    elif profile == "shapes":
+        jobs = plan_shapes(cases, seed, test_cases)
+    else:
+        jobs = plan_dataset(cases, days, slices, size, seed, test_cases)
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
     if workers <= 1:
