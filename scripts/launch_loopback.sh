@@ -4,7 +4,8 @@
 #   ray up      configs/cluster_local.yaml with head_ip 127.0.0.1 and no workers (a key made for the run)
 #   ray exec    a small synthetic data set and its cache on the "head"
 #   ray submit  scripts/run_search.py -- --config configs/search_demo.yaml (1 trial, 1 epoch)
-#   ray job submit  the same search as a job, through the dashboard on the head's loopback address
+#   ray dashboard   the head's dashboard (bound to its loopback address) forwarded over SSH
+#   ray job submit  the same search as a job, through the forwarded dashboard, with the head's token
 #   ray down
 #
 # Run as root or with sudo (it installs Debian's openssh-server and rsync, and starts sshd on
@@ -89,9 +90,19 @@ step "ray submit scripts/run_search.py"
 "$RAY" submit "$CFG" scripts/run_search.py -- $SEARCH_ARGS --set storage_path=runs/loopback/submit
 "$RAY" exec "$CFG" "cat ~/gitseg/runs/loopback/submit/demo/leaderboard.csv"
 
-step "ray job submit, through the dashboard on the head's loopback address"
-"$RAY" job submit --address http://127.0.0.1:8265 -- \
+step "ray dashboard: the head's dashboard forwarded over SSH to local port 8266"
+"$RAY" dashboard --port 8266 "$CFG" > "$WORK/dashboard.log" 2>&1 &
+forward=$!
+for _ in $(seq 30); do curl -s -o /dev/null http://localhost:8266 && break; sleep 1; done
+# Ray 2.59+ starts clusters with token authentication: a client needs the head's token.
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN=$("$RAY" exec "$CFG" "cat ~/.ray/auth_token" 2>/dev/null | tail -n 1 | tr -d '\r')
+export RAY_AUTH_TOKEN
+
+step "ray job submit, through the forwarded dashboard"
+"$RAY" job submit --address http://localhost:8266 -- \
     bash -c "cd ~/gitseg && python -m search $SEARCH_ARGS --set storage_path=runs/loopback/job"
+kill "$forward" 2>/dev/null || true
 "$RAY" exec "$CFG" "cat ~/gitseg/runs/loopback/job/demo/leaderboard.csv"
 
 step "the dashboard listens on loopback only"

@@ -13,6 +13,11 @@ from pathlib import Path
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_ADDRESS", "auto")  # ray submit runs us on the head: join its cluster
+    # This file's folder is first on sys.path. There, in the head's home folder, the checkout ~/gitseg
+    # would shadow the installed package (as a namespace package without __file__): import from the
+    # installation only.
+    here = Path(__file__).resolve().parent
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != here]
     import gitseg
 
     os.chdir(Path(gitseg.__file__).resolve().parents[1])  # the checkout: an editable install's root
