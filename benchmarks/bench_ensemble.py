@@ -39,7 +39,7 @@ from gitseg.records import ENSEMBLE_MANIFEST, EnsembleManifest  # noqa: E402
 def bench_prediction(args, device) -> None:
     torch.manual_seed(0)
     n = args.configs * args.folds
-    nets = [build_model(ModelConfig(arch="Unet", encoder=args.encoder), in_channels=3).to(device).eval()
+    nets = [build_model(ModelConfig(arch=args.arch, encoder=args.encoder), in_channels=3).to(device).eval()
             .to(memory_format=torch.channels_last) for _ in range(n)]
     members = [Member(file=f"m{i}", weight=1.0, size=args.size, channels=3, stride=2,
                       configuration=f"rank{i // args.folds}",
@@ -63,12 +63,24 @@ def bench_prediction(args, device) -> None:
     diff = float(np.abs(naive - fused).max())
     assert diff < 2e-2, f"outputs differ by {diff}"
     views = {"none": 1, "hflip": 2, "flips": 4}[args.tta]
-    print(f"\n1. Ensemble prediction: {args.configs} configurations x {args.folds} folds = {n} Unet/{args.encoder}, "
-          f"TTA {args.tta} ({views} views), volume {args.slices}x{args.size}x{args.size}")
+    print(f"\n1. Ensemble prediction: {args.configs} configurations x {args.folds} folds = {n} "
+          f"{args.arch}/{args.encoder}, TTA {args.tta} ({views} views), volume {args.slices}x{args.size}x{args.size}")
     print(f"   naive loop, member by member: {args.slices / t_naive:8.1f} slices/s  ({t_naive:.1f} s)")
     print(f"   gitseg EnsembleModel.probs:   {args.slices / t_fused:8.1f} slices/s  ({t_fused:.1f} s)")
     print(f"   speed-up {t_naive / t_fused:.2f}x, max abs difference {diff:.1e}; one-time preparation of the "
           f"{n} models {t_prepare:.2f} s")
+    if args.original:
+        # What `gitseg predict` pays per case-day: the fused ensemble, probabilities mapped back to the
+        # original size, and the masks (post-processing at 0.5 thresholds with the small-component rule).
+        from ensemble.postprocess import apply
+
+        post = PostProcess(min_size=[25] * 3)
+        start = time.perf_counter()
+        probs, gate = model.predict({args.size: volume}, (args.original, args.original))
+        apply(probs, post, gate)
+        t_case = time.perf_counter() - start
+        print(f"   one case-day {args.slices}x{args.original}x{args.original} (network {args.size} px), "
+              f"probabilities at the original size and masks: {t_case:.2f} s")
 
 
 def synthetic_oof(n, depth, size, seed=0):
@@ -138,6 +150,9 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=96)
     parser.add_argument("--volumes", type=int, default=8, help="synthetic OOF volumes for the tuning benchmark")
     parser.add_argument("--tta", default="hflip")
+    parser.add_argument("--original", type=int, default=None,
+                        help="also time one whole case-day at this original size (e.g. 266): predict + masks")
+    parser.add_argument("--arch", default="Unet")
     parser.add_argument("--run", default=None, help="search folder: tune on its real OOF probabilities")
     parser.add_argument("--ensemble", default=None, help="ensemble folder: print its holdout ablation")
     args = parser.parse_args()
