@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_asha.py
 	$(VENV)/bin/python benchmarks/bench_ensemble_gain.py
 	$(VENV)/bin/python benchmarks/bench_distill.py
+
+# The real-size rehearsal (issue 12; not part of `make test`): the whole pipeline on a synthetic tree
+# with the real data's shape at 1/8, 1/4, 1/2 and all of its case-days, each stage measured. Hours
+# on 2 cores; BENCHMARKS.md, "Real size".
+rehearsal: $(STAMP)
+	$(VENV)/bin/python benchmarks/real_size.py --out runs/real_size --fractions 0.125 0.25 0.5 1 --plot
 
 clean:
 	rm -rf runs .pytest_cache
