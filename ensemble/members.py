@@ -15,10 +15,11 @@ from typing import Callable
 
 import numpy as np
 
+from ensemble.postprocess import threshold_sums
 from gitseg import records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
-from gitseg.metrics import ScoreSums, class_scores, sum_rows
+from gitseg.metrics import class_scores, sum_rows
 from gitseg.oof import load_gate, load_oof
 from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecord
 
@@ -140,7 +141,7 @@ def oof_volumes(configs, weights, cache: Cache, folds: list[int] | None = None, 
 
 def oof_score(configs, weights, cache: Cache, threshold: float = 0.5, tta: str | None = None) -> float:
     """Competition score of the weighted OOF ensemble at one threshold (the selection criterion)."""
-    rows = ((cls, ScoreSums.of_volume(probs[c] >= threshold, gt[c]))
+    rows = ((cls, threshold_sums(probs[c], gt[c], (threshold,))[0])
             for probs, gt, _ in oof_volumes(configs, weights, cache, tta=tta)() for c, cls in enumerate(CLASSES))
     return class_scores(sum_rows(rows, CLASSES))["score"]
 

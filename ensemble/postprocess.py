@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from gitseg.data.uwmgi import CLASSES
-from gitseg.metrics import ScoreSums, class_scores, sum_rows
+from gitseg.metrics import ScoreSums, bounding_box, class_scores, sum_rows
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
 MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
@@ -141,37 +141,57 @@ def unpack_volume(volume: tuple) -> tuple:
     return (*volume, None) if len(volume) == 2 else tuple(volume)
 
 
-def _stage_sums(volumes: Iterable, candidates, masks_for: Callable) -> tuple[np.ndarray, int, int]:
+def crop_box(prob: np.ndarray, gt: np.ndarray, floor: float) -> tuple[slice, ...] | None:
+    """The box holding every voxel of `gt` and every voxel with probability >= `floor`: every mask
+    made at a threshold of at least `floor` (and then only emptied further) lies inside it, so it can
+    be scored on the crop (`ScoreSums.of_volume` with the whole shape). None: nothing anywhere."""
+    return bounding_box((prob >= floor) | gt)
+
+
+def _stage_sums(volumes: Iterable, candidates, masks_for: Callable, floor: float) -> tuple[np.ndarray, int, int, bool]:
     """ScoreSums `(C, K, 4)` over volumes for K candidates per class.
 
     `masks_for(prob, c, candidates, gate)` yields `(key, mask)` per candidate, where equal keys promise
-    equal masks; a mask is scored once per key. Returns the sums, the masks scored and the
-    candidate evaluations.
+    equal masks; a mask is scored once per key. Each class volume is cropped to `crop_box` first
+    (`floor`: the lowest threshold any candidate mask is made at): at the real data's size an organ's
+    box is a small part of the scan, and every candidate then works on the crop only. Returns the
+    sums, the masks scored, the candidate evaluations and whether every volume had gate probabilities.
     """
     sums = np.zeros((len(CLASSES), len(candidates), 4))
     scored = evaluated = 0
+    gated = None  # None until a volume is seen
     for probs, gt, gate in map(unpack_volume, volumes):
+        gated = gated is not False and gate is not None
         for c in range(len(CLASSES)):
+            box = crop_box(probs[c], gt[c], floor)
+            if box is None:  # no candidate mask and no truth: both empty everywhere, nothing to add
+                evaluated += len(candidates)
+                continue
+            gate_c = None if gate is None else np.asarray(gate[c])[box[0]]
             seen: dict = {}
-            for k, (key, mask) in enumerate(masks_for(probs[c], c, candidates, None if gate is None else gate[c])):
+            for k, (key, mask) in enumerate(masks_for(probs[c][box], c, candidates, gate_c)):
                 evaluated += 1
                 if key not in seen:
-                    seen[key] = ScoreSums.of_volume(mask(), gt[c])
+                    seen[key] = ScoreSums.of_volume(mask(), gt[c][box], shape=gt[c].shape)
                     scored += 1
                 sums[c, k] += seen[key]
-    return sums, scored, evaluated
+    return sums, scored, evaluated, bool(gated)
 
 
 def threshold_sums(prob: np.ndarray, gt: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
     """ScoreSums `(K, 4)` of one class volume at each threshold; a threshold that keeps the same
     number of voxels as a lower one keeps the same mask and reuses its sums."""
-    prob = np.asarray(prob, dtype=np.float32)
+    prob, gt = np.asarray(prob, dtype=np.float32), np.asarray(gt, dtype=bool)
     out, seen = np.zeros((len(thresholds), 4)), {}
+    box = crop_box(prob, gt, min(thresholds))
+    if box is None:  # both empty at every threshold: no row
+        return out
+    prob_crop, gt_crop = prob[box], gt[box]
     for k, t in enumerate(thresholds):
-        mask = prob >= t
+        mask = prob_crop >= t
         count = int(np.count_nonzero(mask))
         if count not in seen:
-            seen[count] = np.asarray(ScoreSums.of_volume(mask, gt))
+            seen[count] = np.asarray(ScoreSums.of_volume(mask, gt_crop, shape=gt.shape))
         out[k] = seen[count]
     return out
 
@@ -202,11 +222,9 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
     post = PostProcess()
     steps = []
 
-    gated = []  # whether the volumes carry gate probabilities, seen during the first step
+    floor = min(thresholds)  # every mask of every step is made at one of the thresholds
 
     def threshold_masks(prob, c, candidates, gate):
-        if c == 0:
-            gated.append(gate is not None)
         prob = np.asarray(prob, dtype=np.float32)
         for t in candidates:
             mask = prob >= t
@@ -214,7 +232,7 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
             yield int(np.count_nonzero(mask)), (lambda m=mask: m)
 
     start = [thresholds.index(0.5)] if 0.5 in thresholds else [0]
-    sums, scored, evaluated = _stage_sums(load_volumes(), thresholds, threshold_masks)
+    sums, scored, evaluated, gated = _stage_sums(load_volumes(), thresholds, threshold_masks, floor)
     default = start * len(CLASSES)
     chosen = _choose(sums, default)
     post.thresholds = [float(thresholds[k]) for k in chosen]
@@ -230,7 +248,7 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
             removed = int((sizes < m).sum()) if m > 0 else 0
             yield removed, (lambda m=m: np.concatenate([[False], sizes >= m])[labels] if n else mask)
 
-    sums, scored, evaluated = _stage_sums(load_volumes(), min_sizes, size_masks)
+    sums, scored, evaluated, _ = _stage_sums(load_volumes(), min_sizes, size_masks, floor)
     post.min_size = _keep_if_better(sums, min_sizes, steps, "min_size", scored, evaluated, class_tolerance)
     log(f"ensemble: minimum component size {post.min_size}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
         f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
@@ -242,11 +260,11 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
             emptied = int(((counts > 0) & (counts < p)).sum())
             yield emptied, (lambda p=p: empty_sparse_slices(mask, p))
 
-    sums, scored, evaluated = _stage_sums(load_volumes(), min_pixels, pixel_masks)
+    sums, scored, evaluated, _ = _stage_sums(load_volumes(), min_pixels, pixel_masks, floor)
     post.min_pixels = _keep_if_better(sums, min_pixels, steps, "min_pixels", scored, evaluated, class_tolerance)
     log(f"ensemble: empty-slice minimum pixels {post.min_pixels}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "
         f"{steps[-1]['before']:.4f} -> {steps[-1]['after']:.4f})")
-    if not gated or not all(gated):
+    if not gated:
         return post, steps  # no gate head (or not every volume has one): the rules above, unchanged
 
     def gate_masks(prob, c, candidates, gate):
@@ -257,7 +275,7 @@ def tune(load_volumes: Callable[[], Iterable], thresholds=THRESHOLDS, min_sizes=
             emptied = int((present & (gate < t)).sum()) if t > 0 else 0
             yield emptied, (lambda t=t: gate_slices(mask, gate, t))
 
-    sums, scored, evaluated = _stage_sums(load_volumes(), gate_thresholds, gate_masks)
+    sums, scored, evaluated, _ = _stage_sums(load_volumes(), gate_thresholds, gate_masks, floor)
     post.gate = [float(v) for v in _keep_if_better(sums, list(gate_thresholds), steps, "gate", scored, evaluated,
                                                    class_tolerance)]
     log(f"ensemble: empty-slice gate thresholds {post.gate}  ({'kept' if steps[-1]['kept'] else 'rejected'}: "

@@ -74,6 +74,11 @@ def _check_pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
     return pred.astype(bool, copy=False), gt.astype(bool, copy=False)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of `mask`; None when there is none."""
+    return _bbox(mask) if mask.any() else None
+
+
 def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
     box = []
     for axis in range(mask.ndim):
@@ -116,13 +121,15 @@ def directed_distances(src: np.ndarray, dst: np.ndarray, sampling) -> np.ndarray
     return np.concatenate([tree.query(outside * scale, k=1)[0], np.zeros(n_inside)])
 
 
-def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle") -> float:
+def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle", shape=None) -> float:
     """Normalised 3D Hausdorff distance of bool volumes `(D, H, W)`, in [0, 1].
 
     variant "kaggle": coordinates divided by the shape (unit cube), symmetric, divided by √3.
     variant "diagonal": directed prediction → ground truth in voxels, divided by the volume
     diagonal and capped at 1 (the convention of many public notebooks).
-    NaN when both are empty, 1.0 when exactly one is.
+    NaN when both are empty, 1.0 when exactly one is. `shape`: the whole volume's, when `pred` and
+    `gt` are crops of it that hold every True voxel of both (distances do not depend on where the
+    crop lies; the normalisation does on the whole shape).
     """
     if variant not in HAUSDORFF_VARIANTS:
         raise ValueError(f"unknown Hausdorff variant {variant!r}; choose one of {HAUSDORFF_VARIANTS}")
@@ -132,7 +139,7 @@ def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle") -> f
         return math.nan
     if not (has_p and has_g):
         return 1.0
-    shape = np.asarray(pred.shape, dtype=np.float64)
+    shape = np.asarray(pred.shape if shape is None else shape, dtype=np.float64)
     if variant == "kaggle":
         sampling = 1.0 / shape
         d = max(directed_distances(pred, gt, sampling).max(), directed_distances(gt, pred, sampling).max())
@@ -217,11 +224,15 @@ class ScoreSums(NamedTuple):
     hausdorff_rows: float = 0.0
 
     @classmethod
-    def of_volume(cls, pred: np.ndarray, gt: np.ndarray) -> "ScoreSums":
-        """One (case-day, class): its slices' Dice rows and its Hausdorff row (both-empty skipped)."""
+    def of_volume(cls, pred: np.ndarray, gt: np.ndarray, shape=None) -> "ScoreSums":
+        """One (case-day, class): its slices' Dice rows and its Hausdorff row (both-empty skipped).
+
+        `shape`: the whole volume's, when `pred` and `gt` are crops of it holding every True voxel
+        of both (the slices left out are empty in both: skipped rows; `hausdorff_3d`).
+        """
         dice = dice_from_counts(dice_counts(pred, gt))
         valid = ~np.isnan(dice)
-        hd = hausdorff_3d(pred, gt)
+        hd = hausdorff_3d(pred, gt, shape=shape)
         return cls(float(dice[valid].sum()), float(valid.sum()), 0.0 if np.isnan(hd) else hd,
                    0.0 if np.isnan(hd) else 1.0)
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.postprocess import PostProcess, apply, empty_sparse_slices, remove_small_components, tune
+from ensemble.postprocess import (
+    THRESHOLDS,
+    PostProcess,
+    apply,
+    empty_sparse_slices,
+    remove_small_components,
+    scores_with,
+    tune,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from naive_tune import tune_naive  # noqa: E402  (the benchmark's baseline, checked against tune)
@@ -166,3 +174,24 @@ def test_fast_search_matches_the_naive_search_with_a_gate():
     post, steps = tune(lambda: iter(data), **grids, **QUIET)
     assert post == tune_naive(lambda: iter(data), **grids)
     assert steps[-1]["step"] == "gate"
+
+
+def test_cropped_scoring_equals_the_whole_volume():
+    """Tuning scores each class volume on the box of its truth and of every voxel at the lowest
+    threshold (at the real size a small part of the scan); the sums equal the whole volume's."""
+    from ensemble.postprocess import threshold_sums
+    from gitseg.metrics import ScoreSums
+
+    rng = np.random.default_rng(3)
+    data = []
+    for gt in organ_volumes(n=3, depth=16, size=48):
+        probs = np.clip(gt * rng.uniform(0.3, 1.0, gt.shape), 0, 1).astype(np.float32)
+        probs[:, 2:4, 30:34, 36:40] = 0.8  # a false positive away from the organs
+        data.append((probs, gt))
+    for probs, gt in data:
+        for c in range(3):
+            whole = [np.asarray(ScoreSums.of_volume(probs[c] >= t, gt[c])) for t in THRESHOLDS]
+            assert np.allclose(threshold_sums(probs[c], gt[c]), whole, rtol=0, atol=1e-12)
+    post, steps = tune(lambda: iter(data), **QUIET)
+    last = steps[-1]["after"] if steps[-1]["kept"] else steps[-1]["before"]
+    assert scores_with(lambda: iter(data), post)["score"] == pytest.approx(last, abs=1e-12)
