@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from gitseg.data.uwmgi import CLASSES
-from gitseg.metrics import ScoreSums, bounding_box, class_scores, sum_rows
+from gitseg.metrics import ScoreSums, TruthScorer, bounding_box, class_scores, sum_rows
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.20, 0.751, 0.05))
 MIN_SIZES = (0, 10, 25, 50, 100, 200, 400, 800)   # voxels of a 3D connected component, original size
@@ -169,10 +169,11 @@ def _stage_sums(volumes: Iterable, candidates, masks_for: Callable, floor: float
                 continue
             gate_c = None if gate is None else np.asarray(gate[c])[box[0]]
             seen: dict = {}
+            scorer = TruthScorer(gt[c][box], shape=gt[c].shape)
             for k, (key, mask) in enumerate(masks_for(probs[c][box], c, candidates, gate_c)):
                 evaluated += 1
                 if key not in seen:
-                    seen[key] = ScoreSums.of_volume(mask(), gt[c][box], shape=gt[c].shape)
+                    seen[key] = scorer.sums(mask())
                     scored += 1
                 sums[c, k] += seen[key]
     return sums, scored, evaluated, bool(gated)
@@ -186,12 +187,12 @@ def threshold_sums(prob: np.ndarray, gt: np.ndarray, thresholds=THRESHOLDS) -> n
     box = crop_box(prob, gt, min(thresholds))
     if box is None:  # both empty at every threshold: no row
         return out
-    prob_crop, gt_crop = prob[box], gt[box]
+    prob_crop, scorer = prob[box], TruthScorer(gt[box], shape=gt.shape)
     for k, t in enumerate(thresholds):
         mask = prob_crop >= t
         count = int(np.count_nonzero(mask))
         if count not in seen:
-            seen[count] = np.asarray(ScoreSums.of_volume(mask, gt_crop, shape=gt.shape))
+            seen[count] = np.asarray(scorer.sums(mask))
         out[k] = seen[count]
     return out
 

@@ -248,6 +248,58 @@ class ScoreSums(NamedTuple):
         return self.terms()["score"]
 
 
+class TruthScorer:
+    """`ScoreSums.of_volume` of many candidate masks against one truth volume, faster.
+
+    The post-processing search scores up to a dozen masks per (case-day, class), most of them
+    subsets of one another (higher thresholds, components or slices removed). The slow part of
+    Hausdorff is the distance from each predicted voxel outside the truth to the truth: here it is
+    computed once per voxel, the first time a mask holds it, and kept. The other direction (truth
+    to mask) changes with every mask; it is queried with the distance already reached as an upper
+    bound, and only the truth voxels beyond it are measured exactly. Exact: the same distances and
+    maxima as `of_volume` (tests/test_metrics.py). `gt` may be a crop holding every True voxel of
+    the truth and of every mask scored, with `shape` the whole volume's.
+    """
+
+    def __init__(self, gt: np.ndarray, shape=None):
+        self.gt = np.asarray(gt, dtype=bool)
+        self.scale = 1.0 / np.asarray(self.gt.shape if shape is None else shape, dtype=np.float64)
+        self.gt_counts = np.count_nonzero(self.gt.reshape(len(self.gt), -1), axis=1)
+        self.has_gt = bool(self.gt_counts.any())
+        self._tree = cKDTree(_boundary_points(self.gt) * self.scale) if self.has_gt else None
+        self._dist = np.zeros(self.gt.shape)          # voxel -> distance to the truth (0 inside it)
+        self._known = self.gt.copy()                   # voxels whose distance is in _dist
+
+    def sums(self, mask: np.ndarray) -> ScoreSums:
+        mask = np.asarray(mask, dtype=bool)
+        flat, gt_flat = mask.reshape(len(mask), -1), self.gt.reshape(len(self.gt), -1)
+        counts = np.stack([np.count_nonzero(flat & gt_flat, axis=1), np.count_nonzero(flat, axis=1),
+                           self.gt_counts], axis=1)
+        dice = dice_from_counts(counts)
+        valid = ~np.isnan(dice)
+        has_pred = bool(counts[:, 1].any())
+        if not has_pred and not self.has_gt:
+            return ScoreSums(float(dice[valid].sum()), float(valid.sum()), 0.0, 0.0)
+        hd = self._hausdorff(mask) if has_pred and self.has_gt else 1.0
+        return ScoreSums(float(dice[valid].sum()), float(valid.sum()), hd, 1.0)
+
+    def _hausdorff(self, mask: np.ndarray) -> float:
+        new = mask & ~self._known
+        if new.any():
+            points = np.argwhere(new)
+            self._dist[tuple(points.T)] = self._tree.query(points * self.scale, k=1)[0]
+            self._known |= new
+        reached = float(self._dist[mask].max())      # mask -> truth
+        missed = np.argwhere(self.gt & ~mask)          # truth -> mask: only truth voxels outside it
+        if len(missed):
+            tree = cKDTree(_boundary_points(mask) * self.scale)
+            bounded, _ = tree.query(missed * self.scale, k=1, distance_upper_bound=reached)
+            beyond = ~np.isfinite(bounded)
+            if beyond.any():
+                reached = max(reached, float(tree.query(missed[beyond] * self.scale, k=1)[0].max()))
+        return reached / math.sqrt(3.0)
+
+
 def class_scores(sums: Mapping[str, ScoreSums]) -> dict:
     """score, dice, hausdorff over all classes, and `<name>/<class>` for each, from per-class sums."""
     out = sum(sums.values(), ScoreSums()).terms()

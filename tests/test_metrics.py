@@ -176,3 +176,32 @@ def test_perfect_prediction_scores_one():
     rng = np.random.default_rng(1)
     gts = {(f"case{i}_day0", c): rng.random((4, 8, 8)) < 0.2 for i in range(2) for c in ("large_bowel", "stomach")}
     assert competition_score(gts, gts)["score"] == 1.0
+
+
+def test_truth_scorer_equals_of_volume_for_every_mask():
+    """TruthScorer keeps distances between masks and bounds the truth-to-mask queries: every mask,
+    nested or not, empty or not, cropped or not, gets exactly what ScoreSums.of_volume gives."""
+    from scipy import ndimage
+
+    from gitseg.metrics import ScoreSums, TruthScorer
+
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        gt = ndimage.gaussian_filter(rng.normal(size=(10, 40, 36)), 2) > 0.15
+        if trial == 5:
+            gt[:] = False
+        prob = ndimage.gaussian_filter(gt.astype(float) + rng.normal(0, 0.5, gt.shape), 1.2)
+        masks = [prob >= t for t in (0.05, 0.2, 0.35, 0.5, 0.8)]
+        masks += [ndimage.binary_dilation(gt, iterations=2), np.zeros_like(gt), rng.random(gt.shape) < 0.01]
+        scorer = TruthScorer(gt)
+        for mask in masks:
+            assert np.allclose(scorer.sums(mask), ScoreSums.of_volume(mask, gt), rtol=0, atol=1e-12)
+        # A crop holding every True voxel, with the whole shape: the same sums.
+        box = (slice(1, 9), slice(2, 39), slice(0, 36))
+        full = np.zeros_like(gt)
+        full[box] = gt[box]
+        cropped = TruthScorer(full[box], shape=full.shape)
+        for mask in masks:
+            inside = np.zeros_like(mask)
+            inside[box] = mask[box]
+            assert np.allclose(cropped.sums(inside[box]), ScoreSums.of_volume(inside, full), rtol=0, atol=1e-12)
