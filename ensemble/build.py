@@ -98,6 +98,8 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
         log(f"ensemble: {conf.name} ({conf.trial_id}) OOF score {conf.cv_score:.4f} over "
             f"{len(cache.case_days())} case-days")
 
+    phase = {"cv_scores_s": time.perf_counter() - started}  # seconds of each phase, in the manifest
+    mark = time.perf_counter()
     # 2. The latency front: every member timed, every candidate scored on OOF.
     device = default_device()
     sets = configuration_sets(configs)
@@ -106,6 +108,8 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     scored_ttas = [asked_tta] if latency_budget is not None and asked_tta in oof_ttas else list(oof_ttas)
     cands = candidates(sets, candidate_scores(sets, scored_ttas, cache), latency)
     front = pareto_front(cands)
+    phase["latency_front_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
 
     # 3. Selection.
     folds = {c.name: sorted(c.folds) for c in configs}
@@ -135,6 +139,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     log(f"ensemble: {sum(len(folds[c.name]) for c in chosen)} fold models, TTA {tta}: OOF score "
         f"{oof_selected:.4f} at threshold 0.5, {ensemble_ms:.2f} ms per slice on {device_name(device)}")
 
+    phase["selection_s"] = time.perf_counter() - mark
     # 4. Post-processing, each variant of the holdout ablation tuned on its own OOF probabilities:
     # the ensemble with and without TTA, the best single fold model on its validation fold, and
     # the best single configuration.
@@ -208,11 +213,12 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
                      "ensemble_ms_per_slice": ensemble_ms, "ensemble_oof_score": steps[0]["after"],
                      "budget_ms_per_slice": latency_budget,
                      "candidates": [_candidate_row(c, c in front) for c in cands]},
-            timings={"tuning_s": tune_seconds},
+            timings={**phase, "tuning_s": tune_seconds},
         )
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
 
         # 4. Holdout: ablation from the best single model to the tuned ensemble.
+        mark = time.perf_counter()
         if cache.case_days(holdout=True):
             holdout, evaluation = holdout_ablation(EnsembleModel.load(staging), cache, configs, run.refit.tta, posts,
                                                    log)
@@ -220,6 +226,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
             write_holdout_files(staging, holdout, evaluation)
         else:
             log("ensemble: the cache has no holdout case-days; no holdout evaluation (prepare with --holdout > 0)")
+        manifest.timings["holdout_s"] = time.perf_counter() - mark
         manifest.timings["total_s"] = time.perf_counter() - started
         manifest.machine = {"python": platform.python_version(), "platform": platform.platform(),
                             "cpus": os.cpu_count()}
