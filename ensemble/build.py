@@ -143,20 +143,27 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     # 4. Post-processing, each variant of the holdout ablation tuned on its own OOF probabilities:
     # the ensemble with and without TTA, the best single fold model on its validation fold, and
     # the best single configuration.
+    tuned: dict = {}  # one tuning per OOF source: e.g. a greedy ensemble of one configuration is also
+                      # the best single configuration, and with a TTA-free refit both TTA views are one
+
+    def tuned_on(confs, ws, oof_tta=None, folds=None, shown=False):
+        total = float(sum(ws))
+        key = (tuple(sorted((c.name, w / total) for c, w in zip(confs, ws))), tuple(folds or ()),
+               run.refit.tta if oof_tta is None else oof_tta)
+        if key not in tuned:
+            tuned[key] = tune(oof_volumes(confs, ws, cache, folds=folds, tta=oof_tta), log=log if shown else note)
+        return tuned[key]
+
     tune_start = time.perf_counter()
     ens_tta = own_oof if tta != NO_TTA else run.refit.tta
-    post_none, steps_none = tune(oof_volumes(chosen, weights, cache, tta=NO_TTA), log=log if tta == NO_TTA else note)
-    if run.refit.tta == NO_TTA and ens_tta in (None, NO_TTA):  # the same OOF files: tuned once
-        post_tta, steps_tta = post_none, steps_none
-    else:
-        post_tta, steps_tta = tune(oof_volumes(chosen, weights, cache, tta=ens_tta),
-                                   log=log if tta != NO_TTA else note)
+    post_none, steps_none = tuned_on(chosen, weights, NO_TTA, shown=tta == NO_TTA)
+    post_tta, steps_tta = tuned_on(chosen, weights, ens_tta, shown=tta != NO_TTA)
     post, steps = (post_none, steps_none) if tta == NO_TTA else (post_tta, steps_tta)
     tune_seconds = time.perf_counter() - tune_start
     single_conf, single_fold = best_single_fold(configs)
-    single_post, single_steps = tune(oof_volumes([single_conf], [1.0], cache, folds=[single_fold.fold]), log=note)
+    single_post, single_steps = tuned_on([single_conf], [1.0], folds=[single_fold.fold])
     best_conf = best_single_configuration(configs)
-    conf_post, conf_steps = tune(oof_volumes([best_conf], [1.0], cache), log=note)
+    conf_post, conf_steps = tuned_on([best_conf], [1.0])
     posts = {TUNED_SINGLE: single_post, TUNED_CONFIGURATION: conf_post, TUNED_NO_TTA: post_none, FINAL: post_tta}
     # What tuning reached on the OOF data it was tuned on, per class: the holdout shows how much of
     # it was the optimism of selecting and tuning on the same predictions.
