@@ -269,11 +269,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    import torch  # heavy: only to name the CPU as the ensemble's latency figures do
+
+    from gitseg.infer import device_name
+
     flags = Path("/proc/cpuinfo").read_text()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+    return {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "avx512": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags,
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
             "commit": commit.strip(), "python": platform.python_version()}
 

@@ -144,7 +144,7 @@ def unpack_volume(volume: tuple) -> tuple:
 def crop_box(prob: np.ndarray, gt: np.ndarray, floor: float) -> tuple[slice, ...] | None:
     """The box holding every voxel of `gt` and every voxel with probability >= `floor`: every mask
     made at a threshold of at least `floor` (and then only emptied further) lies inside it, so it can
-    be scored on the crop (`ScoreSums.of_volume` with the whole shape). None: nothing anywhere."""
+    be scored on the crop (`TruthScorer` with the whole shape). None: nothing anywhere."""
     return bounding_box((prob >= floor) | gt)
 
 

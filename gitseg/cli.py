@@ -18,21 +18,15 @@ def cmd_synth(args) -> None:
     from gitseg.data.synth import UWMGI_TEST_CASES, write_dataset
 
     shape = {"cases": args.cases, "days": args.days, "slices": args.slices, "size": args.size}
-    if args.profile == "uwmgi":
-        given = [f"--{k}" for k, v in shape.items() if v is not None]
-        if given:
-            raise ValueError(f"--profile uwmgi is the real data's shape; leave out {', '.join(given)}")
-        test_cases = UWMGI_TEST_CASES if args.test_cases is None else args.test_cases
-    elif args.profile == "shapes":
-        given = [f"--{k}" for k, v in shape.items() if v is not None and k != "cases"]
-        if given:
-            raise ValueError(f"--profile shapes writes the real scan geometries; leave out {', '.join(given)}")
-        shape["cases"] = 1 if args.cases is None else args.cases
-        test_cases = 1 if args.test_cases is None else args.test_cases
-    else:
-        shape["cases"] = 8 if args.cases is None else args.cases
-        shape["days"] = 3 if args.days is None else args.days
-        test_cases = 1 if args.test_cases is None else args.test_cases
+    # What each profile lets the options set, and its defaults (the real scans set the rest).
+    allowed, defaults = {"small": (set(shape), {"cases": 8, "days": 3}), "uwmgi": (set(), {}),
+                         "shapes": ({"cases"}, {"cases": 1})}[args.profile]
+    given = [f"--{k}" for k, v in shape.items() if v is not None and k not in allowed]
+    if given:
+        raise ValueError(f"--profile {args.profile} takes the real scans' shapes; leave out {', '.join(given)}")
+    shape.update({k: v for k, v in defaults.items() if shape[k] is None})
+    test_cases = args.test_cases if args.test_cases is not None else (
+        UWMGI_TEST_CASES if args.profile == "uwmgi" else 1)
     summary = write_dataset(args.out, **shape, seed=args.seed, test_cases=test_cases, workers=args.workers,
                             overwrite=args.overwrite, progress=counter("synth: case-days"), profile=args.profile)
     say(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "

@@ -121,15 +121,13 @@ def directed_distances(src: np.ndarray, dst: np.ndarray, sampling) -> np.ndarray
     return np.concatenate([tree.query(outside * scale, k=1)[0], np.zeros(n_inside)])
 
 
-def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle", shape=None) -> float:
+def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle") -> float:
     """Normalised 3D Hausdorff distance of bool volumes `(D, H, W)`, in [0, 1].
 
     variant "kaggle": coordinates divided by the shape (unit cube), symmetric, divided by √3.
     variant "diagonal": directed prediction → ground truth in voxels, divided by the volume
     diagonal and capped at 1 (the convention of many public notebooks).
-    NaN when both are empty, 1.0 when exactly one is. `shape`: the whole volume's, when `pred` and
-    `gt` are crops of it that hold every True voxel of both (distances do not depend on where the
-    crop lies; the normalisation does on the whole shape).
+    NaN when both are empty, 1.0 when exactly one is.
     """
     if variant not in HAUSDORFF_VARIANTS:
         raise ValueError(f"unknown Hausdorff variant {variant!r}; choose one of {HAUSDORFF_VARIANTS}")
@@ -139,7 +137,7 @@ def hausdorff_3d(pred: np.ndarray, gt: np.ndarray, variant: str = "kaggle", shap
         return math.nan
     if not (has_p and has_g):
         return 1.0
-    shape = np.asarray(pred.shape if shape is None else shape, dtype=np.float64)
+    shape = np.asarray(pred.shape, dtype=np.float64)
     if variant == "kaggle":
         sampling = 1.0 / shape
         d = max(directed_distances(pred, gt, sampling).max(), directed_distances(gt, pred, sampling).max())
@@ -224,15 +222,11 @@ class ScoreSums(NamedTuple):
     hausdorff_rows: float = 0.0
 
     @classmethod
-    def of_volume(cls, pred: np.ndarray, gt: np.ndarray, shape=None) -> "ScoreSums":
-        """One (case-day, class): its slices' Dice rows and its Hausdorff row (both-empty skipped).
-
-        `shape`: the whole volume's, when `pred` and `gt` are crops of it holding every True voxel
-        of both (the slices left out are empty in both: skipped rows; `hausdorff_3d`).
-        """
+    def of_volume(cls, pred: np.ndarray, gt: np.ndarray) -> "ScoreSums":
+        """One (case-day, class): its slices' Dice rows and its Hausdorff row (both-empty skipped)."""
         dice = dice_from_counts(dice_counts(pred, gt))
         valid = ~np.isnan(dice)
-        hd = hausdorff_3d(pred, gt, shape=shape)
+        hd = hausdorff_3d(pred, gt)
         return cls(float(dice[valid].sum()), float(valid.sum()), 0.0 if np.isnan(hd) else hd,
                    0.0 if np.isnan(hd) else 1.0)
 
@@ -257,24 +251,23 @@ class TruthScorer:
     computed once per voxel, the first time a mask holds it, and kept. The other direction (truth
     to mask) changes with every mask; it is queried with the distance already reached as an upper
     bound, and only the truth voxels beyond it are measured exactly. Exact: the same distances and
-    maxima as `of_volume` (tests/test_metrics.py). `gt` may be a crop holding every True voxel of
-    the truth and of every mask scored, with `shape` the whole volume's.
+    maxima as `of_volume`, kaggle convention (tests/test_metrics.py). `gt` may be a crop holding
+    every True voxel of the truth and of every mask scored, with `shape` the whole volume's: the
+    slices left out are empty in both (skipped Dice rows), distances do not depend on where the crop
+    lies, and the normalisation is by the whole shape.
     """
 
     def __init__(self, gt: np.ndarray, shape=None):
         self.gt = np.asarray(gt, dtype=bool)
         self.scale = 1.0 / np.asarray(self.gt.shape if shape is None else shape, dtype=np.float64)
-        self.gt_counts = np.count_nonzero(self.gt.reshape(len(self.gt), -1), axis=1)
-        self.has_gt = bool(self.gt_counts.any())
+        self.has_gt = bool(self.gt.any())
         self._tree = cKDTree(_boundary_points(self.gt) * self.scale) if self.has_gt else None
         self._dist = np.zeros(self.gt.shape)          # voxel -> distance to the truth (0 inside it)
         self._known = self.gt.copy()                   # voxels whose distance is in _dist
 
     def sums(self, mask: np.ndarray) -> ScoreSums:
         mask = np.asarray(mask, dtype=bool)
-        flat, gt_flat = mask.reshape(len(mask), -1), self.gt.reshape(len(self.gt), -1)
-        counts = np.stack([np.count_nonzero(flat & gt_flat, axis=1), np.count_nonzero(flat, axis=1),
-                           self.gt_counts], axis=1)
+        counts = dice_counts(mask, self.gt)
         dice = dice_from_counts(counts)
         valid = ~np.isnan(dice)
         has_pred = bool(counts[:, 1].any())
