@@ -13,7 +13,9 @@ the real data's shape, each stage measured.
 
 Per stage: wall time; peak resident memory of the stage's driver process (exact: the kernel's
 maximum from wait4) and of the largest Ray worker and other descendant process (each process's
-VmHWM, sampled every 0.5 s, so growth in a process's last half second can be missed); bytes written
+VmHWM, sampled every 0.5 s, so growth in a process's last half second can be missed), and the Ray
+workers' largest anonymous memory (RssAnon, sampled: VmHWM also counts the cache's memory-mapped
+pages, which the kernel can drop under pressure); bytes written
 (the apparent size of the stage's output folders, after minus before). Results go to
 `<out>/real_size.json` and are printed as a table; `--plot` draws time and memory against case-days.
 Budgets (issue 12, at full size on 24 GiB and 2 cores) are checked and printed with each run.
@@ -68,15 +70,18 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _peak_and_name(pid: int) -> tuple[int, str] | None:
+def _peak_and_name(pid: int) -> tuple[int, int, str] | None:
+    """(VmHWM, RssAnon now, command) of a process. VmHWM counts file-backed pages too (the cache's
+    memory maps), which the kernel can drop; RssAnon is the memory a process cannot give back."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+            fields = {k: v for k, _, v in (line.partition(":") for line in f)}
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             name = f.read().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return None
-    return hwm, name
+    kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+    return kib("VmHWM"), kib("RssAnon"), name
 
 
 def folder_bytes(paths) -> int:
@@ -99,7 +104,7 @@ def run_stage(name: str, args: list[str], outputs: list[Path], log_file: Path) -
         log.write(f"\n=== {name}: gitseg {' '.join(args)}\n")
         log.flush()
         proc = subprocess.Popen([*GITSEG, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        peaks: dict[int, tuple[int, str]] = {}
+        peaks: dict[int, tuple[int, int, str]] = {}
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -107,22 +112,26 @@ def run_stage(name: str, args: list[str], outputs: list[Path], log_file: Path) -
             for child in _descendants(proc.pid):
                 seen = _peak_and_name(child)
                 if seen:
-                    peaks[child] = max(peaks.get(child, (0, "")), seen)
+                    hwm, anon, cmd = peaks.get(child, (0, 0, ""))
+                    peaks[child] = (max(hwm, seen[0]), max(anon, seen[1]), seen[2])
             time.sleep(0.5)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log_file}")
-    ray_workers = [hwm for hwm, cmd in peaks.values() if cmd.startswith("ray::")]
-    others = [hwm for hwm, cmd in peaks.values() if not cmd.startswith("ray::")]
+    ray_workers = [hwm for hwm, _, cmd in peaks.values() if cmd.startswith("ray::")]
+    ray_anon = [anon for _, anon, cmd in peaks.values() if cmd.startswith("ray::")]
+    others = [hwm for hwm, _, cmd in peaks.values() if not cmd.startswith("ray::")]
     row = {"stage": name, "wall_s": round(wall, 1),
            "driver_peak_gib": round(usage.ru_maxrss * 1024 / GIB, 3),
            "ray_worker_peak_gib": round(max(ray_workers, default=0) / GIB, 3),
+           "ray_worker_anon_peak_gib": round(max(ray_anon, default=0) / GIB, 3),
            "other_process_peak_gib": round(max(others, default=0) / GIB, 3),
            "processes_seen": len(peaks),
            "written_gb": round((folder_bytes(outputs) - before) / 1e9, 3)}
     print(f"    {wall:7.1f} s  driver {row['driver_peak_gib']:.2f} GiB  Ray worker {row['ray_worker_peak_gib']:.2f} "
-          f"GiB  other {row['other_process_peak_gib']:.2f} GiB  wrote {row['written_gb']:.2f} GB", flush=True)
+          f"GiB (anonymous {row['ray_worker_anon_peak_gib']:.2f})  other {row['other_process_peak_gib']:.2f} GiB  "
+          f"wrote {row['written_gb']:.2f} GB", flush=True)
     return row
 
 
