@@ -3,9 +3,12 @@
 Written by the training loop (rank 0, atomically), read by inference, the refit's out-of-fold
 pass, the ensemble and the search. Fields: format, model (weights, no DDP/compile wrapper),
 config (resolved), fold, epoch, metrics, history, best_score, best_epoch, preprocessing (size,
-channels, stride, normalisation, classes); `last.pt` also holds the optimizer state. Loaded with
-`weights_only=True`: only tensors and plain Python values, never pickled code. Each file also
-holds `weights_sha256`, the digest of its weights, checked when it is loaded.
+channels, stride, normalisation, classes); `last.pt` also holds the optimizer state and, with
+`train.ema`, `train_model`: the optimiser's own weights, while `model` is always what was
+validated (the moving average when it is on), so every reader predicts with it unchanged. Loaded
+with `weights_only=True`: only tensors and plain Python values, never pickled code. Each file also
+holds `weights_sha256` (and `train_weights_sha256`), the digest of its weights, checked when it is
+loaded.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` whole (atomically), with the digest of its weights; a failed write (a full disk)
     leaves the previous file intact and says so."""
     state = {**state, "weights_sha256": weights_digest(state["model"])}
+    if "train_model" in state:
+        state["train_weights_sha256"] = weights_digest(state["train_model"])
     try:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -70,9 +75,11 @@ def load_checkpoint(path) -> dict:
         raise corrupt(path, f"torch cannot read it: {str(exc).splitlines()[0][:120]}", advice) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a gitseg checkpoint of format {CHECKPOINT_FORMAT}")
-    expected = state.pop("weights_sha256", None)  # absent in checkpoints written before digests
-    if expected is not None and weights_digest(state["model"]) != expected:
-        raise corrupt(path, "its weights do not match their sha256", advice)
+    for weights, digest, what in (("model", "weights_sha256", "weights"),
+                                  ("train_model", "train_weights_sha256", "training weights")):
+        expected = state.pop(digest, None)  # absent in checkpoints written before digests
+        if expected is not None and weights_digest(state[weights]) != expected:
+            raise corrupt(path, f"its {what} do not match their sha256", advice)
     return state
 
 

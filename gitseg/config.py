@@ -57,8 +57,13 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5           # linear warm-up, then cosine decay to min_lr_ratio * lr
+    warmup_epochs: float = 0.5           # linear warm-up, then the schedule's decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.01
+    schedule: str = "cosine"             # cosine: decay over the whole run after warm-up; wsd: warm-up,
+                                         # constant lr, linear decay over the last decay_fraction of the steps
+    decay_fraction: float = 0.2          # wsd only: the share of all steps spent decaying
+    ema: float = 0.0                     # >0: validate, checkpoint and predict with an exponential moving
+                                         # average of the weights at this decay (warmed up); 0: off
     grad_clip: float = 1.0               # max gradient norm; 0 disables clipping
     amp: bool = True                     # bf16 autocast (CUDA only; ignored on CPU)
     channels_last: bool = True           # memory format; faster on CPU (oneDNN) and GPU (cuDNN) alike

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from gitseg.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, default_device, load_checkpoint, save_checkpoint
@@ -45,10 +46,22 @@ from gitseg.teacher import Teacher
 # Pure pieces
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float) -> float:
-    """Linear warm-up to base_lr, then cosine decay to min_ratio * base_lr at total_steps."""
+SCHEDULES = ("cosine", "wsd")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float,
+          schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+    """Linear warm-up to base_lr, then down to min_ratio * base_lr at total_steps: a cosine over all
+    the steps after warm-up, or (wsd: warm-up, stable, decay) constant until the last
+    `decay_fraction` of all steps and a straight line from there. Why wsd: its decay can be placed
+    at any budget, so a run cut short (an early-stopping rung, a compute budget) can still end
+    cooled down, and a constant phase's score does not depend on how long the run was planned."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * total_steps))
+        progress = min(1.0, max(0.0, (step - (total_steps - decay_steps)) / decay_steps))
+        return base_lr * (1 - (1 - min_ratio) * progress)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -94,6 +107,12 @@ def check_config(cfg: Config, cache: Cache) -> None:
         raise ConfigError(f"data.teacher: {cfg.data.teacher} is not a folder; `gitseg distill` writes one")
     if not 0 < cfg.train.threshold < 1:
         raise ConfigError(f"train.threshold must be in (0, 1) (got {cfg.train.threshold})")
+    if cfg.train.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)} (got {cfg.train.schedule!r})")
+    if not 0 < cfg.train.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {cfg.train.decay_fraction})")
+    if not 0 <= cfg.train.ema < 1:
+        raise ConfigError(f"train.ema must be in [0, 1): a decay such as 0.999, or 0 for off (got {cfg.train.ema})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +202,20 @@ class Run:
     history: list[dict] = dataclasses.field(default_factory=list)  # every epoch's metrics
     best_score: float = -math.inf
     best_epoch: int = -1
+    ema: ModelEmaV3 | None = None    # with train.ema: the averaged weights, validated and saved as "model"
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that are validated, checkpointed as "model" and predicted with."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3:
+    """timm's EMA of parameters and BatchNorm statistics. Its decay warms up as 1 - (1 + step)^-3/4
+    (timm's advice for short runs) up to `decay`: with a fixed 0.999 a run of a few hundred steps
+    would validate weights still close to its random start. Every DDP rank updates it from the same
+    (all-reduced) parameters, so the averaged weights agree; the statistics are settled per epoch."""
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=3 / 4)
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -220,13 +253,18 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ema = make_ema(model, cfg.train.ema) if cfg.train.ema else None
     resumed = {}
     if (out / LAST).is_file():
         state = load_checkpoint(out / LAST)
         if not can_resume(state["config"], cfg):
             raise ConfigError(f"{out} holds a run with a different configuration; choose another out folder "
                               f"or delete {out / LAST} to start over")
-        unwrap(model).load_state_dict(state["model"])
+        if ema is not None:  # "model" is what was evaluated: the average; the optimiser's weights apart
+            ema.module.load_state_dict(state["model"])
+            unwrap(model).load_state_dict(state["train_model"])
+        else:
+            unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         resumed = dict(start_epoch=state["epoch"] + 1, history=list(state["history"]),
                        best_score=state["best_score"], best_epoch=state["best_epoch"])
@@ -244,7 +282,7 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
     steps = steps_per_epoch(len(dataset), world, cfg.train.batch_size, cfg.train.max_steps_per_epoch)
     return Run(model=model, optimizer=optimizer, dataset=dataset, loss_fn=LossMix(cfg.train.loss).to(device),
                steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,
-               warmup_steps=int(cfg.train.warmup_epochs * steps), **resumed)
+               warmup_steps=int(cfg.train.warmup_epochs * steps), ema=ema, **resumed)
 
 
 def epoch_loader(run: Run, cfg: Config, epoch: int, device) -> DataLoader:
@@ -276,8 +314,9 @@ def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, devic
     for step, (images, targets) in enumerate(loader):
         if step >= run.steps_per_epoch:
             break
-        lr = lr_at(epoch * run.steps_per_epoch + step, run.total_steps, run.warmup_steps, cfg.train.lr,
-                   cfg.train.min_lr_ratio)
+        global_step = epoch * run.steps_per_epoch + step
+        lr = lr_at(global_step, run.total_steps, run.warmup_steps, cfg.train.lr, cfg.train.min_lr_ratio,
+                   cfg.train.schedule, cfg.train.decay_fraction)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         images = images.to(device, non_blocking=True)
@@ -301,6 +340,8 @@ def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, devic
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
         run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(unwrap(run.model), step=global_step + 1)
         loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         samples += len(images)
     if world > 1:
@@ -310,22 +351,25 @@ def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, devic
     return {"train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "lr": lr, "samples": samples}
 
 
-def settle_batchnorm(model: torch.nn.Module, loader: DataLoader, cfg: Config, device) -> None:
-    """Make the BatchNorm statistics that are validated and saved the same on every rank."""
+def settle_batchnorm(run: Run, loader: DataLoader, cfg: Config, device) -> None:
+    """Make the BatchNorm statistics that are validated and saved the same on every rank; precise
+    BN, when on, recomputes those of the model that is validated (the EMA's when on)."""
     _, world = distributed()
+    if world > 1:
+        # Each rank's BatchNorm statistics moved with its own batches; every rank takes rank 0's, so
+        # that what is validated, saved and resumed is one model.
+        for model in {id(m): m for m in (unwrap(run.model), run.evaluated)}.values():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
     if cfg.train.precise_bn:
-        precise_bn(unwrap(model), loader, cfg.train.precise_bn, device, cfg.train.channels_last)
-    elif world > 1:
-        # Each rank's BatchNorm statistics moved with its own last batch; validate (and save) rank 0's.
-        for buffer in unwrap(model).buffers():
-            dist.broadcast(buffer, 0)
+        precise_bn(run.evaluated, loader, cfg.train.precise_bn, device, cfg.train.channels_last)
 
 
 def save_epoch(run: Run, cfg: Config, cache: Cache, metrics: dict, improved: bool) -> None:
     """Rank 0: best.pt when the score improved, last.pt (with the optimizer) and a metrics.jsonl line."""
     out = Path(cfg.out)
     state = {
-        "format": CHECKPOINT_FORMAT, "model": unwrap(run.model).state_dict(), "config": to_dict(cfg),
+        "format": CHECKPOINT_FORMAT, "model": run.evaluated.state_dict(), "config": to_dict(cfg),
         "fold": cfg.data.fold, "epoch": metrics["epoch"], "metrics": metrics, "history": run.history,
         "best_score": run.best_score, "best_epoch": run.best_epoch,
         "preprocessing": {"size": cache.size, "channels": cfg.data.channels, "stride": cfg.data.stride,
@@ -333,7 +377,10 @@ def save_epoch(run: Run, cfg: Config, cache: Cache, metrics: dict, improved: boo
     }
     if improved:
         save_checkpoint(out / BEST, state)
-    save_checkpoint(out / LAST, {**state, "optimizer": run.optimizer.state_dict()})
+    resume = {"optimizer": run.optimizer.state_dict()}
+    if run.ema is not None:
+        resume["train_model"] = unwrap(run.model).state_dict()
+    save_checkpoint(out / LAST, {**state, **resume})
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
 
@@ -365,9 +412,9 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
         start = time.perf_counter()
         trained = train_one_epoch(run, loader, cfg, epoch, device)
         train_time = time.perf_counter() - start
-        settle_batchnorm(run.model, loader, cfg, device)
+        settle_batchnorm(run, loader, cfg, device)
         val_start = time.perf_counter()
-        scores = score_fold(run.model, cache, val_days, cfg, device)
+        scores = score_fold(run.evaluated, cache, val_days, cfg, device)
         metrics = {
             "epoch": epoch, "train_loss": trained["train_loss"], **scores, "lr": trained["lr"],
             "epoch_time": time.perf_counter() - start, "val_time": time.perf_counter() - val_start,

@@ -170,11 +170,13 @@ def _ddp_worker(rank, world, port, cfg, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precise_bn", [0, 4])
-def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, precise_bn):
+@pytest.mark.parametrize("precise_bn, ema, lr", [(0, 0.0, 0.003), (4, 0.0, 0.003), (4, 0.9, 0.01)])
+def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, precise_bn, ema, lr):
     # with precise_bn each rank recomputes BatchNorm statistics on its own batches; averaged over
-    # the ranks, the model rank 0 saves is the one both ranks validated
-    cfg = tiny_config(train_cache, tmp_path / "ddp", epochs=1, precise_bn=precise_bn)
+    # the ranks, the model rank 0 saves is the one both ranks validated. With ema, that model is
+    # the moving average (precise BN applied to it), the same on both ranks (lr 0.01: a score
+    # above 0, which the optimiser's own weights do not share).
+    cfg = tiny_config(train_cache, tmp_path / "ddp", epochs=1, precise_bn=precise_bn, ema=ema, lr=lr)
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, results), nprocs=2, join=True)
     (s0, d0, h0, dir0), = results[0]
@@ -193,6 +195,9 @@ def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, p
     (dict(epochs=0), "train.epochs must be at least 1"),
     (dict(lr=-1.0), "train.lr must be positive"),
     (dict(precise_bn=-1), "train.precise_bn must be at least 0"),
+    (dict(schedule="step"), "train.schedule must be one of cosine, wsd"),
+    (dict(decay_fraction=0), r"train.decay_fraction must be in \(0, 1\]"),
+    (dict(ema=1.0), r"train.ema must be in \[0, 1\)"),
 ])
 def test_bad_train_settings(train_cache, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -225,6 +230,45 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
     assert math.isclose(lr_at(100, 100, 10, 1.0, 0.01), 0.01)
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_over_its_last_fraction():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.01, schedule="wsd", decay_fraction=0.3) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(lr == 1.0 for lr in lrs[10:71])  # stable until the last 30 steps
+    decay = lrs[70:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(math.isclose(a - b, 0.99 / 30) for a, b in zip(decay, decay[1:]))  # a straight line
+    assert lrs[100] == pytest.approx(0.01) and lrs[85] == pytest.approx(1 - 0.99 * 15 / 30)
+
+
+def test_ema_is_what_is_validated_and_saved_and_resumes_bit_exactly(train_cache, tmp_path):
+    # lr 0.01: after 12 steps both weights score above 0 and differently (0.44 and 0.59 when written)
+    cfg = tiny_config(train_cache, tmp_path / "straight", epochs=2, ema=0.9, lr=0.01)
+    straight = _run(cfg)
+    saved = load_checkpoint(tmp_path / "straight" / LAST)
+    # the moving average is "model" (what every reader predicts with), the optimiser's weights apart;
+    # the score reported for the epoch is the average's
+    cache, val = Cache(train_cache), Cache(train_cache).case_days(folds=[0])
+    ema_score = score_fold(model_from_checkpoint(saved), cache, val, cfg, "cpu")["score"]
+    live = model_from_checkpoint({**saved, "model": saved["train_model"]})
+    assert ema_score == straight[-1]["score"] != score_fold(live, cache, val, cfg, "cpu")["score"]
+    assert "train_model" not in load_checkpoint(tmp_path / "straight" / BEST)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(metrics, _):
+        raise Interrupt
+
+    broken = tiny_config(train_cache, tmp_path / "broken", epochs=2, ema=0.9, lr=0.01)
+    with pytest.raises(Interrupt):
+        fit(broken, report=stop, **QUIET)
+    resumed = _run(broken)
+    assert resumed[0]["score"] == straight[1]["score"]
+    again = load_checkpoint(tmp_path / "broken" / LAST)
+    for weights in ("model", "train_model"):
+        assert all(torch.equal(saved[weights][k], again[weights][k]) for k in saved[weights]), weights
 
 
 def test_precise_bn_averages_the_statistics_of_its_batches():
