@@ -161,6 +161,13 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
         rep.figure(learning_curves(rows), "learning_curves", "Validation score of every trial per epoch; "
                    "x marks a trial ASHA stopped early")
         rep.figure(best_so_far(rows), "best_so_far", "Best score found so far, trials in start order")
+    if any(r["spearman"] is not None for r in search.rung_spearman):
+        rep.table("rung_spearman", [{"after epoch": r["epoch"], "trials": r["trials"],
+                                     "Spearman": "" if r["spearman"] is None else r["spearman"]}
+                                    for r in search.rung_spearman],
+                  "How well the score after each epoch predicts a trial's best score (Spearman over the trials "
+                  "that trained all their epochs): what early stopping's rungs can rely on; near 0, a rung cuts "
+                  "trials almost at random")
     if any(r.latency_ms is not None for r in rows):
         rep.text(f"Multi-objective search (objectives {settings.get('objectives')}): each trial measured its "
                  f"network's inference time (ms per slice, TTA {settings.get('refit', {}).get('tta')}, the fused "

@@ -54,6 +54,9 @@ class SearchRecord:
     base: dict                   # the resolved experiment config every trial started from
     cache: str                   # the data the cache was prepared from
     leaderboard: list[TrialRow]  # best first
+    # per epoch before the last: Spearman of the trials' scores then with their best scores, over the
+    # trials that trained all their epochs (search.leaderboard.rung_correlations)
+    rung_spearman: list[dict] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

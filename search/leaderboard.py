@@ -13,8 +13,8 @@ from search.space import decode
 from search.trial import LATENCY_METRIC
 
 HISTORY_KEYS = ("score", "dice", "hausdorff")
-LEADERBOARD_COLUMNS = ("trial_id", "status", "best_score", "best_epoch", "epochs_run", "latency_ms", "pareto", "config",
-                       "checkpoint", "error")
+LEADERBOARD_COLUMNS = ("trial_id", "status", "best_score", "best_epoch", "epochs_run", "latency_ms", "pareto",
+                       "epoch_scores", "config", "checkpoint", "error")
 
 
 def leaderboard(results, params, base: dict, fs) -> list[TrialRow]:
@@ -97,7 +97,33 @@ def trial_history(fs, checkpoint_path: str | None, scored) -> list[dict]:
 
 
 def leaderboard_csv(rows: list[TrialRow]) -> str:
-    return csv_text([vars(r) for r in rows], LEADERBOARD_COLUMNS)
+    """The leaderboard as CSV; `epoch_scores` is every epoch's validation score (the rung scores
+    early stopping acted on), space-separated."""
+    return csv_text([{**vars(r), "epoch_scores": " ".join(f"{h['score']:.4f}" for h in r.history)} for r in rows],
+                    LEADERBOARD_COLUMNS)
+
+
+def rung_correlations(rows: list[TrialRow]) -> list[dict]:
+    """How well the score after each epoch predicts where a trial ends: for every epoch k before
+    the last, the Spearman correlation, over the trials that trained all their epochs, between their
+    score after k epochs and their best score (what the leaderboard ranks by). Trials stopped early
+    have no final score and are left out, so the figure is about the rule's input, not its outcome.
+    {epoch, trials, spearman}: spearman is None with fewer than 3 such trials or constant scores."""
+    from scipy.stats import spearmanr  # heavy: only here
+
+    finished = [r for r in rows if r.status == "finished" and r.history]
+    if not finished:
+        return []
+    last = min(len(r.history) for r in finished)
+    out = []
+    for k in range(1, last):
+        now = [r.history[k - 1]["score"] for r in finished]
+        final = [r.best_score for r in finished]
+        rho = None
+        if len(finished) >= 3 and len(set(now)) > 1 and len(set(final)) > 1:
+            rho = float(spearmanr(now, final).statistic)
+        out.append({"epoch": k, "trials": len(finished), "spearman": rho})
+    return out
 
 
 def format_leaderboard(rows: list[TrialRow]) -> str:

@@ -5,8 +5,9 @@ import math
 import types
 
 import pandas as pd
+import pytest
 
-from search.leaderboard import format_leaderboard, leaderboard, mark_pareto
+from search.leaderboard import format_leaderboard, leaderboard, leaderboard_csv, mark_pareto, rung_correlations
 from search.space import encode, parse_space
 from search.storage import filesystem
 
@@ -77,3 +78,20 @@ def test_leaderboard_records_latency_and_shows_the_front(tmp_path):
     assert [(r.trial_id, r.latency_ms, r.pareto) for r in rows] == [("slow", 4.0, True), ("fast", 1.5, True)]
     text = format_leaderboard(rows)
     assert "ms/slice" in text and "front" in text and "4.00" in text
+
+
+def test_rung_correlations_over_the_trials_that_ran_to_the_end(tmp_path):
+    fs, _ = filesystem(str(tmp_path))
+    curves = {"a": [0.1, 0.5, 0.9], "b": [0.2, 0.4, 0.5], "c": [0.3, 0.3, 0.4], "d": [0.4, 0.2, 0.3]}
+    results = [result(tmp_path, n, tune_rows=[epoch(i, s) for i, s in enumerate(c)]) for n, c in curves.items()]
+    results.append(result(tmp_path, "cut", tune_rows=[epoch(0, 0.9)]))  # stopped early: no final score
+    rows = leaderboard(results, SPACE, BASE, fs)
+    # best scores a .9 b .5 c .4 d .4: after epoch 1 the order is reversed, after epoch 2 it is right
+    table = rung_correlations(rows)
+    assert [(r["epoch"], r["trials"]) for r in table] == [(1, 4), (2, 4)]
+    assert table[0]["spearman"] == pytest.approx(-0.9486833) and table[1]["spearman"] == pytest.approx(0.9486833)
+    two = [r for r in rows if r.trial_id in ("a", "b")]
+    assert rung_correlations(two) == [{"epoch": 1, "trials": 2, "spearman": None},
+                                           {"epoch": 2, "trials": 2, "spearman": None}]
+    csv = leaderboard_csv(rows)
+    assert "epoch_scores" in csv.splitlines()[0] and "0.1000 0.5000 0.9000" in csv
