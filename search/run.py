@@ -15,6 +15,7 @@ Everything lives under `<storage_path>/<name>/`:
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 from gitseg.config import Config, ConfigError, load_config, to_dict
@@ -51,6 +52,7 @@ def check_search(settings: SearchConfig, log=say):
     base = to_dict(base_cfg)
     params = parse_space(settings.space)
     checked = check_space(params, base, cache.size)
+    check_asha(settings, max_epochs(params, base))
     points = [encode(params, base_values(params, base))]
     for i, point in enumerate(settings.points):
         unknown = [k for k in point if k not in {p.key for p in params}]
@@ -82,6 +84,38 @@ def run_search(settings: SearchConfig, log=say, callbacks: list | None = None) -
                 ray.shutdown()
 
 
+def max_brackets(epochs: int, grace_period: int, reduction_factor: int) -> int:
+    """The number of ASHA brackets whose last one never stops a trial early: bracket s's first rung is
+    at grace x rf^s (Ray's _Bracket), so the first s with grace x rf^s >= max_t has no rung before
+    the end; more brackets would only repeat it."""
+    return math.ceil(math.log(epochs / grace_period) / math.log(reduction_factor) - 1e-9) + 1
+
+
+def check_asha(settings: SearchConfig, epochs: int) -> None:
+    asha = settings.asha
+    if not asha.enabled:
+        return
+    if not 1 <= asha.grace_period <= epochs:
+        raise ConfigError(f"asha.grace_period must be between 1 and the epochs, {epochs} (got {asha.grace_period})")
+    if asha.reduction_factor < 2:
+        raise ConfigError(f"asha.reduction_factor must be at least 2 (got {asha.reduction_factor})")
+    most = max_brackets(epochs, asha.grace_period, asha.reduction_factor)
+    if not 1 <= asha.brackets <= most:
+        raise ConfigError(f"asha.brackets must be between 1 and {most} for {epochs} epochs, grace_period "
+                          f"{asha.grace_period} and reduction_factor {asha.reduction_factor} (got {asha.brackets}); "
+                          f"at {most} the last bracket never stops a trial early")
+
+
+def make_scheduler(settings: SearchConfig, epochs: int):
+    """ASHA (one bracket or several) on the epochs trained, or FIFO (every trial runs to the end)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # heavy: Ray's Tune
+
+    if not settings.asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=settings.asha.grace_period,
+                         reduction_factor=settings.asha.reduction_factor, brackets=settings.asha.brackets)
+
+
 def make_searcher(settings: SearchConfig, params, points: list[dict]):
     """Optuna's TPE through Ray Tune: single-objective (the score), or with `objectives: [score,
     latency]` multi-objective, told each finished trial's last score and its latency. ASHA, the
@@ -97,8 +131,7 @@ def make_searcher(settings: SearchConfig, params, points: list[dict]):
 
 def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache: Cache, log,
                       callbacks: list) -> list[TrialRow]:
-    import ray.tune  # heavy: Ray's Tune, schedulers and the Optuna bridge
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    import ray.tune  # heavy: Ray's Tune and the Optuna bridge
 
     root = experiment_root(settings.storage_path, settings.name)
     latency_tta = settings.refit.tta if LATENCY in settings.objectives else None
@@ -111,12 +144,7 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
         tuner = ray.tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=fs)
     else:
-        epochs = max_epochs(params, base)
-        if settings.asha.enabled:
-            scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=settings.asha.grace_period,
-                                      reduction_factor=settings.asha.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = make_scheduler(settings, max_epochs(params, base))
         searcher = make_searcher(settings, params, points)
         tuner = ray.tune.Tuner(
             fn,

@@ -20,6 +20,10 @@ class AshaConfig:
     grace_period: int = 2         # epochs before a trial can be stopped (1 ranks configurations almost
                                   # at random on the benchmark: BENCHMARKS.md, runs 8-11)
     reduction_factor: int = 4     # keep the best 1/reduction_factor at each rung (ASHA paper's and Ray's default)
+    brackets: int = 1             # >1: Ray's multi-bracket ASHA; bracket b's first rung is at grace_period x
+                                  # reduction_factor^b, and at the most brackets the last one never stops a
+                                  # trial early (late bloomers keep a chance; Ray draws each trial's bracket,
+                                  # weighting brackets with more rungs: e^rungs)
 
 
 @dataclasses.dataclass
