@@ -351,6 +351,10 @@ def run_handled(command: str, action) -> int:
         error(f"gitseg {command}: error: {exc}")
         return 2
     except Exception as exc:
+        train = sys.modules.get("gitseg.train")  # loaded by whatever trained; not imported to find out
+        if train is not None and isinstance(exc, train.Preempted):
+            error(f"gitseg {command}: {exc}")
+            return 143  # 128 + SIGTERM, what a scheduler expects of a process it stopped
         error(traceback.format_exc().rstrip())
         error(f"gitseg {command}: failed: {type(exc).__name__}: {exc}")
         return 1

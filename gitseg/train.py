@@ -9,10 +9,13 @@ process. Checkpoints are written by rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -203,11 +206,48 @@ class Run:
     best_score: float = -math.inf
     best_epoch: int = -1
     ema: ModelEmaV3 | None = None    # with train.ema: the averaged weights, validated and saved as "model"
+    partial: dict | None = None      # resumed after a preemption: {epoch, steps, loss_sum, batches}
+    stop: threading.Event | None = None  # set by SIGTERM (see `preemption`); None where none can be caught
 
     @property
     def evaluated(self) -> torch.nn.Module:
         """The weights that are validated, checkpointed as "model" and predicted with."""
         return self.ema.module if self.ema is not None else unwrap(self.model)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived while training: the loop stopped between two steps and saved where it was in
+    last.pt; the same command resumes from that step."""
+
+
+@contextlib.contextmanager
+def preemption():
+    """While training, SIGTERM (a spot instance's notice, a scheduler's stop) sets an Event that the
+    loop reads between steps instead of ending the process in the middle of one. Handlers can only
+    be installed in the main thread: under Ray Train the loop runs in a worker thread, this yields
+    None, and Ray's own fault tolerance restarts the trial from its last epoch's checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether to stop before the next step; under DDP every rank stops at the same step (the ones on a
+    node that was not preempted too), or the others would wait forever in the next all-reduce."""
+    if run.stop is None:
+        return False
+    _, world = distributed()
+    if world == 1:
+        return run.stop.is_set()
+    flag = torch.tensor([float(run.stop.is_set())])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3:
@@ -267,8 +307,12 @@ def start_run(cfg: Config, cache: Cache, train_days: list[str], device, log) -> 
             unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         resumed = dict(start_epoch=state["epoch"] + 1, history=list(state["history"]),
-                       best_score=state["best_score"], best_epoch=state["best_epoch"])
-        if rank == 0:
+                       best_score=state["best_score"], best_epoch=state["best_epoch"], partial=state.get("partial"))
+        partial = resumed["partial"]
+        if rank == 0 and partial:
+            log(f"fit: resuming {out} in epoch {partial['epoch'] + 1} after step {partial['steps']} "
+                f"(it was preempted there)")
+        elif rank == 0:
             log(f"fit: resuming {out} after epoch {state['epoch']}")
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -304,16 +348,26 @@ def epoch_loader(run: Run, cfg: Config, epoch: int, device) -> DataLoader:
 
 
 def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, device) -> dict:
-    """At most `run.steps_per_epoch` optimiser steps; returns train_loss, lr and samples (all ranks)."""
-    _, world = distributed()
+    """At most `run.steps_per_epoch` optimiser steps; returns train_loss, lr and samples (all ranks),
+    or, when a stop was requested, {"preempted_at": step, ...} with the sums so far."""
+    rank, world = distributed()
     gate_loss = torch.nn.BCEWithLogitsLoss()
     soft_loss = torch.nn.BCEWithLogitsLoss()  # toward probabilities: the distillation term
     run.model.train()
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
-    samples, lr = 0, cfg.train.lr
+    samples, lr, skip = 0, cfg.train.lr, 0
+    if run.partial and run.partial["epoch"] == epoch:  # resumed where a preemption stopped this epoch
+        skip = run.partial["steps"]  # samples count only this process's steps: they make samples_per_s
+        if rank == 0:  # the saved sums are the ranks' totals (save_preempted); the other ranks add theirs
+            loss_sum = torch.tensor([run.partial["loss_sum"], run.partial["batches"]], dtype=torch.float64)
+        run.partial = None
     for step, (images, targets) in enumerate(loader):
         if step >= run.steps_per_epoch:
             break
+        if step < skip:  # trained before the stop; loading the batch keeps the data order and augmentation
+            continue
+        if stop_requested(run):
+            return {"preempted_at": step, "loss_sum": loss_sum, "samples": samples}
         global_step = epoch * run.steps_per_epoch + step
         lr = lr_at(global_step, run.total_steps, run.warmup_steps, cfg.train.lr, cfg.train.min_lr_ratio,
                    cfg.train.schedule, cfg.train.decay_fraction)
@@ -367,22 +421,87 @@ def settle_batchnorm(run: Run, loader: DataLoader, cfg: Config, device) -> None:
 
 def save_epoch(run: Run, cfg: Config, cache: Cache, metrics: dict, improved: bool) -> None:
     """Rank 0: best.pt when the score improved, last.pt (with the optimizer) and a metrics.jsonl line."""
+    save_state(run, cfg, cache, epoch=metrics["epoch"], metrics=metrics, files=(BEST, LAST) if improved else (LAST,))
+    with open(Path(cfg.out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def save_state(run: Run, cfg: Config, cache: Cache, epoch: int, metrics: dict, files: tuple[str, ...],
+               partial: dict | None = None) -> None:
+    """The checkpoint contract (gitseg.checkpoint) into `files` of the run folder; last.pt also gets
+    what resuming needs: the optimizer, the optimiser's own weights under EMA, a preemption's step."""
     out = Path(cfg.out)
     state = {
         "format": CHECKPOINT_FORMAT, "model": run.evaluated.state_dict(), "config": to_dict(cfg),
-        "fold": cfg.data.fold, "epoch": metrics["epoch"], "metrics": metrics, "history": run.history,
+        "fold": cfg.data.fold, "epoch": epoch, "metrics": metrics, "history": run.history,
         "best_score": run.best_score, "best_epoch": run.best_epoch,
         "preprocessing": {"size": cache.size, "channels": cfg.data.channels, "stride": cfg.data.stride,
                           "normalisation": cache.manifest["normalisation"], "classes": list(CLASSES)},
     }
-    if improved:
+    if BEST in files:
         save_checkpoint(out / BEST, state)
-    resume = {"optimizer": run.optimizer.state_dict()}
-    if run.ema is not None:
-        resume["train_model"] = unwrap(run.model).state_dict()
-    save_checkpoint(out / LAST, {**state, **resume})
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    if LAST in files:
+        resume = {"optimizer": run.optimizer.state_dict()}
+        if run.ema is not None:
+            resume["train_model"] = unwrap(run.model).state_dict()
+        if partial is not None:
+            resume["partial"] = partial
+        save_checkpoint(out / LAST, {**state, **resume})
+
+
+def train_and_validate(run: Run, cfg: Config, cache: Cache, val_days: list[str], epoch: int, device, report,
+                       log) -> None:
+    """One epoch: train, settle BatchNorm, score the fold, save and report; a requested stop saves
+    the step reached and raises Preempted."""
+    rank, world = distributed()
+    out, fold = Path(cfg.out), cfg.data.fold
+    loader = epoch_loader(run, cfg, epoch, device)
+    start = time.perf_counter()
+    trained = train_one_epoch(run, loader, cfg, epoch, device)
+    if "preempted_at" in trained:
+        save_preempted(run, cfg, cache, epoch, trained)
+        raise Preempted(f"stopped by SIGTERM in epoch {epoch + 1} before step {trained['preempted_at'] + 1}; "
+                        f"{out / LAST} holds that step: run the same command again to resume from it")
+    train_time = time.perf_counter() - start
+    settle_batchnorm(run, loader, cfg, device)
+    val_start = time.perf_counter()
+    scores = score_fold(run.evaluated, cache, val_days, cfg, device)
+    metrics = {
+        "epoch": epoch, "train_loss": trained["train_loss"], **scores, "lr": trained["lr"],
+        "epoch_time": time.perf_counter() - start, "val_time": time.perf_counter() - val_start,
+        "samples_per_s": trained["samples"] / train_time if train_time > 0 else 0.0, "fold": fold,
+    }
+    improved = metrics["score"] > run.best_score
+    if improved:
+        run.best_score, run.best_epoch = metrics["score"], epoch
+    metrics["best_score"], metrics["best_epoch"] = run.best_score, run.best_epoch
+    run.history.append(metrics)
+    if rank == 0:
+        save_epoch(run, cfg, cache, metrics, improved)
+        log(f"fit: fold {fold} epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"score {metrics['score']:.4f} (dice {metrics['dice']:.3f}, hausdorff {metrics['hausdorff']:.3f})  "
+            f"{metrics['samples_per_s']:.0f} samples/s  {metrics['epoch_time']:.1f}s")
+    if report is not None:
+        report(metrics, str(out) if rank == 0 else None)
+
+
+def save_preempted(run: Run, cfg: Config, cache: Cache, epoch: int, trained: dict) -> None:
+    """last.pt at the step a stop was requested: the weights, the optimiser and the epoch's sums so
+    far ("partial"), "epoch" still the last finished one, so that every reader sees the same run
+    it saw before. Under DDP the sums are totalled over the ranks and rank 0 writes; the resumed run
+    continues with rank 0's BatchNorm statistics on every rank (an unbroken run would have kept each
+    rank's own until the epoch's end), so only a single-process run resumes bit for bit."""
+    rank, world = distributed()
+    totals = trained["loss_sum"].clone()
+    if world > 1:
+        dist.all_reduce(totals)
+    if rank == 0:
+        partial = {"epoch": epoch, "steps": trained["preempted_at"], "loss_sum": float(totals[0]),
+                   "batches": float(totals[1])}
+        save_state(run, cfg, cache, epoch=epoch - 1, metrics=run.history[-1] if run.history else {},
+                   files=(LAST,), partial=partial)
+    if world > 1:
+        dist.barrier()  # nobody exits before the file is whole
 
 
 def fit(cfg: Config, report=None, device=None, log=say) -> dict:
@@ -407,31 +526,9 @@ def fit(cfg: Config, report=None, device=None, log=say) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    for epoch in range(run.start_epoch, cfg.train.epochs):
-        loader = epoch_loader(run, cfg, epoch, device)
-        start = time.perf_counter()
-        trained = train_one_epoch(run, loader, cfg, epoch, device)
-        train_time = time.perf_counter() - start
-        settle_batchnorm(run, loader, cfg, device)
-        val_start = time.perf_counter()
-        scores = score_fold(run.evaluated, cache, val_days, cfg, device)
-        metrics = {
-            "epoch": epoch, "train_loss": trained["train_loss"], **scores, "lr": trained["lr"],
-            "epoch_time": time.perf_counter() - start, "val_time": time.perf_counter() - val_start,
-            "samples_per_s": trained["samples"] / train_time if train_time > 0 else 0.0, "fold": fold,
-        }
-        improved = metrics["score"] > run.best_score
-        if improved:
-            run.best_score, run.best_epoch = metrics["score"], epoch
-        metrics["best_score"], metrics["best_epoch"] = run.best_score, run.best_epoch
-        run.history.append(metrics)
-        if rank == 0:
-            save_epoch(run, cfg, cache, metrics, improved)
-            log(f"fit: fold {fold} epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-                f"score {metrics['score']:.4f} (dice {metrics['dice']:.3f}, hausdorff {metrics['hausdorff']:.3f})  "
-                f"{metrics['samples_per_s']:.0f} samples/s  {metrics['epoch_time']:.1f}s")
-        if report is not None:
-            report(metrics, str(out) if rank == 0 else None)
+    with preemption() as run.stop:
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            train_and_validate(run, cfg, cache, val_days, epoch, device, report, log)
     if run.start_epoch >= cfg.train.epochs and report is not None:  # (start_epoch > 0: resumed, history restored)
         # A search driver killed after this run's last checkpoint was recorded restarts the trial
         # here; Tune keeps only what the restarted trial reports, so without this the trial would

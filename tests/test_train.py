@@ -3,6 +3,8 @@
 import errno
 import json
 import math
+import os
+import signal
 import socket
 import struct
 import zipfile
@@ -21,7 +23,7 @@ from gitseg.data.dataset import SliceDataset
 from gitseg.files import CorruptFileError
 from gitseg.losses import LossMix
 from gitseg.models import build_model
-from gitseg.train import fit, lr_at, precise_bn, score_fold, seed_everything
+from gitseg.train import Preempted, fit, lr_at, precise_bn, score_fold, seed_everything
 
 QUIET = dict(log=lambda *_: None)
 
@@ -84,6 +86,38 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(train_cache, tmp_pa
         assert resumed[0][key] == straight[1][key]
     again = _run(tiny_config(train_cache, tmp_path / "again", epochs=2))
     assert [m["score"] for m in again] == [m["score"] for m in straight]
+
+
+def test_sigterm_stops_between_steps_and_the_run_resumes_from_that_step(train_cache, tmp_path, monkeypatch):
+    straight = _run(tiny_config(train_cache, tmp_path / "straight", epochs=2))
+    cfg = tiny_config(train_cache, tmp_path / "stopped", epochs=2)
+    # SIGTERM to this process during epoch 2's third step, as a spot instance's notice arrives: the
+    # step finishes, the loop stops before the next one and saves it
+    calls, forward = [], LossMix.forward
+
+    def loss_then_signal(self, *args):
+        calls.append(1)
+        if len(calls) == 6 + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(LossMix, "forward", loss_then_signal)
+    with pytest.raises(Preempted, match=r"in epoch 2 before step 4; .*last.pt holds that step"):
+        fit(cfg, **QUIET)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only while training
+    state = load_checkpoint(tmp_path / "stopped" / LAST)
+    assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["steps"] == 3
+    logs, resumed = [], []
+    fit(cfg, report=lambda m, d: resumed.append(m), log=logs.append)
+    assert any("in epoch 2 after step 3" in line for line in logs)
+    assert [m["epoch"] for m in resumed] == [1]
+    for key in ("train_loss", "score", "dice", "hausdorff"):
+        assert resumed[0][key] == straight[1][key]
+    done, again = (load_checkpoint(tmp_path / name / LAST) for name in ("straight", "stopped"))
+    assert all(torch.equal(done["model"][k], again["model"][k]) for k in done["model"])
+    assert "partial" not in again
 
 
 def test_restarted_after_its_last_epoch_it_reports_that_epoch_again(train_cache, tmp_path):
