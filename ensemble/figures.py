@@ -54,6 +54,22 @@ def best_so_far(rows: list[TrialRow]):
     return fig
 
 
+def anytime_curve(points: list[dict], budget: int | None = None):
+    """Best score so far against trial-epochs spent (SearchRecord.anytime)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    spent, best = [p["trial_epochs"] for p in points], [p["best_score"] for p in points]
+    ax.step(spent, best, where="post")
+    if budget:
+        ax.axvline(budget, color="red", lw=0.8, ls="--", label=f"budget {budget}")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("trial-epochs spent (all trials, in the order their epochs ended)")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_ylabel("best validation score so far")
+    ax.set_title("Anytime curve")
+    return fig
+
+
 def _integer_ticks():
     from matplotlib.ticker import MaxNLocator  # heavy, as above
 

@@ -25,6 +25,7 @@ from ensemble.evaluate import (
     per_case_table,
 )
 from ensemble.figures import (
+    anytime_curve,
     best_so_far,
     latency_front,
     learning_curves,
@@ -161,6 +162,9 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
         rep.figure(learning_curves(rows), "learning_curves", "Validation score of every trial per epoch; "
                    "x marks a trial ASHA stopped early")
         rep.figure(best_so_far(rows), "best_so_far", "Best score found so far, trials in start order")
+    if search.anytime:
+        rep.figure(anytime_curve(search.anytime), "anytime", "Best score found so far against the trial-epochs "
+                   "spent, epochs in the order they ended: the search's result as a function of its compute")
     if any(r["spearman"] is not None for r in search.rung_spearman):
         rep.table("rung_spearman", [{"after epoch": r["epoch"], "trials": r["trials"],
                                      "Spearman": "" if r["spearman"] is None else r["spearman"]}

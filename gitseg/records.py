@@ -57,6 +57,8 @@ class SearchRecord:
     # per epoch before the last: Spearman of the trials' scores then with their best scores, over the
     # trials that trained all their epochs (search.leaderboard.rung_correlations)
     rung_spearman: list[dict] = dataclasses.field(default_factory=list)
+    # the anytime curve: {trial_epochs, best_score} after each epoch of the search (leaderboard.anytime)
+    anytime: list[dict] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,15 +85,43 @@ def trial_history(fs, checkpoint_path: str | None, scored) -> list[dict]:
     Tune's record (`scored`, its rows with a score) when there is no checkpoint to read.
     """
     def epoch(m) -> dict:
-        return {"epoch": int(m["epoch"]) + 1, **{k: float(m[k]) for k in HISTORY_KEYS}}
+        return {"epoch": int(m["epoch"]) + 1, **{k: float(m[k]) for k in HISTORY_KEYS},
+                "epoch_time": float(m.get("epoch_time", math.nan))}
+
+    def timed(history: list[dict]) -> list[dict]:
+        """time_s: seconds from the trial's start to the end of each epoch (training and validation)."""
+        elapsed = 0.0
+        for h in history:
+            elapsed += h.pop("epoch_time")
+            h["time_s"] = elapsed
+        return history
 
     if checkpoint_path:
         try:
             with fs.open_input_stream(f"{checkpoint_path}/metrics.jsonl") as f:
-                return [epoch(json.loads(line)) for line in f.read().decode().splitlines() if line.strip()]
+                return timed([epoch(json.loads(line)) for line in f.read().decode().splitlines() if line.strip()])
         except (OSError, ValueError, KeyError):  # gone, unreadable: Tune's record is next best
             pass
-    return [] if scored is None else [epoch(r) for _, r in scored.iterrows()]
+    return [] if scored is None else timed([epoch(r) for _, r in scored.iterrows()])
+
+
+def anytime(rows: list[TrialRow]) -> list[dict]:
+    """The anytime curve of a search: (trial-epochs spent, best validation score so far) after each
+    epoch of every trial, in the order the epochs ended (each trial's start plus its epochs' times;
+    by trial start and epoch where a record has no times). It is the search's result as a function
+    of the compute it spent, the figure on which early stopping and running every trial to the end
+    compare at equal compute."""
+    events = []
+    for r in rows:
+        for h in r.history:
+            when = (r.started or 0.0) + h.get("time_s", math.nan)
+            events.append((when if not math.isnan(when) else math.inf, r.started or 0.0, h["epoch"], h["score"]))
+    events.sort(key=lambda e: e[:3])
+    best, out = -math.inf, []
+    for spent, (*_, score) in enumerate(events, start=1):
+        best = max(best, score) if not math.isnan(score) else best
+        out.append({"trial_epochs": spent, "best_score": best})
+    return out
 
 
 def leaderboard_csv(rows: list[TrialRow]) -> str:

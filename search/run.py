@@ -25,7 +25,7 @@ from gitseg.progress import say
 from gitseg.records import SEARCH_RECORD, SearchRecord, TrialRow, to_json
 from gitseg.train import check_config
 from search.cluster import concurrent_trials, init_ray, trainable
-from search.leaderboard import format_leaderboard, leaderboard, leaderboard_csv, rung_correlations
+from search.leaderboard import anytime, format_leaderboard, leaderboard, leaderboard_csv, rung_correlations
 from search.progress import tune_progress
 from search.refit import run_refit
 from search.settings import SearchConfig
@@ -160,7 +160,8 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
     write_text(f"{root}/leaderboard.csv", leaderboard_csv(rows))
     write_text(f"{root}/{SEARCH_RECORD}", to_json(SearchRecord(settings=to_dict(settings), base=base,
                                                                cache=cache.manifest["source"], leaderboard=rows,
-                                                               rung_spearman=rung_correlations(rows))))
+                                                               rung_spearman=rung_correlations(rows),
+                                                               anytime=anytime(rows))))
     log(format_leaderboard(rows))
     log(f"search: leaderboard in {root}/leaderboard.csv")
     if settings.refit.topk > 0:

@@ -7,7 +7,15 @@ import types
 import pandas as pd
 import pytest
 
-from search.leaderboard import format_leaderboard, leaderboard, leaderboard_csv, mark_pareto, rung_correlations
+from gitseg.records import TrialRow
+from search.leaderboard import (
+    anytime,
+    format_leaderboard,
+    leaderboard,
+    leaderboard_csv,
+    mark_pareto,
+    rung_correlations,
+)
 from search.space import encode, parse_space
 from search.storage import filesystem
 
@@ -95,3 +103,27 @@ def test_rung_correlations_over_the_trials_that_ran_to_the_end(tmp_path):
                                            {"epoch": 2, "trials": 2, "spearman": None}]
     csv = leaderboard_csv(rows)
     assert "epoch_scores" in csv.splitlines()[0] and "0.1000 0.5000 0.9000" in csv
+
+
+def test_anytime_curve_follows_the_order_in_which_epochs_ended(tmp_path):
+    # Tune's rows carry each epoch's time; the history turns them into seconds since the trial began
+    fs, _ = filesystem(str(tmp_path))
+    timed = [{**epoch(i, s), "epoch_time": 3.0} for i, s in enumerate([0.5, 0.4, 0.6])]
+    (row,) = leaderboard([result(tmp_path, "b", tune_rows=timed)], SPACE, BASE, fs)
+    assert [h["time_s"] for h in row.history] == [3.0, 6.0, 9.0]
+
+    def trial(name, started, scores, seconds):
+        history = [{"epoch": i + 1, "score": s, "time_s": seconds * (i + 1)} for i, s in enumerate(scores)]
+        return TrialRow(trial_id=name, config="", best_score=max(scores), best_epoch=None, epochs_run=len(scores),
+                        status="finished", checkpoint="", error="", values={}, history=history, time_s=0.0,
+                        started=started)
+
+    # a: epochs end at 10, 20, 30 s; b, started at 5 s: at 8, 11, 14 s
+    rows = [trial("a", 0.0, [0.1, 0.2, 0.3], 10.0), trial("b", 5.0, [0.5, 0.4, 0.6], 3.0)]
+    curve = lambda: [(p["trial_epochs"], p["best_score"]) for p in anytime(rows)]  # noqa: E731
+    assert curve() == [(1, 0.5), (2, 0.5), (3, 0.5), (4, 0.6), (5, 0.6), (6, 0.6)]
+    # without times (records written before them): trial start, then epoch
+    for r in rows:
+        for h in r.history:
+            del h["time_s"]
+    assert curve() == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.5), (5, 0.5), (6, 0.6)]

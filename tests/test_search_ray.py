@@ -75,7 +75,7 @@ def test_report_has_every_section_and_no_network_reference(small_demo):
         if not ref.startswith("#"):
             assert (report / ref).is_file(), ref
     assert not re.search(r"https?://|@import|<script", page)
-    for fig in ("learning_curves", "best_so_far", "parameter_effects", "overlay_worst", "overlay_best"):
+    for fig in ("learning_curves", "best_so_far", "anytime", "parameter_effects", "overlay_worst", "overlay_best"):
         assert (report / "figures" / f"{fig}.png").is_file(), fig
     md = (report / "report.md").read_text()
     assert all(f"## {heading}" in md for heading in SECTIONS)
