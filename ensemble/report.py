@@ -163,8 +163,10 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
                    "x marks a trial ASHA stopped early")
         rep.figure(best_so_far(rows), "best_so_far", "Best score found so far, trials in start order")
     if search.anytime:
-        rep.figure(anytime_curve(search.anytime), "anytime", "Best score found so far against the trial-epochs "
-                   "spent, epochs in the order they ended: the search's result as a function of its compute")
+        budget = search.compute.get("budget_trial_epochs")
+        rep.figure(anytime_curve(search.anytime, budget), "anytime", "Best score found so far against the trial-epochs "
+                   "spent, epochs in the order they ended: the search's result as a function of its compute"
+                   + (f"; the dashed line is the budget ({budget} trial-epochs)" if budget else ""))
     if any(r["spearman"] is not None for r in search.rung_spearman):
         rep.table("rung_spearman", [{"after epoch": r["epoch"], "trials": r["trials"],
                                      "Spearman": "" if r["spearman"] is None else r["spearman"]}

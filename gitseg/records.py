@@ -59,6 +59,8 @@ class SearchRecord:
     rung_spearman: list[dict] = dataclasses.field(default_factory=list)
     # the anytime curve: {trial_epochs, best_score} after each epoch of the search (leaderboard.anytime)
     anytime: list[dict] = dataclasses.field(default_factory=list)
+    # trial_epochs spent over all trials, and the budget's trial_epochs and wall_s (None: no budget)
+    compute: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------

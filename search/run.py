@@ -106,6 +106,13 @@ def check_asha(settings: SearchConfig, epochs: int) -> None:
                           f"at {most} the last bracket never stops a trial early")
 
 
+def compute(settings: SearchConfig, rows: list[TrialRow]) -> dict:
+    """What the search spent (the epochs every trial trained, a restarted trial's earlier ones
+    included) and its budget."""
+    return {"trial_epochs": sum(len(r.history) for r in rows), "budget_trial_epochs": settings.budget.trial_epochs,
+            "budget_wall_s": settings.budget.wall_s}
+
+
 def make_scheduler(settings: SearchConfig, epochs: int):
     """ASHA (one bracket or several) on the epochs trained, or FIFO (every trial runs to the end)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # heavy: Ray's Tune
@@ -144,8 +151,11 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
         tuner = ray.tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=fs)
     else:
-        scheduler = make_scheduler(settings, max_epochs(params, base))
-        searcher = make_searcher(settings, params, points)
+        from search.budget import budget_objects  # heavy: Ray's Tune (its Searcher and Stopper)
+
+        epochs = max_epochs(params, base)
+        scheduler = make_scheduler(settings, epochs)
+        searcher, stopper = budget_objects(settings, epochs, make_searcher(settings, params, points))
         tuner = ray.tune.Tuner(
             fn,
             tune_config=ray.tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,
@@ -153,7 +163,7 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
                                             max_concurrent_trials=concurrent_trials(settings)),
             run_config=ray.tune.RunConfig(name=SEARCH_EXPERIMENT, storage_path=fs_root, storage_filesystem=fs,
                                           verbose=1, failure_config=ray.tune.FailureConfig(max_failures=0),
-                                          callbacks=callbacks),
+                                          callbacks=callbacks, stop=stopper),
         )
     results = tuner.fit()
     rows = leaderboard(results, params, base, fs)
@@ -161,9 +171,11 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
     write_text(f"{root}/{SEARCH_RECORD}", to_json(SearchRecord(settings=to_dict(settings), base=base,
                                                                cache=cache.manifest["source"], leaderboard=rows,
                                                                rung_spearman=rung_correlations(rows),
-                                                               anytime=anytime(rows))))
+                                                               anytime=anytime(rows), compute=compute(settings, rows))))
     log(format_leaderboard(rows))
-    log(f"search: leaderboard in {root}/leaderboard.csv")
+    spent = compute(settings, rows)
+    limit = f" of a budget of {spent['budget_trial_epochs']}" if spent["budget_trial_epochs"] else ""
+    log(f"search: leaderboard in {root}/leaderboard.csv; {spent['trial_epochs']} trial-epochs spent{limit}")
     if settings.refit.topk > 0:
         run_refit(settings, rows, base, cache, log)
     return rows

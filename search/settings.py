@@ -27,6 +27,13 @@ class AshaConfig:
 
 
 @dataclasses.dataclass
+class BudgetConfig:
+    trial_epochs: int | None = None  # epochs over all trials after which no new trial starts and running
+                                     # trials stop at their next rung (None: no budget; search/budget.py)
+    wall_s: float | None = None      # the same after this many seconds of the search's driver
+
+
+@dataclasses.dataclass
 class RefitConfig:
     topk: int = 2                 # configurations trained on every fold after the search
     select: str = "topk"          # topk: the best scores; pareto: the trials on the score-latency front
@@ -53,6 +60,7 @@ class SearchConfig:
     max_failures: int = 1                     # restarts of a trial's workers after a worker failure
     workers: WorkersConfig = dataclasses.field(default_factory=WorkersConfig)
     asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
+    budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
     refit: RefitConfig = dataclasses.field(default_factory=RefitConfig)
     points: list[dict] = dataclasses.field(default_factory=list)  # extra configurations evaluated first
     space: dict = dataclasses.field(default_factory=dict)
@@ -71,6 +79,10 @@ def load_search_config(path, overrides: list[str] | None = None) -> SearchConfig
         raise ConfigError(f"metric must be score or score/<class> (got {cfg.metric!r})")
     if cfg.objectives not in (["score"], ["score", "latency"]):
         raise ConfigError(f"objectives must be [score] or [score, latency] (got {cfg.objectives})")
+    if cfg.budget.trial_epochs is not None and cfg.budget.trial_epochs < 1:
+        raise ConfigError(f"budget.trial_epochs must be at least 1, or null for none (got {cfg.budget.trial_epochs})")
+    if cfg.budget.wall_s is not None and cfg.budget.wall_s <= 0:
+        raise ConfigError(f"budget.wall_s must be positive, or null for none (got {cfg.budget.wall_s})")
     if cfg.refit.select not in ("topk", "pareto"):
         raise ConfigError(f"refit.select must be topk or pareto (got {cfg.refit.select!r})")
     if cfg.refit.select == "pareto" and "latency" not in cfg.objectives:

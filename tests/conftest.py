@@ -105,7 +105,8 @@ def small_demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     config = write_configs(tmp, tmp / "set-by-the-demo", "demo", epochs=3, num_samples=3,
                            points=[{"train.lr": 1e-7}, {"train.lr": 1e30}], objectives=["score", "latency"],
-                           refit={"topk": 1, "select": "pareto"})
+                           refit={"topk": 1, "select": "pareto"},
+                           budget={"trial_epochs": 100})  # not binding: the Tune objects run, nothing stops
     out = tmp / "demo"
     subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV)
     done = subprocess.run([sys.executable, "-c", DEMO_SCRIPT.format(out=str(out), config=str(config))], env=ENV,

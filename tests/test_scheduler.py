@@ -1,15 +1,19 @@
-"""The search's early-stopping scheduler, driven without a Ray cluster: Ray's ASHA objects are
-plain Python, so trials can be fed to them directly, as Tune does (Ray internals: `_trial_info`
-maps a trial to its bracket)."""
+"""The search's early-stopping scheduler and its compute budget, driven without a Ray cluster: Ray's
+ASHA objects, Tune's searchers and stoppers are plain Python, so trials can be fed to them directly,
+as Tune does (Ray internals: `_trial_info` maps a trial to its bracket)."""
 
+import pickle
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ray.tune.search import Searcher
 
 from gitseg.config import ConfigError
+from search.budget import BudgetCount, BudgetSearcher, budget_objects, rungs
 from search.run import check_asha, make_scheduler, max_brackets
-from search.settings import AshaConfig, SearchConfig
+from search.settings import AshaConfig, BudgetConfig, SearchConfig, load_search_config
 
 
 def test_the_last_bracket_runs_its_trials_to_the_end():
@@ -57,3 +61,60 @@ def test_impossible_asha_settings_are_refused(asha, message):
     with pytest.raises(ConfigError, match=message):
         check_asha(settings, 4)
     check_asha(SearchConfig(asha=AshaConfig(enabled=False, **asha)), 4)  # off: nothing to check
+
+
+class Suggests(Searcher):
+    """A stand-in for Optuna's searcher: a configuration for every request."""
+
+    def suggest(self, trial_id):
+        return {"trial": trial_id}
+
+
+def test_the_budget_stops_new_trials_and_running_ones_at_their_next_rung():
+    settings = SearchConfig(asha=AshaConfig(grace_period=1, reduction_factor=2), budget=BudgetConfig(trial_epochs=5))
+    assert rungs(settings, 4) == {1, 2, 4}
+    assert rungs(SearchConfig(asha=AshaConfig(grace_period=3, reduction_factor=3, brackets=2)), 30) == {3, 9, 27, 30}
+    searcher, stopper = budget_objects(settings, 4, Suggests(metric="score", mode="max"))
+
+    def result(trial, epochs):  # what Tune does with each result: the searcher hears it, the stopper judges it
+        searcher.on_trial_result(trial, {"epochs_done": epochs, "score": 0.5})
+        return stopper(trial, {"epochs_done": epochs, "score": 0.5})
+
+    assert searcher.suggest("a") == {"trial": "a"}
+    assert not result("a", 1) and not result("a", 2)
+    assert searcher.suggest("b") == {"trial": "b"}                 # 2 of 5 spent
+    assert not result("b", 1) and not result("b", 2)              # 4 spent
+    assert not result("a", 3)                                     # 5: spent, but 3 is no rung: a goes on
+    assert result("a", 4)                                         # to its next one (here its last epoch)
+    assert not result("b", 3) and result("b", 4)                  # the same for b
+    assert searcher.suggest("c") is Searcher.FINISHED             # and no new trial starts
+    # Both counts survive a resumed search: Tune saves the searcher's state and pickles the stopper.
+    again = BudgetSearcher(Suggests(metric="score", mode="max"), BudgetCount(5, None))
+    again.set_state(searcher.get_state())
+    assert again.count.used() == 8 and again.suggest("d") is Searcher.FINISHED
+    assert pickle.loads(pickle.dumps(stopper)).count.used() == 8
+    # No budget: the searcher as it was, no stopper.
+    plain = Suggests(metric="score", mode="max")
+    assert budget_objects(SearchConfig(), 4, plain) == (plain, None)
+    # Without ASHA the only rung is the last epoch: running trials finish.
+    assert rungs(SearchConfig(asha=AshaConfig(enabled=False)), 4) == {4}
+
+
+def test_a_wall_time_budget_counts_the_drivers_time_across_a_resume():
+    count = BudgetCount(None, 0.2)
+    assert not count.spent()
+    time.sleep(0.25)
+    assert count.spent()
+    restored = pickle.loads(pickle.dumps(count))  # as Tune saves the stopper and the searcher's state
+    assert restored.elapsed >= 0.25 and restored.spent()
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("{trial_epochs: 0}", "budget.trial_epochs must be at least 1"),
+    ("{wall_s: -1}", "budget.wall_s must be positive"),
+])
+def test_impossible_budgets_are_refused(tmp_path, budget, message):
+    path = tmp_path / "search.yaml"
+    path.write_text(f"name: x\nbudget: {budget}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_search_config(path)

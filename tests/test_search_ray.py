@@ -190,6 +190,8 @@ def test_search_asha_failure_and_refit(small_demo):
     assert float(best["latency_ms"]) > 0 and float(stopped["latency_ms"]) > 0 and failed["latency_ms"] == ""
     assert best["pareto"] == "True"
     record = records.load(SearchRecord, root / SEARCH_RECORD)
+    assert record.compute == {"trial_epochs": sum(int(r["epochs_run"]) for r in rows), "budget_trial_epochs": 100,
+                              "budget_wall_s": None}
     assert record.settings["objectives"] == ["score", "latency"] and record.settings["refit"]["select"] == "pareto"
     front = [r for r in record.leaderboard if r.pareto]
     for r in front:  # no trial dominates a front trial
