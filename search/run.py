@@ -24,6 +24,7 @@ from gitseg.files import folder_lock
 from gitseg.progress import say
 from gitseg.records import SEARCH_RECORD, SearchRecord, TrialRow, to_json
 from gitseg.train import check_config
+from search.budget import budget_objects
 from search.cluster import concurrent_trials, init_ray, trainable
 from search.leaderboard import anytime, format_leaderboard, leaderboard, leaderboard_csv, rung_correlations
 from search.progress import tune_progress
@@ -151,8 +152,6 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
         tuner = ray.tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=fs)
     else:
-        from search.budget import budget_objects  # heavy: Ray's Tune (its Searcher and Stopper)
-
         epochs = max_epochs(params, base)
         scheduler = make_scheduler(settings, epochs)
         searcher, stopper = budget_objects(settings, epochs, make_searcher(settings, params, points))
