@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
             f"{len(cache.case_days())} case-days")
 
     phase = {"cv_scores_s": time.perf_counter() - started}  # seconds of each phase, in the manifest
+    peaks = {"cv_scores": peak_memory_gib()}
     mark = time.perf_counter()
     # 2. The latency front: every member timed, every candidate scored on OOF.
     device = default_device()
@@ -109,6 +111,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     cands = candidates(sets, candidate_scores(sets, scored_ttas, cache), latency)
     front = pareto_front(cands)
     phase["latency_front_s"] = time.perf_counter() - mark
+    peaks["latency_front"] = peak_memory_gib()
     mark = time.perf_counter()
 
     # 3. Selection.
@@ -140,6 +143,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
         f"{oof_selected:.4f} at threshold 0.5, {ensemble_ms:.2f} ms per slice on {device_name(device)}")
 
     phase["selection_s"] = time.perf_counter() - mark
+    peaks["selection"] = peak_memory_gib()
     # 4. Post-processing, each variant of the holdout ablation tuned on its own OOF probabilities:
     # the ensemble with and without TTA, the best single fold model on its validation fold, and
     # the best single configuration.
@@ -160,6 +164,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     post_tta, steps_tta = tuned_on(chosen, weights, ens_tta, shown=tta != NO_TTA)
     post, steps = (post_none, steps_none) if tta == NO_TTA else (post_tta, steps_tta)
     tune_seconds = time.perf_counter() - tune_start
+    peaks["tuning"] = peak_memory_gib()
     single_conf, single_fold = best_single_fold(configs)
     single_post, single_steps = tuned_on([single_conf], [1.0], folds=[single_fold.fold])
     best_conf = best_single_configuration(configs)
@@ -168,6 +173,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
     # What tuning reached on the OOF data it was tuned on, per class: the holdout shows how much of
     # it was the optimism of selecting and tuning on the same predictions.
     oof_tuned = scores_with(oof_volumes(chosen, weights, cache, tta=own_oof), post)
+    peaks["ablation_tuning"] = peak_memory_gib()  # the single model's and configuration's tunings
 
     # The folder is staged next to `out` and moved in only when complete.
     with staged_folder(out) as staging:
@@ -221,6 +227,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
                      "budget_ms_per_slice": latency_budget,
                      "candidates": [_candidate_row(c, c in front) for c in cands]},
             timings={**phase, "tuning_s": tune_seconds},
+            peak_memory_gib=peaks,
         )
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
 
@@ -235,11 +242,17 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
             log("ensemble: the cache has no holdout case-days; no holdout evaluation (prepare with --holdout > 0)")
         manifest.timings["holdout_s"] = time.perf_counter() - mark
         manifest.timings["total_s"] = time.perf_counter() - started
+        manifest.peak_memory_gib["holdout"] = peak_memory_gib()
         manifest.machine = {"python": platform.python_version(), "platform": platform.platform(),
                             "cpus": os.cpu_count()}
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
     log(f"ensemble: wrote {out} ({len(members)} models)")
     return manifest
+
+
+def peak_memory_gib() -> float:
+    """This process's peak resident memory so far, GiB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def _candidate_row(c: Candidate, on_front: bool) -> dict:

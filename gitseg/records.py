@@ -155,6 +155,9 @@ class EnsembleManifest:
     # ensemble_oof_score, budget_ms_per_slice, candidates [{configurations, tta, folds, oof_score, ms_per_slice,
     # on_front}] (ensemble/latency.py)
     latency: dict = dataclasses.field(default_factory=dict)
+    # The process's peak resident memory (GiB, the kernel's maximum so far) at the end of each phase
+    # named in `timings`: which phase makes the peak (issue 12's rehearsal reads it).
+    peak_memory_gib: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -214,6 +214,10 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     steps = on_disk.scores.oof["tuning_steps"]
     assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"]
     assert not list(out.parent.glob(".ensemble.tmp-*"))
+    # The process's peak memory at the end of each phase: a running maximum, so it never falls.
+    peaks = on_disk.peak_memory_gib
+    assert list(peaks) == ["cv_scores", "latency_front", "selection", "tuning", "ablation_tuning", "holdout"]
+    assert 0 < peaks["cv_scores"] and list(peaks.values()) == sorted(peaks.values())
 
 
 def holdout_score(model, cache, members, tta, post) -> float:
