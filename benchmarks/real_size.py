@@ -2,6 +2,11 @@
 the real data's shape, each stage measured.
 
     python benchmarks/real_size.py [--out runs/real_size] [--fractions 0.125 0.25 0.5 1]
+                                   [--stages prepare search topk greedy report predict]
+
+`--stages` runs some stages and keeps the others' outputs and figures from an earlier rehearsal in
+`--out` (to finish a rehearsal that stopped, or to repeat one stage alone); each row records the
+commit it ran at.
 
 1. `gitseg synth --profile uwmgi` once (274 case-days, 38,496 slices at 234-360 px, 50 test cases).
 2. For each fraction of the case-days (whole cases, the same seed-fixed order, so each fraction
@@ -171,43 +176,72 @@ def subset_tree(full: Path, out: Path, fraction: float, seed: int = 0) -> dict:
 # One rehearsal
 
 
-def rehearse(full: Path, out: Path, fraction: float, search_config: str, trials: int | None) -> dict:
+STAGES = ("prepare", "search", "topk", "greedy", "report", "predict")
+
+
+def rehearse(full: Path, out: Path, fraction: float, search_config: str, trials: int | None,
+             stages=STAGES, earlier: dict | None = None) -> dict:
+    """Run `stages` (in pipeline order) on `fraction` of the case-days in `out`; a stage left out
+    uses what an earlier rehearsal in `out` wrote, and its row in `earlier` (the record's entry for
+    this fraction) is kept, so a rehearsal can be finished or a stage repeated alone."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "stages.log"
     data, cache, storage = out / "data", out / "cache", out / "search"
-    for path in (cache, storage, out / "predict"):
-        shutil.rmtree(path, ignore_errors=True)
-    tree = subset_tree(full, data, fraction)
-    print(f"== {fraction:g} of the case-days: {tree}", flush=True)
     run_dir = storage / "rehearsal"
-    stages = []
-    stages.append(run_stage("prepare", ["prepare", "--data", str(data), "--out", str(cache), "--size", "320",
-                                        "--folds", "5", "--holdout", "0.15"], [cache], log))
-    stages.append(run_stage("prepare again", ["prepare", "--data", str(data), "--out", str(cache), "--size", "320",
-                                              "--folds", "5", "--holdout", "0.15"], [cache], log))
+    cleared = {"prepare": [cache], "search": [storage], "topk": [run_dir / "ensemble_topk"],
+               "greedy": [run_dir / "ensemble_greedy"], "report": [run_dir / "report"], "predict": [out / "predict"]}
+    for stage in stages:
+        for path in cleared[stage]:
+            shutil.rmtree(path, ignore_errors=True)
+    tree = subset_tree(full, data, fraction)
+    print(f"== {fraction:g} of the case-days: {tree}; stages {', '.join(stages)}", flush=True)
+    commit = machine()["commit"]
+    rows = {s["stage"]: s for s in (earlier or {}).get("stages", [])}
+
+    def measured(stage: str, name: str, args: list[str], outputs: list[Path]) -> None:
+        if stage in stages:
+            rows[name] = {**run_stage(name, args, outputs, log), "commit": commit}
+        elif not all(p.exists() for p in cleared[stage]):
+            raise SystemExit(f"stage {stage!r} was left out but {cleared[stage][0]} does not exist: run it too "
+                             f"(--stages {stage} ...)")
+
+    prepare = ["prepare", "--data", str(data), "--out", str(cache), "--size", "320", "--folds", "5",
+               "--holdout", "0.15"]
+    measured("prepare", "prepare", prepare, [cache])
+    measured("prepare", "prepare again", prepare, [cache])
     search_args = ["search", "--config", search_config, "--set", f"storage_path={storage}",
                    "--set", f"set=[data.cache={cache}, out={out / 'train'}]"]
     if trials:
         search_args += ["--set", f"num_samples={trials}"]
-    stages.append(run_stage("search + refit", search_args, [storage], log))
+    measured("search", "search + refit", search_args, [storage])
     for method in ("topk", "greedy"):
-        stages.append(run_stage(f"ensemble {method}", ["ensemble", "--run", str(run_dir), "--topk", "2", "--method",
-                                                       method, "--out", str(run_dir / f"ensemble_{method}")],
-                                [run_dir / f"ensemble_{method}"], log))
-    stages.append(run_stage("report", ["report", "--run", str(run_dir), "--ensemble",
-                                       str(run_dir / "ensemble_topk")], [run_dir / "report"], log))
-    stages.append(run_stage("predict", ["predict", "--ensemble", str(run_dir / "ensemble_topk"), "--data", str(data),
-                                        "--out", str(out / "predict"), "--nifti", str(out / "predict" / "nifti")],
-                            [out / "predict"], log))
-    return {"fraction": fraction, "tree": tree, "stages": stages, "checks": check(out, run_dir, data, cache)}
+        measured(method, f"ensemble {method}", ["ensemble", "--run", str(run_dir), "--topk", "2", "--method", method,
+                                                "--out", str(run_dir / f"ensemble_{method}")],
+                 [run_dir / f"ensemble_{method}"])
+    # The report and predict use the top-k ensemble, or the greedy one where the top-k stage has not run.
+    ensemble = run_dir / ("ensemble_topk" if (run_dir / "ensemble_topk").exists() else "ensemble_greedy")
+    measured("report", "report", ["report", "--run", str(run_dir), "--ensemble", str(ensemble)], [run_dir / "report"])
+    measured("predict", "predict", ["predict", "--ensemble", str(ensemble), "--data", str(data),
+                                    "--out", str(out / "predict"), "--nifti", str(out / "predict" / "nifti")],
+             [out / "predict"])
+    order = ["prepare", "prepare again", "search + refit", "ensemble topk", "ensemble greedy", "report", "predict"]
+    return {"fraction": fraction, "tree": tree, "stages": [rows[n] for n in order if n in rows],
+            "checks": check(out, run_dir, data, cache)}
 
 
 def check(out: Path, run_dir: Path, data: Path, cache: Path) -> dict:
     """What each stage must have produced, and the figures the budgets are about."""
+    checks: dict = {}
     sample = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
-    submission = pd.read_csv(out / "predict" / "submission.csv", dtype=str, keep_default_na=False)
-    same_rows = (len(submission) == len(sample)
-                 and set(zip(submission["id"], submission["class"])) == set(zip(sample["id"], sample["class"])))
+    if (out / "predict" / "submission.csv").exists():
+        submission = pd.read_csv(out / "predict" / "submission.csv", dtype=str, keep_default_na=False)
+        same = (len(submission) == len(sample)
+                and set(zip(submission["id"], submission["class"])) == set(zip(sample["id"], sample["class"])))
+        checks.update({"submission_rows": len(submission), "sample_rows": len(sample),
+                       "submission_matches_sample": bool(same),
+                       "nifti_files": len(list((out / "predict" / "nifti").glob("*.nii.gz")))})
+    if not (run_dir / "refit.json").exists():
+        return checks
     refit = json.loads((run_dir / "refit.json").read_text())
     oof_bytes: dict[int, int] = {}
     for model in refit["models"]:
@@ -215,15 +249,16 @@ def check(out: Path, run_dir: Path, data: Path, cache: Path) -> dict:
     manifest = json.loads((cache / "manifest.json").read_text())
     labelled = [e for e in manifest["entries"] if not e["holdout"]]
     float16_gb = sum(3 * e["slices"] * e["height"] * e["width"] * 2 for e in labelled) / 1e9
-    ensembles = {m: json.loads((run_dir / f"ensemble_{m}" / "ensemble.json").read_text()) for m in ("topk", "greedy")}
+    ensembles = {m: json.loads((run_dir / f"ensemble_{m}" / "ensemble.json").read_text()) for m in ("topk", "greedy")
+                 if (run_dir / f"ensemble_{m}" / "ensemble.json").exists()}
     return {
-        "submission_rows": len(submission), "sample_rows": len(sample), "submission_matches_sample": bool(same_rows),
-        "nifti_files": len(list((out / "predict" / "nifti").glob("*.nii.gz"))),
+        **checks,
         "oof_gb_per_configuration": {f"rank{r}": round(b / 1e9, 3) for r, b in sorted(oof_bytes.items())},
         "oof_float16_gb_per_configuration_and_view": round(float16_gb, 3),
         "tuning_s": {m: round(e["timings"]["tuning_s"], 1) for m, e in ensembles.items()},
         "ensemble_total_s": {m: round(e["timings"]["total_s"], 1) for m, e in ensembles.items()},
         "ensemble_phases_s": {m: {k: round(v, 1) for k, v in e["timings"].items()} for m, e in ensembles.items()},
+        "ensemble_peak_memory_gib": {m: e.get("peak_memory_gib", {}) for m, e in ensembles.items()},
         "oof_score": {m: e["scores"]["oof"]["selected_at_0.5"] for m, e in ensembles.items()},
         "holdout_score": {m: e["scores"]["holdout"]["score"] for m, e in ensembles.items()
                           if e["scores"].get("holdout")},
@@ -231,28 +266,39 @@ def check(out: Path, run_dir: Path, data: Path, cache: Path) -> dict:
 
 
 def budgets(result: dict) -> list[str]:
-    """The budgets of issue 12 (they hold at full size; smaller fractions are shown against them too)."""
-    rows, stages = [], {s["stage"]: s for s in result["stages"]}
-    peak = max(max(s["driver_peak_gib"], s["ray_worker_peak_gib"], s["other_process_peak_gib"])
-               for s in result["stages"])
-    checks = result["checks"]
-    rows.append(("no process above 12 GiB", peak <= BUDGETS["peak_gib"], f"{peak:.2f} GiB"))
-    rows.append(("prepare within 10 min", stages["prepare"]["wall_s"] <= BUDGETS["prepare_s"],
-                 f"{stages['prepare']['wall_s']:.0f} s"))
-    rows.append(("prepare again does no work", stages["prepare again"]["written_gb"] <= 0.001,
-                 f"{stages['prepare again']['wall_s']:.0f} s, wrote {stages['prepare again']['written_gb']} GB"))
-    oof = max(checks["oof_gb_per_configuration"].values())
-    rows.append(("OOF at most 3 GB per configuration", oof <= BUDGETS["oof_gb_per_configuration"], f"{oof:.2f} GB"))
-    rows.append(("top-2 post-processing tuning within 20 min", checks["tuning_s"]["topk"] <= BUDGETS["tuning_s"],
-                 f"{checks['tuning_s']['topk']:.0f} s"))
-    greedy = checks["ensemble_phases_s"]["greedy"]
-    selection = greedy.get("cv_scores_s", 0) + greedy.get("selection_s", 0)
-    rows.append(("greedy selection within 30 min", selection <= BUDGETS["greedy_s"],
-                 f"{selection:.0f} s (OOF scores and selection; the whole command "
-                 f"{stages['ensemble greedy']['wall_s']:.0f} s)"))
-    rows.append(("submission: one row per (slice, class) of sample_submission.csv",
-                 checks["submission_matches_sample"], f"{checks['submission_rows']} rows"))
-    return [f"  {'ok ' if ok else 'OVER'}  {what}: {figure}" for what, ok, figure in rows]
+    """The budgets of issue 12 (they hold at full size; smaller fractions are shown against them too).
+    A stage with no row (not run yet) is shown as such."""
+    rows, stages, checks = [], {s["stage"]: s for s in result["stages"]}, result["checks"]
+    peaks = [max(s.get(k) or 0 for k in ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib"))
+             for s in result["stages"]]
+    rows.append(("no process above 12 GiB", max(peaks) <= BUDGETS["peak_gib"], f"{max(peaks):.2f} GiB"))
+    if "prepare" in stages:
+        rows.append(("prepare within 10 min", stages["prepare"]["wall_s"] <= BUDGETS["prepare_s"],
+                     f"{stages['prepare']['wall_s']:.0f} s"))
+        again = stages["prepare again"]
+        rows.append(("prepare again does no work", again["written_gb"] <= 0.001,
+                     f"{again['wall_s']:.0f} s, wrote {again['written_gb']} GB"))
+    if checks.get("oof_gb_per_configuration"):
+        oof = max(checks["oof_gb_per_configuration"].values())
+        rows.append(("OOF at most 3 GB per configuration", oof <= BUDGETS["oof_gb_per_configuration"],
+                     f"{oof:.2f} GB"))
+    if "topk" in checks.get("tuning_s", {}):
+        rows.append(("top-2 post-processing tuning within 20 min", checks["tuning_s"]["topk"] <= BUDGETS["tuning_s"],
+                     f"{checks['tuning_s']['topk']:.0f} s"))
+    if "greedy" in checks.get("ensemble_phases_s", {}):
+        greedy = checks["ensemble_phases_s"]["greedy"]
+        selection = greedy.get("cv_scores_s", 0) + greedy.get("selection_s", 0)
+        whole = stages.get("ensemble greedy", {}).get("wall_s")
+        rows.append(("greedy selection within 30 min", selection <= BUDGETS["greedy_s"],
+                     f"{selection:.0f} s (OOF scores and selection; the whole command "
+                     f"{'not measured' if whole is None else f'{whole:.0f} s'})"))
+    if "submission_matches_sample" in checks:
+        rows.append(("submission: one row per (slice, class) of sample_submission.csv",
+                     checks["submission_matches_sample"], f"{checks['submission_rows']} rows"))
+    lines = [f"  {'ok ' if ok else 'OVER'}  {what}: {figure}" for what, ok, figure in rows]
+    missing = [n for n in ("prepare", "search + refit", "ensemble topk", "ensemble greedy", "report", "predict")
+               if n not in stages]
+    return lines + ([f"  not measured yet: {', '.join(missing)}"] if missing else [])
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -262,13 +308,13 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [s["stage"] for s in results[0]["stages"]]
-    x = [r["tree"]["case_days"] for r in results]
-    for name in names:
-        rows = [next(s for s in r["stages"] if s["stage"] == name) for r in results]
-        ax_t.plot(x, [s["wall_s"] / 60 for s in rows], marker="o", label=name)
-        ax_m.plot(x, [max(s["driver_peak_gib"], s["ray_worker_peak_gib"], s["other_process_peak_gib"]) for s in rows],
-                  marker="o", label=name)
+    names = list(dict.fromkeys(s["stage"] for r in results for s in r["stages"]))
+    for name in names:  # a stage not measured at some fraction has no point there
+        points = [(r["tree"]["case_days"], s) for r in results for s in r["stages"] if s["stage"] == name]
+        x = [cd for cd, _ in points]
+        ax_t.plot(x, [s["wall_s"] / 60 for _, s in points], marker="o", label=name)
+        ax_m.plot(x, [max(s.get(k) or 0 for k in ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib"))
+                      for _, s in points], marker="o", label=name)
     ax_t.set(xlabel="case-days", ylabel="wall time (min)", title="time per stage")
     ax_m.set(xlabel="case-days", ylabel="peak resident memory of one process (GiB)", title="memory per stage")
     ax_m.axhline(BUDGETS["peak_gib"], color="red", lw=0.8, ls="--")
@@ -296,19 +342,28 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0])
     parser.add_argument("--search-config", default="configs/search_rehearsal.yaml")
     parser.add_argument("--trials", type=int, default=None, help="search trials (default: the search config's)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="the stages to run (default: all); the others use an earlier rehearsal's outputs in "
+                             "--out and keep their recorded figures")
+    parser.add_argument("--synth", default=None,
+                        help="the full synthetic tree (default: <out>/uwmgi, written by `gitseg synth` if missing)")
     parser.add_argument("--plot", action="store_true", help="draw time and memory against case-days")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    full = out / "uwmgi"
+    full = Path(args.synth).resolve() if args.synth else out / "uwmgi"
     record_path = out / "real_size.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": {}}
     record["machine"] = machine()
+    if not (full / "train.csv").exists() and args.synth:
+        raise SystemExit(f"--synth {full}: no train.csv there; leave --synth out to write the tree")
     if not (full / "train.csv").exists():
         record["synth"] = run_stage("synth", ["synth", "--profile", "uwmgi", "--out", str(full), "--overwrite"],
                                     [full], out / "synth.log")
     for fraction in args.fractions:
-        result = rehearse(full, out / f"f{fraction:g}", fraction, args.search_config, args.trials)
+        stages = [s for s in STAGES if s in args.stages]
+        result = rehearse(full, out / f"f{fraction:g}", fraction, args.search_config, args.trials, stages,
+                          record["runs"].get(f"{fraction:g}"))
         result["machine"] = record["machine"]
         record["runs"][f"{fraction:g}"] = result
         record_path.write_text(json.dumps(record, indent=1))
@@ -317,12 +372,16 @@ def main(argv=None) -> int:
     runs = sorted(record["runs"].values(), key=lambda r: r["fraction"])
     header = f"{'stage':<16}" + "".join(f"{r['tree']['case_days']:>10} cd" for r in runs)
     print("\nwall time (s) / peak GiB of one process / GB written, per case-days:\n" + header)
-    for name in [s["stage"] for s in runs[0]["stages"]]:
+    for name in dict.fromkeys(s["stage"] for r in runs for s in r["stages"]):
         cells = []
         for r in runs:
-            s = next(s for s in r["stages"] if s["stage"] == name)
-            peak = max(s["driver_peak_gib"], s["ray_worker_peak_gib"], s["other_process_peak_gib"])
-            cells.append(f"{s['wall_s']:.0f}/{peak:.1f}/{s['written_gb']:.1f}")
+            s = next((s for s in r["stages"] if s["stage"] == name), None)
+            if s is None:
+                cells.append("-")
+                continue
+            peak = max(s.get(k) or 0 for k in ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib"))
+            written = "?" if s.get("written_gb") is None else f"{s['written_gb']:.1f}"
+            cells.append(f"{s['wall_s']:.0f}/{peak:.1f}/{written}")
         print(f"{name:<16}" + "".join(f"{c:>13}" for c in cells))
     if args.plot and len(runs) > 1:
         plot(runs, out / "real_size.png")
