@@ -10,6 +10,11 @@ from search.settings import SearchConfig
 
 # The trial driver only waits for its Train run; Ray needs it to reserve something, so a sliver.
 TRIAL_DRIVER_CPU = 0.01
+# ... and a sliver of the head node's own resource, so that it runs on the head: Ray Train puts the
+# run's controller on its driver's node, and a trial whose driver or controller was on a lost worker
+# node failed, where a lost worker only restarts the worker group (tests/test_multinode.py).
+HEAD_NODE = "node:__internal_head__"  # ray._common.constants.HEAD_NODE_RESOURCE_NAME
+TRIAL_DRIVER_HEAD = 0.001
 
 
 def init_ray(settings: SearchConfig) -> bool:
@@ -48,7 +53,8 @@ def concurrent_trials(settings: SearchConfig) -> int:
 
 
 def trainable(fn, **kwargs):
-    """A Tune trainable of `fn(config, **kwargs)` whose driver reserves TRIAL_DRIVER_CPU."""
+    """A Tune trainable of `fn(config, **kwargs)` whose driver reserves TRIAL_DRIVER_CPU on the head node."""
     import ray.tune  # heavy
 
-    return ray.tune.with_resources(functools.partial(fn, **kwargs), {"CPU": TRIAL_DRIVER_CPU})
+    return ray.tune.with_resources(functools.partial(fn, **kwargs),
+                                   {"CPU": TRIAL_DRIVER_CPU, HEAD_NODE: TRIAL_DRIVER_HEAD})

@@ -6,12 +6,17 @@ import dataclasses
 
 from gitseg.config import ConfigError, apply_overrides, from_dict, read_yaml
 
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
+
 
 @dataclasses.dataclass
 class WorkersConfig:
     num_workers: int = 2          # DDP workers per trial (Ray Train)
     use_gpu: bool = False         # one GPU per worker when true
     cpus_per_worker: float = 1.0  # logical CPUs each worker reserves
+    placement: str = "PACK"       # Ray's placement of a trial's workers: PACK (fewest nodes, fastest
+                                  # all-reduce) or SPREAD (different nodes where they fit: one node's loss
+                                  # takes fewer workers); STRICT_ forms refuse to start otherwise
 
 
 @dataclasses.dataclass
@@ -73,6 +78,8 @@ def load_search_config(path, overrides: list[str] | None = None) -> SearchConfig
         raise ConfigError(f"num_samples must be at least 1 (got {cfg.num_samples})")
     if cfg.workers.num_workers < 1:
         raise ConfigError(f"workers.num_workers must be at least 1 (got {cfg.workers.num_workers})")
+    if cfg.workers.placement not in PLACEMENTS:
+        raise ConfigError(f"workers.placement must be one of {', '.join(PLACEMENTS)} (got {cfg.workers.placement!r})")
     if cfg.refit.topk < 0:
         raise ConfigError(f"refit.topk must be 0 or more (got {cfg.refit.topk})")
     if cfg.metric != "score" and not cfg.metric.startswith("score/"):

@@ -176,7 +176,7 @@ def launch_train_run(cfg: Config, *, run_name: str, storage_path: str, workers, 
         train_loop_config={"config": to_dict(cfg), "oof_tta": oof_tta, "start_from": start_from,
                            "latency_tta": latency_tta},
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, placement_strategy=workers.placement),
         run_config=ray.train.RunConfig(
             # The same (storage_path, name) on a restart makes Ray Train resume from the latest checkpoint.
             name=run_name,

@@ -89,7 +89,8 @@ def test_search_config_strict(tmp_path):
     assert load_search_config("configs/search_demo.yaml", ["num_samples=2"]).num_samples == 2
     for override, message in ((["objectives=[score, speed]"], "objectives must be"),
                               (["refit.select=pareto"], "pareto needs objectives"),
-                              (["refit.select=best"], "refit.select must be")):
+                              (["refit.select=best"], "refit.select must be"),
+                              (["workers.placement=spread"], "workers.placement must be one of PACK, SPREAD")):
         with pytest.raises(ConfigError, match=message):
             load_search_config("configs/search_demo.yaml", override)
 
