@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -108,7 +110,11 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain values; a file that pickles code is refused, never run
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(f"model.encoder_weights: torch cannot read {path} as weights "
+                              f"({str(exc).strip().splitlines()[0][:160]}); give a state dict of tensors") from None
         state = state.get("model", state) if isinstance(state, dict) else state
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
