@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -223,6 +224,56 @@ def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, p
     single = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
     assert single["score"] == pytest.approx(s0, abs=1e-12)
     assert single["hausdorff"] == pytest.approx(h0, abs=1e-12)
+
+
+def _ddp_preempted_worker(rank, world, port, cfg, results, signalled_rank):
+    """A DDP rank whose process (only `signalled_rank`'s) gets SIGTERM during epoch 2's third step."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        calls, forward = [], LossMix.forward
+
+        def loss_then_signal(self, *args):
+            calls.append(1)
+            if rank == signalled_rank and len(calls) == 6 + 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return forward(self, *args)
+
+        LossMix.forward = loss_then_signal
+        try:
+            fit(cfg, log=lambda *_: None)
+            results[rank] = "finished"
+        except Preempted as exc:
+            results[rank] = str(exc)
+        finally:
+            LossMix.forward = forward
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes(train_cache, tmp_path):
+    # A spot node's notice reaches only its own processes: rank 1 is told, rank 0 is not. Both must
+    # stop after the same step (or rank 0 would wait forever in the next all-reduce), one last.pt
+    # holds that step, and the same 2-process command resumes to the unbroken run's result.
+    straight = tiny_config(train_cache, tmp_path / "straight", epochs=2)
+    unbroken = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), straight, unbroken), nprocs=2, join=True)
+    cfg = tiny_config(train_cache, tmp_path / "stopped", epochs=2)
+    stopped = mp.Manager().dict()
+    mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), cfg, stopped, 1), nprocs=2, join=True)
+    assert all(re.search(r"in epoch 2 before step 4", stopped[r]) for r in (0, 1)), dict(stopped)
+    state = load_checkpoint(tmp_path / "stopped" / LAST)
+    assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["steps"] == 3
+    resumed = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, resumed), nprocs=2, join=True)
+    # The resumed run reports epoch 2 only; both runs end with the same weights and scores (DDP
+    # broadcasts rank 0's BatchNorm statistics at every forward, so taking rank 0's at the resume
+    # changes nothing here).
+    assert len(resumed[0]) == 1 and resumed[0][0][:3] == unbroken[0][1][:3]
+    done, again = (load_checkpoint(tmp_path / name / LAST) for name in ("straight", "stopped"))
+    assert all(torch.equal(done["model"][k], again["model"][k]) for k in done["model"])
+    lines = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]  # each epoch once
 
 
 @pytest.mark.parametrize("override, message", [
