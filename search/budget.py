@@ -120,15 +120,21 @@ class BudgetStopper(Stopper):
         return False
 
 
+def bracket_milestones(epochs: int, grace_period: int, reduction_factor: int, bracket: int) -> list[int]:
+    """The epochs at which ASHA bracket `bracket` decides about a trial, as Ray's _Bracket places
+    them: grace x rf^(k + bracket) for k below int(log_rf(epochs / grace) - bracket + 1)."""
+    count = int(math.log(epochs / grace_period) / math.log(reduction_factor) - bracket + 1)
+    return [int(grace_period * reduction_factor ** (k + bracket)) for k in range(max(count, 0))]
+
+
 def rungs(settings: SearchConfig, epochs: int) -> set[int]:
-    """The epochs at which the scheduler decides about a trial: every ASHA bracket's milestones
-    (grace x rf^k, as Ray's _Bracket places them), and the last epoch."""
+    """The epochs at which the scheduler decides about a trial: every ASHA bracket's milestones, and
+    the last epoch."""
     out = {epochs}
     if settings.asha.enabled:
-        grace, rf = settings.asha.grace_period, settings.asha.reduction_factor
-        for s in range(settings.asha.brackets):
-            count = int(math.log(epochs / grace) / math.log(rf) - s + 1)
-            out |= {int(grace * rf ** (k + s)) for k in range(max(count, 0)) if grace * rf ** (k + s) <= epochs}
+        asha = settings.asha
+        for s in range(asha.brackets):
+            out |= {m for m in bracket_milestones(epochs, asha.grace_period, asha.reduction_factor, s) if m <= epochs}
     return out
 
 

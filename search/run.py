@@ -15,7 +15,7 @@ Everything lives under `<storage_path>/<name>/`:
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 from pathlib import Path
 
 from gitseg.config import Config, ConfigError, load_config, to_dict
@@ -24,7 +24,7 @@ from gitseg.files import folder_lock
 from gitseg.progress import say
 from gitseg.records import SEARCH_RECORD, SearchRecord, TrialRow, to_json
 from gitseg.train import check_config
-from search.budget import budget_objects
+from search.budget import bracket_milestones, budget_objects
 from search.cluster import concurrent_trials, init_ray, trainable
 from search.leaderboard import anytime, format_leaderboard, leaderboard, leaderboard_csv, rung_correlations
 from search.progress import tune_progress
@@ -86,10 +86,10 @@ def run_search(settings: SearchConfig, log=say, callbacks: list | None = None) -
 
 
 def max_brackets(epochs: int, grace_period: int, reduction_factor: int) -> int:
-    """The number of ASHA brackets whose last one never stops a trial early: bracket s's first rung is
-    at grace x rf^s (Ray's _Bracket), so the first s with grace x rf^s >= max_t has no rung before
-    the end; more brackets would only repeat it."""
-    return math.ceil(math.log(epochs / grace_period) / math.log(reduction_factor) - 1e-9) + 1
+    """The number of ASHA brackets whose last one never stops a trial early: the first bracket with
+    no milestone before the last epoch; more brackets would only repeat it."""
+    return next(s for s in itertools.count()
+                if not [m for m in bracket_milestones(epochs, grace_period, reduction_factor, s) if m < epochs]) + 1
 
 
 def check_asha(settings: SearchConfig, epochs: int) -> None:
