@@ -155,6 +155,13 @@ def checkpointed_epochs(runs: Path, run: str = "*") -> int:
                 for p in runs.glob(f"{run}/checkpoint_*") if (p / "metrics.jsonl").is_file()), default=0)
 
 
+def recovery_s(runs: Path, lost_at: float, run: str = "*") -> float:
+    """Seconds from a node's loss to the next checkpoint of the runs `run` under `runs`: how long the
+    restart (new workers, resume from the last checkpoint, the epoch trained again) took."""
+    after = [p.stat().st_mtime for p in runs.glob(f"{run}/checkpoint_*") if p.stat().st_mtime > lost_at]
+    return round(min(after) - lost_at, 1)
+
+
 def test_spread_workers_survive_a_lost_node_in_the_search_and_the_refit(cluster, train_cache, tmp_path):
     from search.run import run_search
     from search.settings import load_search_config
@@ -197,7 +204,10 @@ def test_spread_workers_survive_a_lost_node_in_the_search_and_the_refit(cluster,
     # The refit lost a node too and still wrote a model and OOF predictions for both folds.
     refit = records.load(RefitRecord, root / REFIT_RECORD)
     assert sorted(m.fold for m in refit.models) == [0, 1], refit
-    assert all(Path(m.oof).is_dir() and any(Path(m.oof).iterdir()) for m in refit.models)
+    assert all(m.oof and Path(m.oof).is_dir() and any(Path(m.oof).iterdir()) for m in refit.models), refit
+    # The figures of docs/reliability.md (`pytest -s` shows them).
+    print(f"figure: search trial recovered {recovery_s(root / 'train_runs', loss.removed[0]['at'])} s after the "
+          f"node loss; refit run {recovery_s(root / 'refit_runs', loss.removed[1]['at'], 'refit-0-fold1')} s")
 
 
 def test_a_node_lost_past_max_failures_fails_the_trial_and_the_search_goes_on(cluster, train_cache, tmp_path):
@@ -229,14 +239,19 @@ def test_distributed_predict_survives_a_lost_node(cluster, one_model_ensemble, s
     from ensemble.predict import predict_tree
 
     # The training split: 10 case-days, so that volumes are still running when the node goes.
+    started = time.time()
     predict_tree(one_model_ensemble, synth_root, tmp_path / "local", split="train", log=lambda *_: None)
+    local_s = time.time() - started
 
     # Removed while volumes are being predicted on it: its tasks run again elsewhere (max_retries).
     loss = NodeLoss(cluster, lambda _: True, busy=lambda: nodes_of_running_tasks("_worker_predict"))
     loss.start()
+    started = time.time()
     try:
         predict_tree(one_model_ensemble, synth_root, tmp_path / "ray", split="train", ray_address=cluster.address,
                      log=lambda *_: None)
+        print(f"figure: distributed predict of 10 case-days with a node lost: {time.time() - started:.1f} s "
+              f"(in-process, no loss: {local_s:.1f} s)")
     finally:
         loss.finish()
         keep_capacity(cluster)

@@ -273,6 +273,7 @@ run_search(load_search_config(config), callbacks=[KillDriver([(1, folder + "/kil
 """
 
 
+@pytest.mark.faults  # about 2 minutes: in `make test-faults` with the multi-node tests, not in `make test`
 def test_killed_driver_resumes_and_a_job_on_a_head_node_finishes_it(train_cache, tmp_path):
     # Killed twice, resumed twice: the last resume is `ray job submit ... python -m search` on a Ray
     # head started with `ray start --head`, as on a cluster (the search's storage is what it resumes
