@@ -313,8 +313,9 @@ def plot(results: list[dict], path: Path) -> None:
         points = [(r["tree"]["case_days"], s) for r in results for s in r["stages"] if s["stage"] == name]
         x = [cd for cd, _ in points]
         ax_t.plot(x, [s["wall_s"] / 60 for _, s in points], marker="o", label=name)
-        ax_m.plot(x, [max(s.get(k) or 0 for k in ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib"))
-                      for _, s in points], marker="o", label=name)
+        keys = ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib")
+        known = [(cd, s) for cd, s in points if any(s.get(k) is not None for k in keys)]  # transcribed rows may lack it
+        ax_m.plot([cd for cd, _ in known], [max(s.get(k) or 0 for k in keys) for _, s in known], marker="o", label=name)
     ax_t.set(xlabel="case-days", ylabel="wall time (min)", title="time per stage")
     ax_m.set(xlabel="case-days", ylabel="peak resident memory of one process (GiB)", title="memory per stage")
     ax_m.axhline(BUDGETS["peak_gib"], color="red", lw=0.8, ls="--")
@@ -348,18 +349,23 @@ def main(argv=None) -> int:
     parser.add_argument("--synth", default=None,
                         help="the full synthetic tree (default: <out>/uwmgi, written by `gitseg synth` if missing)")
     parser.add_argument("--plot", action="store_true", help="draw time and memory against case-days")
+    parser.add_argument("--only-table", action="store_true",
+                        help="run nothing: print the recorded table (and --plot) of <out>/real_size.json")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     full = Path(args.synth).resolve() if args.synth else out / "uwmgi"
     record_path = out / "real_size.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": {}}
-    record["machine"] = machine()
-    if not (full / "train.csv").exists() and args.synth:
-        raise SystemExit(f"--synth {full}: no train.csv there; leave --synth out to write the tree")
-    if not (full / "train.csv").exists():
-        record["synth"] = run_stage("synth", ["synth", "--profile", "uwmgi", "--out", str(full), "--overwrite"],
-                                    [full], out / "synth.log")
+    if args.only_table:
+        args.fractions = []  # the table and plot of what is recorded, nothing run
+    else:
+        record["machine"] = machine()
+        if not (full / "train.csv").exists():
+            if args.synth:
+                raise SystemExit(f"--synth {full}: no train.csv there; leave --synth out to write the tree")
+            record["synth"] = run_stage("synth", ["synth", "--profile", "uwmgi", "--out", str(full), "--overwrite"],
+                                        [full], out / "synth.log")
     for fraction in args.fractions:
         stages = [s for s in STAGES if s in args.stages]
         result = rehearse(full, out / f"f{fraction:g}", fraction, args.search_config, args.trials, stages,
