@@ -265,12 +265,19 @@ def check(out: Path, run_dir: Path, data: Path, cache: Path) -> dict:
     }
 
 
+PEAKS = ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib")
+
+
+def peak_gib(row: dict) -> float:
+    """A stage's largest process (GiB); a figure missing from a transcribed row counts as 0."""
+    return max(row.get(k) or 0 for k in PEAKS)
+
+
 def budgets(result: dict) -> list[str]:
     """The budgets of issue 12 (they hold at full size; smaller fractions are shown against them too).
     A stage with no row (not run yet) is shown as such."""
     rows, stages, checks = [], {s["stage"]: s for s in result["stages"]}, result["checks"]
-    peaks = [max(s.get(k) or 0 for k in ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib"))
-             for s in result["stages"]]
+    peaks = [peak_gib(s) for s in result["stages"]]
     rows.append(("no process above 12 GiB", max(peaks) <= BUDGETS["peak_gib"], f"{max(peaks):.2f} GiB"))
     if "prepare" in stages:
         rows.append(("prepare within 10 min", stages["prepare"]["wall_s"] <= BUDGETS["prepare_s"],
@@ -313,9 +320,8 @@ def plot(results: list[dict], path: Path) -> None:
         points = [(r["tree"]["case_days"], s) for r in results for s in r["stages"] if s["stage"] == name]
         x = [cd for cd, _ in points]
         ax_t.plot(x, [s["wall_s"] / 60 for _, s in points], marker="o", label=name)
-        keys = ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib")
-        known = [(cd, s) for cd, s in points if any(s.get(k) is not None for k in keys)]  # transcribed rows may lack it
-        ax_m.plot([cd for cd, _ in known], [max(s.get(k) or 0 for k in keys) for _, s in known], marker="o", label=name)
+        known = [(cd, s) for cd, s in points if any(s.get(k) is not None for k in PEAKS)]  # transcribed: may lack
+        ax_m.plot([cd for cd, _ in known], [peak_gib(s) for _, s in known], marker="o", label=name)
     ax_t.set(xlabel="case-days", ylabel="wall time (min)", title="time per stage")
     ax_m.set(xlabel="case-days", ylabel="peak resident memory of one process (GiB)", title="memory per stage")
     ax_m.axhline(BUDGETS["peak_gib"], color="red", lw=0.8, ls="--")
@@ -385,7 +391,7 @@ def main(argv=None) -> int:
             if s is None:
                 cells.append("-")
                 continue
-            peak = max(s.get(k) or 0 for k in ("driver_peak_gib", "ray_worker_peak_gib", "other_process_peak_gib"))
+            peak = peak_gib(s)
             written = "?" if s.get("written_gb") is None else f"{s['written_gb']:.1f}"
             cells.append(f"{s['wall_s']:.0f}/{peak:.1f}/{written}")
         print(f"{name:<16}" + "".join(f"{c:>13}" for c in cells))

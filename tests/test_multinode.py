@@ -155,6 +155,19 @@ def checkpointed_epochs(runs: Path, run: str = "*") -> int:
                 for p in runs.glob(f"{run}/checkpoint_*") if (p / "metrics.jsonl").is_file()), default=0)
 
 
+def search_losing_nodes(c, config: Path, loss: NodeLoss) -> None:
+    """Run the search of `config` while `loss` removes nodes; then the cluster is whole again."""
+    from search.run import run_search
+    from search.settings import load_search_config
+
+    loss.start()
+    try:
+        run_search(load_search_config(config), log=lambda *_: None)
+    finally:
+        loss.finish()
+        keep_capacity(c)
+
+
 def recovery_s(runs: Path, lost_at: float, run: str = "*") -> float:
     """Seconds from a node's loss to the next checkpoint of the runs `run` under `runs`: how long the
     restart (new workers, resume from the last checkpoint, the epoch trained again) took."""
@@ -163,9 +176,6 @@ def recovery_s(runs: Path, lost_at: float, run: str = "*") -> float:
 
 
 def test_spread_workers_survive_a_lost_node_in_the_search_and_the_refit(cluster, train_cache, tmp_path):
-    from search.run import run_search
-    from search.settings import load_search_config
-
     config = write_configs(tmp_path, train_cache, "nodes", epochs=3, num_samples=1, max_failures=1,
                            asha={"enabled": False}, space={"train.lr": {"loguniform": [2e-3, 4e-3]}},
                            workers={"num_workers": 2, "cpus_per_worker": 1, "placement": "SPREAD"},
@@ -177,12 +187,7 @@ def test_spread_workers_survive_a_lost_node_in_the_search_and_the_refit(cluster,
     loss = NodeLoss(cluster, lambda n: (checkpointed_epochs(root / "train_runs") >= 1 if n == 0
                                         else checkpointed_epochs(root / "refit_runs", "refit-0-fold1") >= 1),
                     times=2)
-    loss.start()
-    try:
-        run_search(load_search_config(config), log=lambda *_: None)
-    finally:
-        loss.finish()
-        keep_capacity(cluster)
+    search_losing_nodes(cluster, config, loss)
     assert len(loss.removed) == 2, loss.removed
 
     # Placement: the search trial's worker group (the first, on an idle cluster) has its two workers
@@ -211,9 +216,6 @@ def test_spread_workers_survive_a_lost_node_in_the_search_and_the_refit(cluster,
 
 
 def test_a_node_lost_past_max_failures_fails_the_trial_and_the_search_goes_on(cluster, train_cache, tmp_path):
-    from search.run import run_search
-    from search.settings import load_search_config
-
     config = write_configs(tmp_path, train_cache, "lost", epochs=2, num_samples=2, max_failures=0,
                            max_concurrent_trials=1, asha={"enabled": False},
                            space={"train.lr": {"loguniform": [2e-3, 4e-3]}},
@@ -221,12 +223,7 @@ def test_a_node_lost_past_max_failures_fails_the_trial_and_the_search_goes_on(cl
                            refit={"topk": 0})
     root = tmp_path / "storage" / "lost"
     loss = NodeLoss(cluster, lambda n: checkpointed_epochs(root / "train_runs") >= 1)
-    loss.start()
-    try:
-        run_search(load_search_config(config), log=lambda *_: None)
-    finally:
-        loss.finish()
-        keep_capacity(cluster)
+    search_losing_nodes(cluster, config, loss)
     assert len(loss.removed) == 1
     rows = records.load(SearchRecord, root / SEARCH_RECORD).leaderboard
     assert sorted(r.status for r in rows) == ["failed", "finished"], [(r.status, r.error) for r in rows]
