@@ -54,13 +54,14 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
            space=None, reduction_factor: int = AshaConfig().reduction_factor,
            grace_period: int = AshaConfig().grace_period, points=None, steps: int = 16,
            base_lr: float = 0.003, head_prior: float | None = ModelConfig().head_prior,
-           precise_bn: int = TrainConfig().precise_bn) -> dict:
+           precise_bn: int = TrainConfig().precise_bn, schedule: str = TrainConfig().schedule,
+           ema: float = TrainConfig().ema, budget: int | None = None) -> dict:
     base = {"out": str(tmp / "unused"), "data": {"cache": str(cache), "channels": 3, "stride": 1, "augment": 0.5},
             "model": {"arch": "Unet", "encoder": "tu-test_resnet", "head_prior": head_prior},
             # 16 steps per epoch by default: enough that trials differ after one epoch (with fewer,
             # many score exactly 0 at the first rung, and ASHA promotes ties)
             "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": base_lr,
-                      "precise_bn": precise_bn}}
+                      "precise_bn": precise_bn, "schedule": schedule, "ema": ema}}
     if base_overrides:
         base = base_overrides
     (tmp / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
@@ -68,7 +69,7 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
                 "num_samples": trials, "num_cpus": 3, "seed": 0, "max_failures": 0,
                 "workers": {"num_workers": 2, "cpus_per_worker": 1},
                 "asha": {"enabled": asha, "grace_period": grace_period, "reduction_factor": reduction_factor},
-                "refit": {"topk": 0}, "points": points or [],
+                "refit": {"topk": 0}, "points": points or [], "budget": {"trial_epochs": budget},
                 "space": space or SPACE}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -89,8 +90,101 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
                            "history": [{k: v for k, v in r.items()
                                         if k in HISTORY_KEYS or k.startswith(("score/", "dice/"))}
                                        for r in rows]})
-    return {"wall": wall, "trials": trials_out}
+    record = json.loads((root / "search.json").read_text())
+    return {"wall": wall, "trials": trials_out, "anytime": record["anytime"], "rung_spearman": record["rung_spearman"],
+            "compute": record["compute"], "checkpoints": [r["checkpoint"] for r in record["leaderboard"]
+                                                          if r["status"] == "finished" and r["checkpoint"]]}
 
+
+def halves_spearman(checkpoints: list[str], cache_dir: Path) -> tuple[float, int]:
+    """Spearman, over the trials' best checkpoints, between their scores on the two halves of the
+    validation case-days (split by case): how stable the final ranking is on this much validation."""
+    from scipy.stats import spearmanr
+
+    from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from gitseg.config import Config, from_dict
+    from gitseg.data.cache import Cache
+    from gitseg.train import score_fold
+
+    cache = Cache(cache_dir)
+    days = cache.case_days(folds=[0])
+    cases = sorted({cache.entries[d]["case"] for d in days})
+    half = set(cases[: len(cases) // 2])
+    first, second = [d for d in days if cache.entries[d]["case"] in half], [d for d in days
+                                                                             if cache.entries[d]["case"] not in half]
+    a, b = [], []
+    for path in checkpoints:
+        state = load_checkpoint(path)
+        cfg, model = from_dict(Config, state["config"]), model_from_checkpoint(state)
+        a.append(score_fold(model, cache, first, cfg, "cpu")["score"])
+        b.append(score_fold(model, cache, second, cfg, "cpu")["score"])
+    return float(spearmanr(a, b).statistic), len(first)
+
+
+def best_by(anytime: list[dict], spent: int) -> float:
+    """The best score a search had found once `spent` trial-epochs were spent (its anytime curve)."""
+    return max((p["best_score"] for p in anytime if p["trial_epochs"] <= spent), default=float("nan"))
+
+
+def equal_compute(args, tmp: Path, same: dict) -> None:
+    """Issue 15's benchmark of record: N trials x E epochs without early stopping against ASHA given
+    the same N x E trial-epochs as a budget (and so more trials: the first N are the same
+    configurations in the same order, the rest further draws of the same seed)."""
+    from asha_replay import replay  # benchmarks/ is on sys.path when this script runs
+
+    budget = args.trials * args.epochs
+    more = args.budget_trials or 6 * args.trials
+    fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, **same)
+    asha = search(tmp, tmp / "cache", "asha", more, args.epochs, asha=True, budget=budget,
+                  reduction_factor=args.reduction_factor, grace_period=args.grace_period,
+                  **{**same, "points": fixed_configurations(more - 1, args.seed)})
+    if args.save:  # first: nothing below may lose the runs
+        Path(args.save).write_text(json.dumps({"args": vars(args), "points": fixed_configurations(more - 1, args.seed),
+                                               "fifo": fifo, "asha": asha}, indent=1))
+        print(f"both arms in {args.save}")
+    print(f"equal compute: {args.trials} trials x {args.epochs} epochs without early stopping = {budget} "
+          f"trial-epochs; ASHA (grace {args.grace_period}, reduction factor {args.reduction_factor}) with "
+          f"budget.trial_epochs {budget} and up to {more} trials; schedule {args.schedule}, train.ema {args.ema}, "
+          f"train.precise_bn {args.precise_bn}, configuration seed {args.seed}")
+    for name, run in (("no early stopping", fifo), ("ASHA + budget", asha)):
+        full = [t for t in run["trials"] if t["epochs"] == args.epochs]
+        last = max((t["history"][-1]["score"] for t in full), default=float("nan"))
+        best = max(t["best"] for t in run["trials"])
+        print(f"{name:18s}: {len(run['trials']):3d} trials ({len(full)} ran all epochs), "
+              f"{run['compute']['trial_epochs']:4d} trial-epochs, best score {best:.4f}, "
+              f"best last-epoch score {last:.4f}, wall {run['wall']:.0f} s")
+    b_fifo = max(t["best"] for t in fifo["trials"])
+    b_asha = max(t["best"] for t in asha["trials"])
+    at40 = best_by(asha["anytime"], int(0.4 * budget))
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else float("nan")
+
+    print(f"1. equal compute: ASHA / no early stopping best score {ratio(b_asha, b_fifo):.4f} "
+          f"({'met' if b_asha >= b_fifo else 'not met'} in this seed: ASHA >= no early stopping)")
+    print(f"2. anytime: ASHA's best after {int(0.4 * budget)} trial-epochs (40%) {at40:.4f} = "
+          f"{ratio(at40, b_fifo):.4f} of no early stopping's best "
+          f"({'met' if at40 >= 0.99 * b_fifo else 'not met'}: >= 0.99)")
+
+    def rho(r):
+        return "n/a" if r is None or r["spearman"] is None else f"{r['spearman']:+.2f}"
+
+    first = next((r for r in fifo["rung_spearman"] if r["epoch"] == args.grace_period), None)
+    print(f"3. Spearman of the score after epoch {args.grace_period} (ASHA's first rung) with the best score, over "
+          f"the {len(fifo['trials'])} trials without early stopping: {rho(first)}; every epoch: "
+          + " ".join(rho(r) for r in fifo["rung_spearman"]))
+    stable, half = halves_spearman(fifo["checkpoints"], tmp / "cache")
+    print(f"final ranking's stability: Spearman {stable:+.2f} between the {len(fifo['checkpoints'])} trials' best "
+          f"checkpoints scored on two halves of the validation case-days ({half} + the rest, by case)")
+    # The old question on the same curves: ASHA over the same N configurations, no budget. The
+    # replay is trusted only where it reproduces the real arm: its first N trials are the same.
+    old = replay(fifo["trials"], "score", args.grace_period, args.reduction_factor, args.epochs)
+    real = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in asha["trials"] if t["index"] <= args.trials}
+    again = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in old}
+    print(f"old question (replay of ASHA on the {args.trials} configurations without a budget; "
+          f"{'reproduces' if real == again else 'DOES NOT reproduce'} the real arm's first {args.trials} trials): "
+          f"{sum(t['epochs'] for t in old) / budget:.2f} of the epochs, best score "
+          f"{ratio(max(t['best'] for t in old), b_fifo):.4f} of no early stopping's")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,6 +207,12 @@ def main() -> None:
                         help="model.head_prior of every trial (default: gitseg's default; none: smp's head init)")
     parser.add_argument("--precise-bn", type=int, default=TrainConfig().precise_bn,
                         help="train.precise_bn of every trial (default: gitseg's default)")
+    parser.add_argument("--schedule", default=TrainConfig().schedule, help="train.schedule of every trial")
+    parser.add_argument("--ema", type=float, default=TrainConfig().ema, help="train.ema of every trial")
+    parser.add_argument("--budget", action="store_true",
+                        help="equal compute (issue 15): ASHA gets --trials x --epochs trial-epochs as a budget")
+    parser.add_argument("--budget-trials", type=int, default=None,
+                        help="with --budget: most trials ASHA may start (default 6 x --trials)")
     parser.add_argument("--save", default=None,
                         help="write both arms' per-trial, per-epoch figures to this JSON file (input of "
                              "benchmarks/asha_replay.py)")
@@ -131,7 +231,10 @@ def main() -> None:
         # The base configuration is trial 1; the other trials are fixed draws, identical in both arms.
         points = fixed_configurations(args.trials - 1, args.seed)
         same = dict(points=points, steps=args.steps, base_lr=args.base_lr, head_prior=args.head_prior,
-                    precise_bn=args.precise_bn)
+                    precise_bn=args.precise_bn, schedule=args.schedule, ema=args.ema)
+        if args.budget:
+            equal_compute(args, tmp, same)
+            return
         fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, **same)
         asha = search(tmp, tmp / "cache", "asha", args.trials, args.epochs, asha=True,
                       reduction_factor=args.reduction_factor, grace_period=args.grace_period, **same)
