@@ -27,7 +27,6 @@ with a common reference, the final live+pbn score.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import tempfile
@@ -37,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_asha import fixed_configurations  # benchmarks/ is on sys.path when this script runs
-from val_noise import recompute_bn
+from val_noise import learner, recompute_bn
 
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
-from gitseg.config import Config, from_dict
+from gitseg.config import Config
 from gitseg.data.cache import Cache, prepare
 from gitseg.data.dataset import SliceDataset, build_augment
 from gitseg.data.synth import write_dataset
@@ -106,14 +105,8 @@ def main() -> None:
               f"validation {len(val_days)} case-days, one process; scored after epochs {epochs}")
         scores: dict[int, dict[str, dict[int, float]]] = {}
         for number in args.configs:
-            values = {"train.lr": args.base_lr} if number == 1 else draws[number - 2]
-            base = {"out": str(tmp / f"run{number}"),
-                    "data": {"cache": str(tmp / "cache"), "channels": 3, "stride": 1, "augment": 0.5},
-                    "model": {"arch": values.get("model.arch", "Unet"), "encoder": "tu-test_resnet"},
-                    "train": {"epochs": args.epochs, "batch_size": 8, "max_steps_per_epoch": args.steps,
-                              "lr": values["train.lr"], "weight_decay": values.get("train.weight_decay", 1e-4),
-                              "schedule": args.schedule, "ema": args.ema}}
-            cfg = from_dict(Config, base)
+            values, cfg = learner(number, draws, args.base_lr, tmp, args.epochs, args.steps,
+                                  schedule=args.schedule, ema=args.ema)
             mine = scores[number] = {w: {} for w in ways}
             start = time.perf_counter()
 

@@ -49,6 +49,19 @@ def recompute_bn(model, cache: Cache, cfg: Config, batches: int = 32) -> torch.n
     return model.eval()
 
 
+def learner(number: int, draws: list[dict], base_lr: float, tmp: Path, epochs: int, steps: int,
+            **train) -> tuple[dict, Config]:
+    """Configuration `number` of bench_asha.py's list (1: the base at `base_lr`, 2..: the fixed
+    draws) as one process trains it here, on `tmp`/cache; `train` adds train.* settings."""
+    values = {"train.lr": base_lr} if number == 1 else draws[number - 2]
+    base = {"out": str(tmp / f"run{number}"),
+            "data": {"cache": str(tmp / "cache"), "channels": 3, "stride": 1, "augment": 0.5},
+            "model": {"arch": values.get("model.arch", "Unet"), "encoder": "tu-test_resnet"},
+            "train": {"epochs": epochs, "batch_size": 8, "max_steps_per_epoch": steps, "lr": values["train.lr"],
+                      "weight_decay": values.get("train.weight_decay", 1e-4), **train}}
+    return values, from_dict(Config, base)
+
+
 def noise(scores: list[float]) -> float:
     """Std of the scores around their centred 3-epoch moving average, over the last third."""
     if len(scores) < 6:
@@ -82,13 +95,7 @@ def main() -> None:
               f"{len(large.case_days())} case-days; {args.epochs} epochs x {args.steps} steps, one process")
         curves = {}
         for number in args.configs:
-            values = {"train.lr": args.base_lr} if number == 1 else draws[number - 2]
-            base = {"out": str(tmp / f"run{number}"),
-                    "data": {"cache": str(tmp / "cache"), "channels": 3, "stride": 1, "augment": 0.5},
-                    "model": {"arch": values.get("model.arch", "Unet"), "encoder": "tu-test_resnet"},
-                    "train": {"epochs": args.epochs, "batch_size": 8, "max_steps_per_epoch": args.steps,
-                              "lr": values["train.lr"], "weight_decay": values.get("train.weight_decay", 1e-4)}}
-            cfg = from_dict(Config, base)
+            values, cfg = learner(number, draws, args.base_lr, tmp, args.epochs, args.steps)
             ways = {"fold": [], "large": [], "bn": []}
             start = time.perf_counter()
 
