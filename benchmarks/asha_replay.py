@@ -47,14 +47,21 @@ def load_curves(path: str) -> dict:
     return {"args": {"epochs": epochs}, "fifo": {"trials": trials}}
 
 
-def replay(trials: list[dict], metric: str, grace: int, rf: int, max_t: int) -> list[dict]:
-    """Per trial (in run order): the epochs ASHA lets it run and the best score it reaches in them."""
+def replay(trials: list[dict], metric: str, grace: int, rf: int, max_t: int, brackets: int = 1,
+           rng=None) -> list[dict]:
+    """Per trial (in run order): the epochs ASHA lets it run and the best score it reaches in them.
+    With several brackets each trial is put in one the way Ray's AsyncHyperBandScheduler.on_trial_add
+    draws it (weights e^(rungs - most rungs)), from `rng` (numpy Generator; needed then)."""
+    import numpy as np
     from ray.tune.schedulers.async_hyperband import _Bracket
     from ray.tune.schedulers.trial_scheduler import TrialScheduler
 
-    bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=0)
+    rungs = [_Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=s) for s in range(brackets)]
+    sizes = np.array([len(b._rungs) for b in rungs])
+    weights = np.e ** (sizes - sizes.max())
     out = []
     for trial in sorted(trials, key=lambda t: t["index"]):
+        bracket = rungs[0] if brackets == 1 else rungs[rng.choice(brackets, p=weights / weights.sum())]
         handle = SimpleNamespace(trial_id=str(trial["index"]))
         ran = []
         for row in trial["history"][:max_t]:
@@ -64,6 +71,25 @@ def replay(trials: list[dict], metric: str, grace: int, rf: int, max_t: int) -> 
             if bracket.on_result(handle, row["epochs_done"], row[metric]) == TrialScheduler.STOP:
                 break
         out.append({"index": trial["index"], "epochs": len(ran), "best": max(r["score"] for r in ran)})
+    return out
+
+
+def brackets_table(trials: list[dict], grace: int, rf: int, max_t: int, most: int, draws: int = 400) -> list[dict]:
+    """For 1..most brackets: the mean share of the epochs, the mean best score (as a share of the
+    search without early stopping's) and how often the configuration that ends best is run to the
+    end, over `draws` seeded draws of the trials' brackets."""
+    import numpy as np
+
+    full_epochs, full_best, full_index = without_early_stopping(trials, max_t)
+    out = []
+    for b in range(1, most + 1):
+        rng = np.random.default_rng(0)
+        runs = [replay(trials, "score", grace, rf, max_t, brackets=b, rng=rng) for _ in range(draws if b > 1 else 1)]
+        out.append({"brackets": b,
+                    "epochs": float(np.mean([sum(t["epochs"] for t in r) / full_epochs for r in runs])),
+                    "best": float(np.mean([max(t["best"] for t in r) / full_best for r in runs])),
+                    "kept": float(np.mean([next(t["epochs"] for t in r if t["index"] == full_index) == max_t
+                                           for r in runs]))})
     return out
 
 
@@ -92,6 +118,12 @@ def summary(trials: list[dict]) -> tuple[int, float, int]:
     return sum(t["epochs"] for t in trials), best["best"], best["index"]
 
 
+def without_early_stopping(trials: list[dict], max_t: int) -> tuple[int, float, int]:
+    """(trial-epochs, best score, its configuration) of the recorded search cut at max_t."""
+    return summary([{"index": t["index"], "epochs": min(len(t["history"]), max_t), "best": best_within(t, max_t)}
+                    for t in trials])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", help="JSON written by bench_asha.py --save")
@@ -100,13 +132,15 @@ def main() -> None:
     parser.add_argument("--rf", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--max-t", type=int, default=None, help="epochs per trial (default: the recorded ones)")
     parser.add_argument("--check", action="store_true", help="first reproduce the recorded ASHA arm")
+    parser.add_argument("--brackets", type=int, default=None, metavar="MOST",
+                        help="also replay 1..MOST brackets of Ray's multi-bracket ASHA at the first --grace and --rf "
+                             "(each trial's bracket drawn as Ray draws it; means over 400 seeded draws)")
     args = parser.parse_args()
     data = load_curves(args.file)
     fifo = data["fifo"]["trials"]
     max_t = args.max_t or data["args"]["epochs"]
     # the search without early stopping, cut at max_t (a search.json's trials carry only their curves)
-    full_epochs, full_best, full_index = summary([{"index": t["index"], "epochs": min(len(t["history"]), max_t),
-                                                   "best": best_within(t, max_t)} for t in fifo])
+    full_epochs, full_best, full_index = without_early_stopping(fifo, max_t)
     print(f"{len(fifo)} trials x {max_t} epochs without early stopping: {full_epochs} trial-epochs, best "
           f"{full_best:.4f} (configuration {full_index})")
     if args.check:
@@ -139,6 +173,13 @@ def main() -> None:
                 kept = next(t["epochs"] for t in result if t["index"] == full_index)
                 print(f"{metric:22s} {grace:5d} {rf:3d} {epochs:7d} {epochs / full_epochs:6.2f} {best:7.4f} "
                       f"{best / full_best:6.3f}  {kept}")
+    if args.brackets:
+        print(f"brackets (grace {args.grace[0]}, rf {args.rf[0]}; bracket b's first rung at grace x rf^b): mean share "
+              f"of the epochs, mean best score / without early stopping's, share of draws that run configuration "
+              f"{full_index} to the end")
+        for row in brackets_table(fifo, args.grace[0], args.rf[0], max_t, args.brackets):
+            print(f"  {row['brackets']} bracket(s): epochs {row['epochs']:.2f}, best {row['best']:.3f}, "
+                  f"kept {row['kept']:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gitseg import records
@@ -29,6 +30,29 @@ def test_replay_stops_where_asha_would():
     assert [t["epochs"] for t in out] == [4, 1, 2, 4]
     # the best of a stopped trial counts only the epochs it ran
     assert [t["best"] for t in out] == [0.8, 0.2, 0.6, 0.99]
+
+
+def test_a_trial_in_the_last_bracket_runs_to_the_end_and_brackets_are_drawn_as_ray_weights_them():
+    # grace 1, rf 2, 4 epochs: bracket 0 decides after epochs 1 and 2, bracket 1 after 2, bracket 2
+    # only at 4 (never early). Trial 2 is stopped after one epoch in bracket 0 (first test), not in 2.
+    trials = curves([0.5, 0.6, 0.7, 0.8], [0.2, 0.9, 0.9, 0.9], [0.6, 0.55, 0.9, 0.95], [0.7, 0.8, 0.85, 0.99])
+
+    class Last:
+        p = None
+
+        def choice(self, n, p):
+            Last.p = p
+            return n - 1
+
+    out = replay(trials, "score", grace=1, rf=2, max_t=4, brackets=3, rng=Last())
+    assert [t["epochs"] for t in out] == [4, 4, 4, 4] and out[1]["best"] == 0.9
+    # Ray's weights: e^(rungs - most rungs) for brackets of 2, 1 and 0 rungs before the end
+    assert Last.p == pytest.approx(np.exp([0, -1, -2]) / np.exp([0, -1, -2]).sum())
+    from asha_replay import brackets_table
+
+    rows = brackets_table(trials, grace=1, rf=2, max_t=4, most=3, draws=50)
+    assert rows[0] == {"brackets": 1, "epochs": 11 / 16, "best": 1.0, "kept": 1.0}
+    assert rows[0]["epochs"] < rows[1]["epochs"] < rows[2]["epochs"] < 1
 
 
 def test_replay_never_runs_past_max_t():
