@@ -122,6 +122,7 @@ def test_shipped_search_configs_parse():
     for path in ("configs/search_demo.yaml", "configs/search_cluster.yaml"):
         settings = load_search_config(path)
         assert parse_space(settings.space)
+        load_config(settings.base, settings.set)  # the base with the search's own overrides is a valid config
 
 
 def test_cluster_configs_validate_against_ray_schema():
