@@ -56,12 +56,12 @@ def replay(trials: list[dict], metric: str, grace: int, rf: int, max_t: int, bra
     from ray.tune.schedulers.async_hyperband import _Bracket
     from ray.tune.schedulers.trial_scheduler import TrialScheduler
 
-    rungs = [_Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=s) for s in range(brackets)]
-    sizes = np.array([len(b._rungs) for b in rungs])
+    pool = [_Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=s) for s in range(brackets)]
+    sizes = np.array([len(b._rungs) for b in pool])
     weights = np.e ** (sizes - sizes.max())
     out = []
     for trial in sorted(trials, key=lambda t: t["index"]):
-        bracket = rungs[0] if brackets == 1 else rungs[rng.choice(brackets, p=weights / weights.sum())]
+        bracket = pool[0] if brackets == 1 else pool[rng.choice(brackets, p=weights / weights.sum())]
         handle = SimpleNamespace(trial_id=str(trial["index"]))
         ran = []
         for row in trial["history"][:max_t]:

@@ -14,6 +14,15 @@ took (Ray Train start, worker start, checkpoint upload), as a fraction of the tr
         [--precise-bn 32] [--save FILE] [--demo-cache runs/demo/cache]
 
 --save keeps every epoch of every trial; benchmarks/asha_replay.py replays other ASHA rules on it.
+
+--budget (issue 15's benchmark of record) compares at equal compute instead: --trials x --epochs
+without early stopping against ASHA given that many trial-epochs as `budget.trial_epochs` and up to
+--budget-trials trials (the first --trials the same configurations); it prints the three targets
+(best score, best at 40% of the budget, Spearman at the first rung), the final ranking's Spearman
+between two halves of the validation case-days, and the replayed old question.
+
+    python benchmarks/bench_asha.py --budget --trials 8 --epochs 16 [--budget-trials 48]
+        [--schedule cosine] [--ema 0.99] ...
 """
 
 from __future__ import annotations
@@ -134,12 +143,13 @@ def equal_compute(args, tmp: Path, same: dict) -> None:
 
     budget = args.trials * args.epochs
     more = args.budget_trials or 6 * args.trials
+    points = fixed_configurations(more - 1, args.seed)  # the FIFO arm's first, then further draws
     fifo = search(tmp, tmp / "cache", "fifo", args.trials, args.epochs, asha=False, **same)
     asha = search(tmp, tmp / "cache", "asha", more, args.epochs, asha=True, budget=budget,
                   reduction_factor=args.reduction_factor, grace_period=args.grace_period,
-                  **{**same, "points": fixed_configurations(more - 1, args.seed)})
+                  **{**same, "points": points})
     if args.save:  # first: nothing below may lose the runs
-        Path(args.save).write_text(json.dumps({"args": vars(args), "points": fixed_configurations(more - 1, args.seed),
+        Path(args.save).write_text(json.dumps({"args": vars(args), "points": points,
                                                "fifo": fifo, "asha": asha}, indent=1))
         print(f"both arms in {args.save}")
     print(f"equal compute: {args.trials} trials x {args.epochs} epochs without early stopping = {budget} "
@@ -185,6 +195,7 @@ def equal_compute(args, tmp: Path, same: dict) -> None:
           f"{'reproduces' if real == again else 'DOES NOT reproduce'} the real arm's first {args.trials} trials): "
           f"{sum(t['epochs'] for t in old) / budget:.2f} of the epochs, best score "
           f"{ratio(max(t['best'] for t in old), b_fifo):.4f} of no early stopping's")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

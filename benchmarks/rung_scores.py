@@ -7,8 +7,9 @@ cases x 2 days x 48 slices at 64 px, 24 steps per epoch, `tu-test_resnet`) under
 epochs in --rungs scores the same run several ways on the validation fold (8 case-days):
 
     live        the optimiser's weights with BatchNorm's running statistics (gitseg's default)
-    live+pbn    the same after precise BN (`train.precise_bn`: statistics recomputed over 32
-                training batches)
+    live+pbn    the same after precise BN: statistics recomputed over 32 training batches, here
+                unaugmented ones (val_noise.recompute_bn; `train.precise_bn` in fit uses the
+                epoch's augmented loader)
     ema         the EMA of the weights (`train.ema`, its own averaged statistics)
     ema+pbn     the EMA after precise BN
     cooldown    (wsd only) a branch: the live weights and optimiser copied, --cooldown-steps more
