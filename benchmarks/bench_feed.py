@@ -8,8 +8,11 @@ steps capped by --steps):
   device, so no loading, augmentation or host-to-device copy happens: the step's own speed;
 - the real loader (gitseg.train.epoch_loader over the cache, with the config's augmentation) at
   each number of DataLoader worker processes in --workers.
-Printed: samples/s of each and its ratio to the ready tensors. A ratio near 1 means the loader
+Printed: samples/s of each once its first batch is in (the workers' start, paid once per epoch in
+training, is printed apart) and its ratio to the ready tensors. A ratio near 1 means the loader
 keeps the device fed at that many workers; the smallest such count is the one to configure.
+--opencv-ab also times each worker count with OpenCV's default thread pool in the workers (what
+gitseg did before loader_worker_init).
 """
 
 from __future__ import annotations
@@ -22,24 +25,37 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gitseg.train  # noqa: E402
 from gitseg.config import load_config  # noqa: E402
 from gitseg.data.cache import Cache  # noqa: E402
+from gitseg.data.dataset import loader_worker_init  # noqa: E402
 from gitseg.train import epoch_loader, start_run, train_one_epoch  # noqa: E402
 
 
-def timed_epoch(run, batches, cfg, device) -> float:
-    """Samples per second of one capped epoch (after a 2-step warm-up epoch on the same feed)."""
+def timed_epoch(run, batches, cfg, device) -> tuple[float, float]:
+    """(samples per second once the first batch is in, seconds to the first batch) of one capped
+    epoch, after a 2-step warm-up epoch on the same feed. Training makes a new loader each epoch, so
+    the workers' start is paid once per epoch of thousands of steps: it is reported, not mixed in."""
     steps = run.steps_per_epoch
     run.steps_per_epoch = 2
     train_one_epoch(run, batches(), cfg, 0, device)
     run.steps_per_epoch = steps
+    first = {}
+
+    def timed():
+        for i, batch in enumerate(batches()):
+            if i == 0:
+                first["t"], first["n"] = time.perf_counter(), len(batch[0])
+            yield batch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = train_one_epoch(run, batches(), cfg, 0, device)
+    out = train_one_epoch(run, timed(), cfg, 0, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return out["samples"] / (time.perf_counter() - start)
+    end = time.perf_counter()
+    return (out["samples"] - first["n"]) / (end - first["t"]), first["t"] - start
 
 
 def main(argv=None) -> int:
@@ -50,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=30, help="timed optimiser steps per arm")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2, 4, 8])
+    parser.add_argument("--opencv-ab", action="store_true",
+                        help="also time each worker count with OpenCV's default threads in the workers")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*args.set, f"data.cache={args.cache}", "model.encoder_weights=null",
                                     f"train.max_steps_per_epoch={args.steps}", "out=runs/bench_feed"])
@@ -60,16 +78,23 @@ def main(argv=None) -> int:
 
     images, targets = next(iter(epoch_loader(run, cfg, 0, device)))
     ready = [(images.to(device), targets.to(device))] * run.steps_per_epoch
-    base = timed_epoch(run, lambda: iter(ready), cfg, device)
+    base, _ = timed_epoch(run, lambda: iter(ready), cfg, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{cfg.model.arch}/{cfg.model.encoder}, batch {cfg.train.batch_size} x {tuple(images.shape[1:])}, "
           f"AMP {cfg.train.amp}, augment {cfg.data.augment}, on {name}, {run.steps_per_epoch} steps per arm")
     print(f"  ready tensors (baseline)   {base:8.1f} samples/s")
     for workers in args.workers:
         cfg.data.num_workers = workers
-        speed = timed_epoch(run, lambda: iter(epoch_loader(run, cfg, 0, device)), cfg, device)
-        print(f"  real loader, {workers:2d} workers   {speed:8.1f} samples/s   {speed / base:5.2f} x baseline",
-              flush=True)
+        # gitseg's workers run OpenCV on one thread (loader_worker_init); with --opencv-ab also
+        # measured with OpenCV's default pool (a thread per core in every worker), the baseline.
+        arms = [("", None)] + ([(", OpenCV default", lambda _: None)] if args.opencv_ab and workers else [])
+        for label, init in arms:
+            if init is not None:
+                gitseg.train.loader_worker_init = init
+            speed, startup = timed_epoch(run, lambda: iter(epoch_loader(run, cfg, 0, device)), cfg, device)
+            gitseg.train.loader_worker_init = loader_worker_init
+            print(f"  real loader, {workers:2d} workers{label:<17} {speed:8.1f} samples/s   {speed / base:5.2f} x "
+                  f"baseline   first batch after {startup:.2f} s", flush=True)
     return 0
 
 
