@@ -11,8 +11,6 @@ steps capped by --steps):
 Printed: samples/s of each once its first batch is in (the workers' start, paid once per epoch in
 training, is printed apart) and its ratio to the ready tensors. A ratio near 1 means the loader
 keeps the device fed at that many workers; the smallest such count is the one to configure.
---opencv-ab also times each worker count with OpenCV's default thread pool in the workers (what
-gitseg did before loader_worker_init).
 """
 
 from __future__ import annotations
@@ -25,10 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gitseg.train  # noqa: E402
 from gitseg.config import load_config  # noqa: E402
 from gitseg.data.cache import Cache  # noqa: E402
-from gitseg.data.dataset import loader_worker_init  # noqa: E402
 from gitseg.train import epoch_loader, start_run, train_one_epoch  # noqa: E402
 
 
@@ -66,8 +62,6 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=30, help="timed optimiser steps per arm")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2, 4, 8])
-    parser.add_argument("--opencv-ab", action="store_true",
-                        help="also time each worker count with OpenCV's default threads in the workers")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*args.set, f"data.cache={args.cache}", "model.encoder_weights=null",
                                     f"train.max_steps_per_epoch={args.steps}", "out=runs/bench_feed"])
@@ -85,16 +79,9 @@ def main(argv=None) -> int:
     print(f"  ready tensors (baseline)   {base:8.1f} samples/s")
     for workers in args.workers:
         cfg.data.num_workers = workers
-        # gitseg's workers run OpenCV on one thread (loader_worker_init); with --opencv-ab also
-        # measured with OpenCV's default pool (a thread per core in every worker), the baseline.
-        arms = [("", None)] + ([(", OpenCV default", lambda _: None)] if args.opencv_ab and workers else [])
-        for label, init in arms:
-            if init is not None:
-                gitseg.train.loader_worker_init = init
-            speed, startup = timed_epoch(run, lambda: iter(epoch_loader(run, cfg, 0, device)), cfg, device)
-            gitseg.train.loader_worker_init = loader_worker_init
-            print(f"  real loader, {workers:2d} workers{label:<17} {speed:8.1f} samples/s   {speed / base:5.2f} x "
-                  f"baseline   first batch after {startup:.2f} s", flush=True)
+        speed, startup = timed_epoch(run, lambda: iter(epoch_loader(run, cfg, 0, device)), cfg, device)
+        print(f"  real loader, {workers:2d} workers   {speed:8.1f} samples/s   {speed / base:5.2f} x baseline   "
+              f"first batch after {startup:.2f} s", flush=True)
     return 0
 
 

@@ -38,12 +38,12 @@ GPU=$($PY -c "import torch; print(str(torch.cuda.is_available()).lower())")  # f
 
 if [ "$QUICK" = 1 ]; then
     ENSEMBLE=(--configs 2 --folds 2 --encoder resnet18 --size 64 --original 80 --slices 8)
-    FEED=(--steps 3 --workers 0 2 --opencv-ab --set train.batch_size=2 --set model.encoder=resnet18)
+    FEED=(--steps 3 --workers 0 2 --set train.batch_size=2 --set model.encoder=resnet18)
     SYNTH=(--cases 1) SIZE=64 STEPS=3 BATCH=2 LOADERS=1 CPUS=1
     TRAIN=(--size 64 --batch-size 2 --steps 2) INFER=(--size 64 --slices 8 --batch-size 4 --repeats 1)
 else
     ENSEMBLE=(--configs 5 --folds 5 --encoder efficientnet-b4 --size 320 --original 266 --slices 144)
-    FEED=(--steps 30 --workers 0 2 4 8 12 --opencv-ab)
+    FEED=(--steps 30 --workers 0 2 4 8 12)
     SYNTH=(--cases 3) SIZE=320 STEPS=20 BATCH=16 LOADERS=4 CPUS=5
     TRAIN=(--size 256 --batch-size 32 --steps 30) INFER=(--size 256 --slices 144 --batch-size 64 --repeats 3)
 fi

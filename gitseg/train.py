@@ -29,7 +29,7 @@ from gitseg.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, default_device, loa
 from gitseg.config import Config, ConfigError, save_config, to_dict
 from gitseg.data.artefacts import Artefacts
 from gitseg.data.cache import Cache
-from gitseg.data.dataset import SliceDataset, build_augment, loader_worker_init, window_indices
+from gitseg.data.dataset import SliceDataset, build_augment, window_indices
 from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import autocast, predict_volume, prepare_for_inference
 from gitseg.losses import LossMix, check_loss_terms
@@ -344,8 +344,7 @@ def epoch_loader(run: Run, cfg: Config, epoch: int, device) -> DataLoader:
     return DataLoader(run.dataset, batch_size=cfg.train.batch_size, sampler=sampler,
                       num_workers=cfg.data.num_workers,
                       drop_last=len(run.dataset) // world > cfg.train.batch_size,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      worker_init_fn=loader_worker_init if cfg.data.num_workers else None)
+                      pin_memory=device.type == "cuda", persistent_workers=False)
 
 
 def train_one_epoch(run: Run, loader: DataLoader, cfg: Config, epoch: int, device) -> dict:

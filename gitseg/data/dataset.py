@@ -101,15 +101,6 @@ class VolumeDataset(Dataset):
         return case_day, volume[windows], self.cache.masks(case_day)
 
 
-def loader_worker_init(_worker_id: int) -> None:
-    """Run OpenCV (the augmentation) on one thread in each DataLoader worker. PyTorch already gives
-    its workers one thread; OpenCV's own pool would start one per core in every worker, so that 8
-    workers on a 16-core GPU node run 8 x 16 threads (BENCHMARKS.md, the GPU check of issue 12)."""
-    import cv2  # heavy: OpenCV, loaded with the augmentation anyway
-
-    cv2.setNumThreads(1)
-
-
 def build_augment(strength: float):
     """Albumentations pipeline for training; strength 0 means none, 1 the default amounts.
 
