@@ -18,11 +18,11 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from gitseg.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, default_device, load_checkpoint, save_checkpoint
@@ -44,6 +44,9 @@ from gitseg.models import (
 )
 from gitseg.progress import say
 from gitseg.teacher import Teacher
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -255,6 +258,10 @@ def make_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3:
     (timm's advice for short runs) up to `decay`: with a fixed 0.999 a run of a few hundred steps
     would validate weights still close to its random start. Every DDP rank updates it from the same
     (all-reduced) parameters, so the averaged weights agree; the statistics are settled per epoch."""
+    # heavy: timm pulls in torchvision and torch._dynamo (about 1.6 s here), which the processes that
+    # only import this module (a Tune trial's driver, Ray Train's controller, the CLI) never need.
+    from timm.utils import ModelEmaV3
+
     return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=3 / 4)
 
 
