@@ -16,6 +16,10 @@ epochs in --rungs scores the same run several ways on the validation fold (8 cas
                 steps with the learning rate falling linearly from its current value to 0, precise
                 BN, scored; the main run continues from the fork point untouched
 
+    live soft   the live weights' soft Dice (`soft_dice` of train.score_fold: no threshold, so not 0
+                for a model that draws no mask yet); its final is live's competition score
+    ema soft    the same for the EMA; its final is ema's competition score
+
 and after the last epoch the same ways once more. Then, over the configurations, the Spearman
 correlation between each way's score at each rung and the final score of the same way (for
 cooldown: live+pbn's, since at the end of a wsd run the learning rate has already decayed), and
@@ -47,7 +51,8 @@ from gitseg.data.synth import write_dataset
 from gitseg.losses import LossMix
 from gitseg.train import Run, epoch_loader, fit, score_fold, train_one_epoch
 
-WAYS = ("live", "live+pbn", "ema", "ema+pbn", "cooldown")
+WAYS = ("live", "live+pbn", "ema", "ema+pbn", "cooldown", "live soft", "ema soft")
+FINAL_OF = {"cooldown": "live+pbn", "live soft": "live", "ema soft": "ema"}  # the final score a way predicts
 
 
 def cooldown_branch(state: dict, cfg: Config, cache: Cache, train_days: list[str], lr: float, steps: int,
@@ -118,7 +123,9 @@ def main() -> None:
                 state = load_checkpoint(Path(checkpoint_dir) / "last.pt")
                 live = model_from_checkpoint({**state, "model": state["train_model"]})
                 ema = model_from_checkpoint(state)
-                found = {"live": score_fold(live, cache, val_days, cfg, "cpu")["score"],
+                live_scores = score_fold(live, cache, val_days, cfg, "cpu")
+                found = {"live": live_scores["score"], "live soft": live_scores["soft_dice"],
+                         "ema soft": metrics["soft_dice"],
                          "live+pbn": score_fold(recompute_bn(live, cache, cfg), cache, val_days, cfg, "cpu")["score"],
                          "ema": metrics["score"],  # fit validated the EMA (no precise BN in fit here)
                          "ema+pbn": score_fold(recompute_bn(ema, cache, cfg), cache, val_days, cfg, "cpu")["score"]}
@@ -145,13 +152,12 @@ def main() -> None:
               f"score of the same way (own) / the final live+pbn score (common):")
         print("  way        " + " ".join(f"{e:>11d}" for e in epochs if e < args.epochs) + "   mean over rungs")
         for way in ways:
-            own_final = [scores[n][way if way != "cooldown" else "live+pbn"][args.epochs] for n in numbers]
+            own_final = [scores[n][FINAL_OF.get(way, way)][args.epochs] for n in numbers]
             own = [spearman([scores[n][way][e] for n in numbers], own_final) for e in epochs if e < args.epochs]
             common = [spearman([scores[n][way][e] for n in numbers], reference) for e in epochs if e < args.epochs]
             print(f"  {way:9s}  " + " ".join(f"{o:+.2f}/{c:+.2f}".rjust(11) for o, c in zip(own, common))
                   + f"   {np.nanmean(own):+.2f}/{np.nanmean(common):+.2f}")
-        finals = {w: max(scores[n][w if w != "cooldown" else "live+pbn"][args.epochs] for n in numbers)
-                  for w in ways}
+        finals = {w: max(scores[n][FINAL_OF.get(w, w)][args.epochs] for n in numbers) for w in ways}
         print("best final score by way: " + ", ".join(f"{w} {v:.4f}" for w, v in finals.items()))
 
 

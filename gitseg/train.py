@@ -129,7 +129,10 @@ def score_fold(model, cache: Cache, case_days: list[str], cfg: Config, device) -
     """Competition score on the original-size volumes of `case_days`, correct under DDP.
 
     Each rank predicts a share of whole volumes; the per-volume statistics are gathered so every
-    rank summarises the same full list.
+    rank summarises the same full list. Also `soft_dice`: per class 2 sum(p g) / (sum p + sum g)
+    over all the volumes' probabilities, averaged over the classes. It needs no threshold, so it
+    still ranks models that draw no mask at `train.threshold` yet (the competition score is 0 for
+    all of them): a candidate rung score for early stopping (issue 15).
     """
     rank, world = distributed()
     stats = []
@@ -144,13 +147,27 @@ def score_fold(model, cache: Cache, case_days: list[str], cfg: Config, device) -
         gt = cache.original_masks(case_day)
         for c, cls in enumerate(CLASSES):
             counts, hd = volume_stats(masks[c], gt[c])
-            stats.append((case_day, cls, counts, hd))
+            p = probs[c].astype(np.float32)
+            soft = (float(p[gt[c]].sum()), float(p.sum()), float(gt[c].sum()))
+            stats.append((case_day, cls, counts, hd, soft))
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, stats)
         stats = [s for part in gathered for s in part]
     stats.sort(key=lambda s: (s[0], CLASSES.index(s[1])))  # same order whatever the rank split
-    return summarise([(cls, counts, hd) for _, cls, counts, hd in stats], classes=CLASSES)
+    result = summarise([(cls, counts, hd) for _, cls, counts, hd, _ in stats], classes=CLASSES)
+    result["soft_dice"] = soft_dice([(cls, soft) for _, cls, _, _, soft in stats])
+    return result
+
+
+def soft_dice(items) -> float:
+    """Mean over classes of 2 sum(p g) / (sum p + sum g) from `(class, (sum p g, sum p, sum g))`
+    items; a class with neither probability nor truth anywhere counts 1 (nothing to find, nothing drawn)."""
+    sums: dict = {}
+    for cls, soft in items:
+        sums[cls] = sums.get(cls, np.zeros(3)) + np.asarray(soft, dtype=np.float64)
+    values = [1.0 if a[1] + a[2] == 0 else 2 * a[0] / (a[1] + a[2]) for a in sums.values()]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def precise_bn(model: torch.nn.Module, loader, batches: int, device, channels_last: bool) -> None:

@@ -24,7 +24,7 @@ from gitseg.data.dataset import SliceDataset
 from gitseg.files import CorruptFileError
 from gitseg.losses import LossMix
 from gitseg.models import build_model
-from gitseg.train import Preempted, fit, lr_at, precise_bn, score_fold, seed_everything
+from gitseg.train import Preempted, fit, lr_at, precise_bn, score_fold, seed_everything, soft_dice
 
 QUIET = dict(log=lambda *_: None)
 
@@ -60,7 +60,7 @@ def test_one_epoch_lowers_the_loss_and_checkpoint_rebuilds(train_cache, tmp_path
     assert (tmp_path / "run" / "config.yaml").is_file()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("train_loss", "score", "dice", "hausdorff", "dice/stomach", "hausdorff/small_bowel",
-                "epoch_time", "samples_per_s"):
+                "epoch_time", "samples_per_s", "soft_dice"):
         assert key in line
 
 
@@ -325,6 +325,13 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_its_last_fraction():
     assert all(a > b for a, b in zip(decay, decay[1:]))
     assert all(math.isclose(a - b, 0.99 / 30) for a, b in zip(decay, decay[1:]))  # a straight line
     assert lrs[100] == pytest.approx(0.01) and lrs[85] == pytest.approx(1 - 0.99 * 15 / 30)
+
+
+def test_soft_dice_needs_no_threshold_and_pools_the_volumes():
+    # Two volumes of one class pooled: 2 (0.5 + 0) / ((0.5 + 0.25) + (1 + 1)); a class with neither
+    # probability nor truth counts 1; the mean is over classes.
+    assert soft_dice([("a", (0.5, 0.75, 1)), ("a", (0.0, 0.0, 1))]) == pytest.approx(1.0 / 2.75)
+    assert soft_dice([("a", (0.5, 0.75, 1)), ("b", (0.0, 0.0, 0))]) == pytest.approx((1 / 1.75 + 1) / 2)
 
 
 def test_ema_is_what_is_validated_and_saved_and_resumes_bit_exactly(train_cache, tmp_path):
