@@ -132,7 +132,8 @@ def score_fold(model, cache: Cache, case_days: list[str], cfg: Config, device) -
     rank summarises the same full list. Also `soft_dice`: per class 2 sum(p g) / (sum p + sum g)
     over all the volumes' probabilities, averaged over the classes. It needs no threshold, so it
     still ranks models that draw no mask at `train.threshold` yet (the competition score is 0 for
-    all of them): a candidate rung score for early stopping (issue 15).
+    all of them). Measured as a rung score for early stopping, it ranked no better than the score
+    after a few epochs (BENCHMARKS.md, issue 15, Part A'): reported, not used to stop trials.
     """
     rank, world = distributed()
     stats = []
@@ -147,8 +148,8 @@ def score_fold(model, cache: Cache, case_days: list[str], cfg: Config, device) -
         gt = cache.original_masks(case_day)
         for c, cls in enumerate(CLASSES):
             counts, hd = volume_stats(masks[c], gt[c])
-            p = probs[c].astype(np.float32)
-            soft = (float(p[gt[c]].sum()), float(p.sum()), float(gt[c].sum()))
+            p = probs[c]
+            soft = (float(p[gt[c]].sum(dtype=np.float64)), float(p.sum(dtype=np.float64)), float(gt[c].sum()))
             stats.append((case_day, cls, counts, hd, soft))
     if world > 1:
         gathered = [None] * world

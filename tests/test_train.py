@@ -205,32 +205,52 @@ def _ddp_worker(rank, world, port, cfg, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precise_bn, ema, lr", [(0, 0.0, 0.003), (4, 0.0, 0.003), (4, 0.9, 0.01)])
-def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path, precise_bn, ema, lr):
+def _ddp_worker_runs(rank, world, port, cfgs, results):
+    """_ddp_worker for several configurations in turn, in one process group (one spawn, not one each)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for i, cfg in enumerate(cfgs):
+            reported = []
+            fit(cfg, report=lambda m, d: reported.append((m, d)), log=lambda *_: None)
+            results[(i, rank)] = [(m["score"], m["dice"], m["hausdorff"], d) for m, d in reported]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path):
     # with precise_bn each rank recomputes BatchNorm statistics on its own batches; averaged over
     # the ranks, the model rank 0 saves is the one both ranks validated. With ema, that model is
     # the moving average (precise BN applied to it), the same on both ranks (lr 0.01: a score
     # above 0, which the optimiser's own weights do not share).
-    cfg = tiny_config(train_cache, tmp_path / "ddp", epochs=1, precise_bn=precise_bn, ema=ema, lr=lr)
+    cases = [(0, 0.0, 0.003), (4, 0.0, 0.003), (4, 0.9, 0.01)]  # (precise_bn, ema, lr)
+    cfgs = [tiny_config(train_cache, tmp_path / f"ddp{i}", epochs=1, precise_bn=pbn, ema=ema, lr=lr)
+            for i, (pbn, ema, lr) in enumerate(cases)]
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, results), nprocs=2, join=True)
-    (s0, d0, h0, dir0), = results[0]
-    (s1, d1, h1, dir1), = results[1]
-    assert (s0, d0, h0) == (s1, d1, h1), "every rank must see the same validation metrics"
-    assert dir0 == str(tmp_path / "ddp") and dir1 is None  # checkpoints from rank 0 only
-    # one process, same weights, same volumes: the same numbers
-    model = model_from_checkpoint(load_checkpoint(tmp_path / "ddp" / LAST))
+    mp.spawn(_ddp_worker_runs, args=(2, _free_port(), cfgs, results), nprocs=2, join=True)
     cache = Cache(train_cache)
-    single = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
-    assert single["score"] == pytest.approx(s0, abs=1e-12)
-    assert single["hausdorff"] == pytest.approx(h0, abs=1e-12)
+    for i, (case, cfg) in enumerate(zip(cases, cfgs)):
+        (s0, d0, h0, dir0), = results[(i, 0)]
+        (s1, d1, h1, dir1), = results[(i, 1)]
+        assert (s0, d0, h0) == (s1, d1, h1), f"every rank must see the same validation metrics: {case}"
+        assert dir0 == str(tmp_path / f"ddp{i}") and dir1 is None  # checkpoints from rank 0 only
+        # one process, same weights, same volumes: the same numbers
+        model = model_from_checkpoint(load_checkpoint(tmp_path / f"ddp{i}" / LAST))
+        single = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
+        assert single["score"] == pytest.approx(s0, abs=1e-12), case
+        assert single["hausdorff"] == pytest.approx(h0, abs=1e-12), case
 
 
-def _ddp_preempted_worker(rank, world, port, cfg, results, signalled_rank):
-    """A DDP rank whose process (only `signalled_rank`'s) gets SIGTERM during epoch 2's third step."""
+def _ddp_preempted_worker(rank, world, port, straight, cfg, results, signalled_rank):
+    """A DDP rank that first trains `straight` to the end (the unbroken reference, results
+    ("straight", rank)), then `cfg` with its process (only `signalled_rank`'s) getting SIGTERM during
+    epoch 2's third step (results[rank]). One spawn for both: a spawn costs seconds here."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        reported = []
+        fit(straight, report=lambda m, d: reported.append((m, d)), log=lambda *_: None)
+        results[("straight", rank)] = [(m["score"], m["dice"], m["hausdorff"], d) for m, d in reported]
         calls, forward = [], LossMix.forward
 
         def loss_then_signal(self, *args):
@@ -256,11 +276,10 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes(train_
     # stop after the same step (or rank 0 would wait forever in the next all-reduce), one last.pt
     # holds that step, and the same 2-process command resumes to the unbroken run's result.
     straight = tiny_config(train_cache, tmp_path / "straight", epochs=2)
-    unbroken = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), straight, unbroken), nprocs=2, join=True)
     cfg = tiny_config(train_cache, tmp_path / "stopped", epochs=2)
     stopped = mp.Manager().dict()
-    mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), cfg, stopped, 1), nprocs=2, join=True)
+    mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), straight, cfg, stopped, 1), nprocs=2, join=True)
+    unbroken = {0: stopped[("straight", 0)]}
     assert all(re.search(r"in epoch 2 before step 4", stopped[r]) for r in (0, 1)), dict(stopped)
     state = load_checkpoint(tmp_path / "stopped" / LAST)
     assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["steps"] == 3
