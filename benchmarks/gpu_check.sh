@@ -12,9 +12,10 @@
 #   5. the earlier training and inference benchmarks (fp32/bf16 x memory format; fused TTA vs loop)
 # Most important first: a step that hangs is cut by its own timeout, and the later ones still run.
 #
-# Packages the GPU image lacks travel in .whl/ (see the device tool's README): wheels for Python 3.12,
-# and Ray as ray.tar.xz, its wheel unpacked without ray/jars, rllib and llm and packed again, since the
-# wheel itself (79 MB) is over the tool's 64 MiB. They are installed only where `import ray` etc. fail.
+# Packages the GPU image lacks travel in .whl/, made here by benchmarks/gpu_wheels.sh: wheels for
+# Python 3.12, and Ray as ray.tar.xz, its wheel unpacked without ray/jars, rllib and llm and packed
+# again, since the wheel itself (79 MB) is over the tool's 64 MiB. They are installed only where
+# `import ray` etc. fail.
 #
 # QUICK=1 PY=.venv/bin/python bash benchmarks/gpu_check.sh: the same steps at toy sizes on a CPU, to
 # rehearse the script before spending GPU time (the CUDA tests skip there). ONLY="step ..." runs some.
