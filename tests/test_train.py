@@ -62,6 +62,7 @@ def test_one_epoch_lowers_the_loss_and_checkpoint_rebuilds(train_cache, tmp_path
     for key in ("train_loss", "score", "dice", "hausdorff", "dice/stomach", "hausdorff/small_bowel",
                 "epoch_time", "samples_per_s", "soft_dice"):
         assert key in line
+    assert 0 < line["soft_dice"] < 1  # probabilities above 0 on the truth, below 1 elsewhere
 
 
 def test_same_seed_same_metrics_and_resume_continues_exactly(train_cache, tmp_path):
@@ -194,26 +195,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, cfg, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        reported = []
-        fit(cfg, report=lambda m, d: reported.append((m, d)), log=lambda *_: None)
-        results[rank] = [(m["score"], m["dice"], m["hausdorff"], d) for m, d in reported]
-    finally:
-        dist.destroy_process_group()
+def _fit_reported(cfg) -> list[tuple]:
+    """fit(cfg) in this process; (score, dice, hausdorff, checkpoint dir) of each reported epoch."""
+    reported = []
+    fit(cfg, report=lambda m, d: reported.append((m, d)), log=lambda *_: None)
+    return [(m["score"], m["dice"], m["hausdorff"], d) for m, d in reported]
 
 
-def _ddp_worker_runs(rank, world, port, cfgs, results):
-    """_ddp_worker for several configurations in turn, in one process group (one spawn, not one each)."""
+def _ddp_worker(rank, world, port, cfgs, results):
+    """One DDP rank fitting `cfgs` in turn in one process group (one spawn for all: a spawn costs
+    seconds here); results[(i, rank)] is configuration i's _fit_reported."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         for i, cfg in enumerate(cfgs):
-            reported = []
-            fit(cfg, report=lambda m, d: reported.append((m, d)), log=lambda *_: None)
-            results[(i, rank)] = [(m["score"], m["dice"], m["hausdorff"], d) for m, d in reported]
+            results[(i, rank)] = _fit_reported(cfg)
     finally:
         dist.destroy_process_group()
 
@@ -227,7 +223,7 @@ def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path):
     cfgs = [tiny_config(train_cache, tmp_path / f"ddp{i}", epochs=1, precise_bn=pbn, ema=ema, lr=lr)
             for i, (pbn, ema, lr) in enumerate(cases)]
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker_runs, args=(2, _free_port(), cfgs, results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfgs, results), nprocs=2, join=True)
     cache = Cache(train_cache)
     for i, (case, cfg) in enumerate(zip(cases, cfgs)):
         (s0, d0, h0, dir0), = results[(i, 0)]
@@ -248,9 +244,7 @@ def _ddp_preempted_worker(rank, world, port, straight, cfg, results, signalled_r
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        reported = []
-        fit(straight, report=lambda m, d: reported.append((m, d)), log=lambda *_: None)
-        results[("straight", rank)] = [(m["score"], m["dice"], m["hausdorff"], d) for m, d in reported]
+        results[("straight", rank)] = _fit_reported(straight)
         calls, forward = [], LossMix.forward
 
         def loss_then_signal(self, *args):
@@ -279,16 +273,16 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes(train_
     cfg = tiny_config(train_cache, tmp_path / "stopped", epochs=2)
     stopped = mp.Manager().dict()
     mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), straight, cfg, stopped, 1), nprocs=2, join=True)
-    unbroken = {0: stopped[("straight", 0)]}
+    unbroken = stopped[("straight", 0)]
     assert all(re.search(r"in epoch 2 before step 4", stopped[r]) for r in (0, 1)), dict(stopped)
     state = load_checkpoint(tmp_path / "stopped" / LAST)
     assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["steps"] == 3
     resumed = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, resumed), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), [cfg], resumed), nprocs=2, join=True)
     # The resumed run reports epoch 2 only; both runs end with the same weights and scores (DDP
     # broadcasts rank 0's BatchNorm statistics at every forward, so taking rank 0's at the resume
     # changes nothing here).
-    assert len(resumed[0]) == 1 and resumed[0][0][:3] == unbroken[0][1][:3]
+    assert len(resumed[(0, 0)]) == 1 and resumed[(0, 0)][0][:3] == unbroken[1][:3]
     done, again = (load_checkpoint(tmp_path / name / LAST) for name in ("straight", "stopped"))
     assert all(torch.equal(done["model"][k], again["model"][k]) for k in done["model"])
     lines = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
@@ -346,9 +340,9 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_its_last_fraction():
     assert lrs[100] == pytest.approx(0.01) and lrs[85] == pytest.approx(1 - 0.99 * 15 / 30)
 
 
-def test_soft_dice_needs_no_threshold_and_pools_the_volumes():
-    # Two volumes of one class pooled: 2 (0.5 + 0) / ((0.5 + 0.25) + (1 + 1)); a class with neither
-    # probability nor truth counts 1; the mean is over classes.
+def test_soft_dice_pools_the_volumes_then_averages_the_classes():
+    # Items are (sum p g, sum p, sum g). Two volumes of one class pooled: 2 (0.5 + 0) / ((0.75 + 0) +
+    # (1 + 1)); a class with neither probability nor truth counts 1; the mean is over classes.
     assert soft_dice([("a", (0.5, 0.75, 1)), ("a", (0.0, 0.0, 1))]) == pytest.approx(1.0 / 2.75)
     assert soft_dice([("a", (0.5, 0.75, 1)), ("b", (0.0, 0.0, 0))]) == pytest.approx((1 / 1.75 + 1) / 2)
 
