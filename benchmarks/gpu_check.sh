@@ -29,6 +29,11 @@ mkdir -p "$OUT" "$WORK"
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 if ! $PY -c "import ray.tune, optuna, segmentation_models_pytorch, albumentations" 2>/dev/null; then
+    if [ ! -f .whl/ray.tar.xz ]; then
+        echo "gpu_check: Ray, Optuna, smp or albumentations is missing and .whl/ has no wheels: run" \
+             "'bash benchmarks/gpu_wheels.sh' where PyPI is reachable and carry .whl" >&2
+        exit 2
+    fi
     mkdir -p /tmp/site
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     tar xJf .whl/ray.tar.xz -C /tmp/site
