@@ -93,6 +93,44 @@ def brackets_table(trials: list[dict], grace: int, rf: int, max_t: int, most: in
     return out
 
 
+def best_after(result: list[dict], trials: list[dict], spend: int) -> float:
+    """The best score seen once `spend` trial-epochs are spent, trials run one at a time in the
+    order of `result` (replay's output: the epochs each got)."""
+    curves = {t["index"]: t["history"] for t in trials}
+    best, spent = 0.0, 0
+    for run in result:
+        for row in curves[run["index"]][:run["epochs"]]:
+            if spent == spend:
+                return best
+            best, spent = max(best, row["score"]), spent + 1
+    return best
+
+
+def anytime_orders(trials: list[dict], grace: int, rf: int, max_t: int, share: float, draws: int = 2000,
+                   keep_first: bool = True) -> dict:
+    """How much the anytime result (the best score once `share` of the full search's trial-epochs are
+    spent, as a share of its best) depends on the order the configurations come in: over `draws`
+    seeded random orders of the recorded trials (the first kept first, as a search runs its base
+    configuration first), the mean and the share of orders reaching 0.99, with ASHA (this rule)
+    and without early stopping (every trial to the end) in the same orders."""
+    import numpy as np
+
+    full_epochs, full_best, _ = without_early_stopping(trials, max_t)
+    spend = int(share * full_epochs)
+    rng = np.random.default_rng(0)
+    ordered = sorted(trials, key=lambda t: t["index"])
+    ratios = {"asha": [], "fifo": []}
+    for _ in range(draws):
+        head, rest = (ordered[:1], ordered[1:]) if keep_first else ([], ordered)
+        order = head + [rest[i] for i in rng.permutation(len(rest))]
+        renumbered = [{**t, "index": i + 1} for i, t in enumerate(order)]
+        fifo = [{"index": t["index"], "epochs": max_t} for t in renumbered]
+        ratios["asha"].append(best_after(replay(renumbered, "score", grace, rf, max_t), renumbered, spend) / full_best)
+        ratios["fifo"].append(best_after(fifo, renumbered, spend) / full_best)
+    return {"spend": spend, **{f"{arm}_mean": float(np.mean(v)) for arm, v in ratios.items()},
+            **{f"{arm}_met": float(np.mean(np.array(v) >= 0.99)) for arm, v in ratios.items()}}
+
+
 def rank_table(trials: list[dict], metric: str, max_t: int) -> list[tuple[int, float, int]]:
     """Per epoch k: Spearman correlation between the metric after k epochs and the best score in
     max_t epochs, over trials, and the rank after k epochs of the configuration that ends best."""
@@ -135,6 +173,10 @@ def main() -> None:
     parser.add_argument("--brackets", type=int, default=None, metavar="MOST",
                         help="also replay 1..MOST brackets of Ray's multi-bracket ASHA at the first --grace and --rf "
                              "(each trial's bracket drawn as Ray draws it; means over 400 seeded draws)")
+    parser.add_argument("--anytime", type=float, default=None, metavar="SHARE",
+                        help="also: the best score once SHARE of the trial-epochs are spent, in the recorded order "
+                             "and over 2,000 seeded random orders of the configurations (the first kept first), "
+                             "with ASHA at the first --grace and --rf and without early stopping")
     args = parser.parse_args()
     data = load_curves(args.file)
     fifo = data["fifo"]["trials"]
@@ -148,7 +190,9 @@ def main() -> None:
             raise SystemExit("--check needs a bench_asha.py --save file (it holds the real ASHA arm)")
         used = data["args"]
         replayed = replay(fifo, "score", used["grace_period"], used["reduction_factor"], used["epochs"])
-        real = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in data["asha"]["trials"]}
+        # a --budget arm also ran further configurations, which the search without early stopping has no curves of
+        ran = {t["index"] for t in fifo}
+        real = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in data["asha"]["trials"] if t["index"] in ran}
         again = {t["index"]: (t["epochs"], round(t["best"], 6)) for t in replayed}
         if real != again:
             diff = {i: (real.get(i), again.get(i)) for i in sorted(set(real) | set(again))
@@ -180,6 +224,18 @@ def main() -> None:
         for row in brackets_table(fifo, args.grace[0], args.rf[0], max_t, args.brackets):
             print(f"  {row['brackets']} bracket(s): epochs {row['epochs']:.2f}, best {row['best']:.3f}, "
                   f"kept {row['kept']:.2f}")
+    if args.anytime:
+        grace, rf = args.grace[0], args.rf[0]
+        spend = int(args.anytime * full_epochs)
+        here = best_after(replay(fifo, "score", grace, rf, max_t), fifo, spend) / full_best
+        plain = best_after([{"index": t["index"], "epochs": max_t} for t in sorted(fifo, key=lambda t: t["index"])],
+                           fifo, spend) / full_best
+        print(f"anytime: best after {spend} trial-epochs ({args.anytime:.0%}) / best without early stopping, "
+              f"in the recorded order: ASHA (grace {grace}, rf {rf}) {here:.3f}, no early stopping {plain:.3f}")
+        row = anytime_orders(fifo, grace, rf, max_t, args.anytime)
+        print(f"  over 2,000 random orders (first configuration first): ASHA mean {row['asha_mean']:.3f}, "
+              f">= 0.99 in {row['asha_met']:.0%}; no early stopping mean {row['fifo_mean']:.3f}, "
+              f">= 0.99 in {row['fifo_met']:.0%}")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,21 @@ def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path, ca
     records.save(search, path)
     with pytest.raises(SystemExit, match="asha.enabled=false"):
         load_curves(str(path))
+
+
+def test_anytime_is_the_best_seen_once_the_share_is_spent_in_every_order():
+    from asha_replay import anytime_orders, best_after
+
+    trials = curves([0.5, 0.6, 0.7, 0.8], [0.2, 0.9, 0.9, 0.9], [0.6, 0.55, 0.9, 0.95], [0.7, 0.8, 0.85, 0.99])
+    asha = replay(trials, "score", grace=1, rf=2, max_t=4)  # epochs 4, 1, 2, 4 (first test)
+    # one at a time: trial 1's 4 epochs, trial 2's 1, trial 3's 2 (0.6, 0.55), then trial 4's
+    assert [best_after(asha, trials, n) for n in (6, 8, 10, 11)] == [0.8, 0.8, 0.85, 0.99]
+    fifo = [{"index": t["index"], "epochs": 4} for t in trials]
+    assert best_after(fifo, trials, 6) == 0.9  # trial 2's second epoch
+    # Half of the 16 trial-epochs, trial 1 first, trials 2-4 in random orders. Without early stopping
+    # one more trial runs whole: 0.99 is reached when trial 4 comes second. With ASHA too (it passes
+    # every rung), but in the other orders ASHA spends its epochs on the stopped trials and on trial
+    # 4's start, and sees 0.8 or 0.85 where the full second trial reached 0.9 or 0.95.
+    row = anytime_orders(trials, grace=1, rf=2, max_t=4, share=0.5, draws=60)
+    assert row["spend"] == 8 and row["asha_met"] == row["fifo_met"] and 0 < row["fifo_met"] < 1
+    assert row["asha_mean"] < row["fifo_mean"]
