@@ -97,17 +97,19 @@ def best_after(result: list[dict], trials: list[dict], spend: int) -> float:
     """The best score seen once `spend` trial-epochs are spent, trials run one at a time in the
     order of `result` (replay's output: the epochs each got)."""
     curves = {t["index"]: t["history"] for t in trials}
-    best, spent = 0.0, 0
-    for run in result:
-        for row in curves[run["index"]][:run["epochs"]]:
-            if spent == spend:
-                return best
-            best, spent = max(best, row["score"]), spent + 1
-    return best
+    scores = [row["score"] for run in result for row in curves[run["index"]][:run["epochs"]]]
+    return max(scores[:spend], default=0.0)
 
 
-def anytime_orders(trials: list[dict], grace: int, rf: int, max_t: int, share: float, draws: int = 2000,
-                   keep_first: bool = True) -> dict:
+def anytime_pair(trials: list[dict], grace: int, rf: int, max_t: int, spend: int) -> tuple[float, float]:
+    """(ASHA's, no early stopping's) best score once `spend` trial-epochs are spent, the trials run
+    one at a time in index order."""
+    ordered = sorted(trials, key=lambda t: t["index"])
+    return (best_after(replay(ordered, "score", grace, rf, max_t), ordered, spend),
+            best_after([{"index": t["index"], "epochs": max_t} for t in ordered], ordered, spend))
+
+
+def anytime_orders(trials: list[dict], grace: int, rf: int, max_t: int, share: float, draws: int = 2000) -> dict:
     """How much the anytime result (the best score once `share` of the full search's trial-epochs are
     spent, as a share of its best) depends on the order the configurations come in: over `draws`
     seeded random orders of the recorded trials (the first kept first, as a search runs its base
@@ -118,17 +120,15 @@ def anytime_orders(trials: list[dict], grace: int, rf: int, max_t: int, share: f
     full_epochs, full_best, _ = without_early_stopping(trials, max_t)
     spend = int(share * full_epochs)
     rng = np.random.default_rng(0)
-    ordered = sorted(trials, key=lambda t: t["index"])
-    ratios = {"asha": [], "fifo": []}
+    first, *rest = sorted(trials, key=lambda t: t["index"])
+    ratios = []
     for _ in range(draws):
-        head, rest = (ordered[:1], ordered[1:]) if keep_first else ([], ordered)
-        order = head + [rest[i] for i in rng.permutation(len(rest))]
-        renumbered = [{**t, "index": i + 1} for i, t in enumerate(order)]
-        fifo = [{"index": t["index"], "epochs": max_t} for t in renumbered]
-        ratios["asha"].append(best_after(replay(renumbered, "score", grace, rf, max_t), renumbered, spend) / full_best)
-        ratios["fifo"].append(best_after(fifo, renumbered, spend) / full_best)
-    return {"spend": spend, **{f"{arm}_mean": float(np.mean(v)) for arm, v in ratios.items()},
-            **{f"{arm}_met": float(np.mean(np.array(v) >= 0.99)) for arm, v in ratios.items()}}
+        order = [first] + [rest[i] for i in rng.permutation(len(rest))]
+        pair = anytime_pair([{**t, "index": i + 1} for i, t in enumerate(order)], grace, rf, max_t, spend)
+        ratios.append([b / full_best for b in pair])
+    ratios = np.array(ratios)
+    return {"spend": spend, "asha_mean": float(ratios[:, 0].mean()), "fifo_mean": float(ratios[:, 1].mean()),
+            "asha_met": float((ratios[:, 0] >= 0.99).mean()), "fifo_met": float((ratios[:, 1] >= 0.99).mean())}
 
 
 def rank_table(trials: list[dict], metric: str, max_t: int) -> list[tuple[int, float, int]]:
@@ -227,9 +227,7 @@ def main() -> None:
     if args.anytime:
         grace, rf = args.grace[0], args.rf[0]
         spend = int(args.anytime * full_epochs)
-        here = best_after(replay(fifo, "score", grace, rf, max_t), fifo, spend) / full_best
-        plain = best_after([{"index": t["index"], "epochs": max_t} for t in sorted(fifo, key=lambda t: t["index"])],
-                           fifo, spend) / full_best
+        here, plain = (b / full_best for b in anytime_pair(fifo, grace, rf, max_t, spend))
         print(f"anytime: best after {spend} trial-epochs ({args.anytime:.0%}) / best without early stopping, "
               f"in the recorded order: ASHA (grace {grace}, rf {rf}) {here:.3f}, no early stopping {plain:.3f}")
         row = anytime_orders(fifo, grace, rf, max_t, args.anytime)
