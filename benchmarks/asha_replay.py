@@ -178,6 +178,8 @@ def main() -> None:
                              "and over 2,000 seeded random orders of the configurations (the first kept first), "
                              "with ASHA at the first --grace and --rf and without early stopping")
     args = parser.parse_args()
+    if args.anytime is not None and not 0 < args.anytime <= 1:
+        parser.error(f"--anytime {args.anytime}: give the share of the trial-epochs as a number in (0, 1], e.g. 0.4")
     data = load_curves(args.file)
     fifo = data["fifo"]["trials"]
     max_t = args.max_t or data["args"]["epochs"]

@@ -109,3 +109,12 @@ def test_anytime_is_the_best_seen_once_the_share_is_spent_in_every_order():
     row = anytime_orders(trials, grace=1, rf=2, max_t=4, share=0.5, draws=60)
     assert row["spend"] == 8 and row["asha_met"] == row["fifo_met"] and 0 < row["fifo_met"] < 1
     assert row["asha_mean"] < row["fifo_mean"]
+
+
+def test_an_anytime_share_outside_0_1_is_refused(tmp_path, monkeypatch, capsys):
+    from asha_replay import main
+
+    monkeypatch.setattr(sys, "argv", ["asha_replay.py", str(tmp_path / "unread.json"), "--anytime", "40"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "--anytime 40.0: give the share" in capsys.readouterr().err
