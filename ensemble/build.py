@@ -30,6 +30,7 @@ from ensemble.evaluate import (
     holdout_ablation,
     write_holdout_files,
 )
+from ensemble.input_checks import training_data
 from ensemble.latency import (
     Candidate,
     candidate_scores,
@@ -228,6 +229,7 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
                      "candidates": [_candidate_row(c, c in front) for c in cands]},
             timings={**phase, "tuning_s": tune_seconds},
             peak_memory_gib=peaks,
+            training_data=training_data(cache, cache.case_days()),
         )
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
 

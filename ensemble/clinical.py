@@ -1,8 +1,14 @@
 """Clinical outputs of one series: DICOM-SEG, an RT Structure Set and NIfTI labels, side by side.
 
     gitseg predict --ensemble DIR --dicom SERIES_DIR --out OUT   ->  OUT/seg.dcm, OUT/rtstruct.dcm,
-                                                                     OUT/labels.nii.gz, OUT/timings.json
-    gitseg predict --ensemble DIR --nifti-in FILE --out OUT      ->  OUT/labels.nii.gz
+                                                                     OUT/labels.nii.gz, OUT/labels.ctbl,
+                                                                     OUT/labels.itksnap.txt, OUT/timings.json
+    gitseg predict --ensemble DIR --nifti-in FILE --out OUT      ->  the same without SEG and RTSTRUCT
+
+The scan is checked against the ensemble's training scans first (ensemble/input_checks.py), and
+every output says it is for research use only: the SEG's ContentDescription and ImageComments,
+the RTSTRUCT's StructureSetDescription and the NIfTI's descrip, with any warnings that `--force`
+let through.
 
 - `seg.dcm`: a binary DICOM Segmentation written with highdicom, one segment per organ (SNOMED CT
   codes), each frame referencing its source slice.
@@ -14,7 +20,8 @@
   contours are the outlines of its regions and of their holes (and of islands in holes); a reader
   fills them with the even-odd rule, as planning systems treat nested contours (`rtstruct_masks`).
 - `labels.nii.gz`: the labels 1..3 (where organs overlap, the more probable one), with the affine
-  of the DICOM geometry converted to NIfTI's RAS: any viewer overlays it on the series.
+  of the DICOM geometry converted to NIfTI's RAS (gitseg/data/nifti.py, the same writer as the
+  Kaggle path's): any viewer overlays it on the series; the label tables name the organs.
 """
 
 from __future__ import annotations
@@ -25,19 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ensemble.input_checks import empty_organs, refuse_or_warn, scan_problems
 from ensemble.model import EnsembleModel
-from ensemble.predict import label_volume
-from gitseg import __version__
+from ensemble.predict import output_description
+from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
+from gitseg.data.geometry import axis_codes, spacing_of
+from gitseg.data.nifti import COLOURS, SLICER_TABLE, TG263, label_volume, read_volume, write_label_table, write_volume
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import atomic_path, write_text_atomic
 from gitseg.progress import say
 
-# TG-263 structure names, in class order, and what SEG codes them as (SNOMED CT).
-TG263 = ("Bowel_Large", "Bowel_Small", "Stomach")
-COLOURS = ((205, 133, 63), (255, 182, 193), (0, 128, 255))
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _codes():
@@ -57,8 +63,10 @@ def _uid(series: Series, kind: str) -> str:
 # DICOM-SEG
 
 
-def write_seg(path, masks: np.ndarray, series: Series) -> None:
-    """Binary DICOM-SEG of bool `masks` `(3, D, H, W)` (series order), one segment per class."""
+def write_seg(path, masks: np.ndarray, series: Series, warnings=()) -> None:
+    """Binary DICOM-SEG of bool `masks` `(3, D, H, W)` (series order), one segment per class. Its
+    ContentDescription says it is for research use (and whether input checks were forced), its
+    ImageComments hold the notice and every warning."""
     import highdicom as hd  # heavy: only SEG output needs highdicom (it loads pydicom and pillow)
     from pydicom.sr.codedict import codes
 
@@ -73,7 +81,9 @@ def write_seg(path, masks: np.ndarray, series: Series) -> None:
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
         series_instance_uid=_uid(series, "seg-series"), series_number=901, sop_instance_uid=_uid(series, "seg"),
         instance_number=1, manufacturer="gitseg", manufacturer_model_name="gitseg ensemble",
-        software_versions=__version__, device_serial_number="none", series_description="gitseg organs at risk")
+        software_versions=__version__, device_serial_number="none", series_description="gitseg organs at risk",
+        content_description=output_description(bool(warnings)))
+    seg.ImageComments = " ".join([RESEARCH_USE, *warnings])[:10240]  # LT: at most 10240 characters
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
 
@@ -116,8 +126,9 @@ def to_patient(points: np.ndarray, z: int, affine: np.ndarray) -> np.ndarray:
     return (affine @ homogeneous.T).T[:, :3]
 
 
-def write_rtstruct(path, masks: np.ndarray, series: Series) -> int:
-    """RT Structure Set of bool `masks` `(3, D, H, W)`; returns the number of contours written."""
+def write_rtstruct(path, masks: np.ndarray, series: Series, warnings=()) -> int:
+    """RT Structure Set of bool `masks` `(3, D, H, W)`; returns the number of contours written. Its
+    StructureSetDescription holds the research-use notice and every warning `--force` let through."""
     import pydicom  # heavy: only the DICOM outputs need pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence
@@ -144,6 +155,7 @@ def write_rtstruct(path, masks: np.ndarray, series: Series) -> int:
     ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "gitseg", "gitseg ensemble", __version__
     ds.OperatorsName = ""
     ds.StructureSetLabel = "gitseg"
+    ds.StructureSetDescription = " ".join([RESEARCH_USE, *warnings])[:1024]  # ST: at most 1024 characters
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ApprovalStatus = "UNAPPROVED"  # an automatic segmentation: a clinician reviews it
 
@@ -227,78 +239,68 @@ def rtstruct_masks(path, series: Series) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# NIfTI with the DICOM geometry
-
-
-def nifti_affine_of(affine_lps: np.ndarray) -> np.ndarray:
-    """NIfTI (RAS) affine of arrays stored (x=column, y=row, z=slice) from the DICOM (LPS) one."""
-    return LPS_TO_RAS @ affine_lps
-
-
-def write_labels_nifti(path, labels: np.ndarray, affine_lps: np.ndarray) -> None:
-    """uint8 labels `(D, H, W)` as NIfTI with axes (column, row, slice) and the series' geometry."""
-    import nibabel as nib  # only NIfTI output needs it
-
-    image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(labels, (2, 1, 0))), nifti_affine_of(affine_lps))
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(image, tmp)
-
-
-def read_nifti_volume(path) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI scan as float32 `(D, H, W)` (slice, row, column: the array's z, y, x) and its LPS affine
-    for (column, row, slice) indices, so it goes through the same steps as a DICOM series."""
-    import nibabel as nib  # only NIfTI input needs it
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; --nifti-in takes a NIfTI file (.nii or .nii.gz)")
-    try:
-        image = nib.load(path)
-    except Exception as exc:  # nibabel raises several types for a file that is not NIfTI
-        raise ValueError(f"{path} cannot be read as NIfTI ({exc})") from None
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"{path} holds a {data.ndim}-D image of shape {data.shape}; give one 3-D volume")
-    return np.ascontiguousarray(np.transpose(data, (2, 1, 0))), LPS_TO_RAS @ image.affine
-
-
-# ---------------------------------------------------------------------------------------------
 # The command
 
 
-def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, log=say) -> dict:
+def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, force: bool = False,
+                   log=say) -> dict:
     """Predict one series (`dicom` folder or `nifti_in` file) into `out`; returns the timings in
-    seconds (read, inference, write) and the files written, also saved as OUT/timings.json."""
+    seconds (read, models, inference, write), the files written, the input checks' warnings (with
+    `force`) and the empty organs, also saved as OUT/timings.json.
+
+    A scan unlike the ensemble's training scans raises InputRefused before anything is written,
+    unless `force` (ensemble/input_checks.py)."""
+    log(f"predict: {RESEARCH_USE}")
     model = EnsembleModel.load(ensemble_dir, device)  # checked before anything is read
+    training = model.manifest.training_data
     out = Path(out)
     start = time.perf_counter()
     if dicom is not None:
         series = read_series(dicom)
         image, affine = series.image, series.affine
-        source = f"{len(series.datasets)} slices of {series.name}"
+        name = f"series {series.uid}"
+        source = f"{len(series.datasets)} slices of {name}"
+        if series.skipped:
+            log(f"predict: skipped {len(series.skipped)} file(s) of {dicom} that are not DICOM images: "
+                f"{', '.join(series.skipped)}")
     else:
-        image, affine = read_nifti_volume(nifti_in)
-        series, source = None, f"{nifti_in} ({image.shape[0]} slices)"
+        image, affine = read_volume(nifti_in)
+        series, name = None, str(nifti_in)
+        source = f"{nifti_in} ({image.shape[0]} slices)"
     read_s = time.perf_counter() - start
+    spacing = spacing_of(affine)
+    warnings = refuse_or_warn(scan_problems(image.shape, spacing, model.members, training, affine), name, force, log)
+
+    start = time.perf_counter()
+    log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
+    model.load_networks()
+    models_s = time.perf_counter() - start
     start = time.perf_counter()
     probs, masks = model.predict_scan(image)
     infer_s = time.perf_counter() - start
+
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     files = {"labels": out / "labels.nii.gz"}
-    write_labels_nifti(files["labels"], label_volume(probs, masks), affine)
+    write_volume(files["labels"], label_volume(probs, masks), affine, output_description(bool(warnings)))
+    files["label_tables"] = write_label_table(out)
     contours = None
     if series is not None:
         files["seg"], files["rtstruct"] = out / "seg.dcm", out / "rtstruct.dcm"
-        write_seg(files["seg"], masks, series)
-        contours = write_rtstruct(files["rtstruct"], masks, series)
+        write_seg(files["seg"], masks, series, warnings)
+        contours = write_rtstruct(files["rtstruct"], masks, series, warnings)
     write_s = time.perf_counter() - start
-    timings = {"read_s": read_s, "inference_s": infer_s, "write_s": write_s, "slices": int(image.shape[0]),
-               "size": list(image.shape[1:]), "device": str(model.device), "contours": contours,
+    empty = empty_organs(masks, spacing, training)
+    for line in empty:
+        log(f"predict: {line}")
+    timings = {"read_s": read_s, "models_s": models_s, "inference_s": infer_s, "write_s": write_s,
+               "slices": int(image.shape[0]), "size": list(image.shape[1:]), "spacing_mm": list(spacing),
+               "axes": "".join(axis_codes(affine)), "device": str(model.device), "contours": contours,
                "voxels": {cls: int(masks[c].sum()) for c, cls in enumerate(CLASSES)},
-               "files": {k: str(v) for k, v in files.items()}}
+               "warnings": warnings, "empty_organs": empty, "notice": RESEARCH_USE,
+               "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()}}
     write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
-    log(f"predict: {source}: read {read_s:.1f} s, inference {infer_s:.1f} s, writing {write_s:.1f} s; "
-        f"wrote {', '.join(p.name for p in files.values())} to {out}")
+    log(f"predict: {source}: read {read_s:.1f} s, networks {models_s:.1f} s, inference {infer_s:.1f} s, "
+        f"writing {write_s:.1f} s; wrote {', '.join(p.name for p in files.values() if isinstance(p, Path))} "
+        f"(label names in {SLICER_TABLE}) to {out}")
     return timings

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ensemble.evaluate import TUNED_SINGLE, evaluate_holdout, final_variant, paired_gain, scores_from_rows
+from ensemble.input_checks import training_data
 from ensemble.latency import checkpoint_ms, folds_by_score
 from ensemble.members import configurations_of, load_refit, oof_probs, oof_score, oof_volumes
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
@@ -230,7 +231,7 @@ def _build_student(p: Plan, record: RefitRecord, teacher_source: dict, log) -> d
                                                  "selected": c is student} for c in configs]),
             scores=EnsembleScores(oof={"selected_at_0.5": student.cv_score, "tuning_steps": steps,
                                        "case_days": len(p.cache.case_days())}),
-            timings={})
+            timings={}, training_data=training_data(p.cache, p.cache.case_days()))
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
         oof = {c.trial_id: {"at_0.5": c.cv_score, "tuned": tuned_score(tuned[c.rank][1]),
                             "postprocess": tuned[c.rank][0].to_dict()} for c in students}

@@ -49,16 +49,20 @@ class EnsembleModel:
         self.post = post
         self.device = torch.device(device) if device is not None else default_device()
         self._models: dict[str, torch.nn.Module] = {}
+        self.manifest: EnsembleManifest | None = None  # set by `load`
+        self._verified: set[str] = set()  # member files whose sha256 `load` checked
 
     @classmethod
     def load(cls, folder, device=None, verify: bool = True) -> "EnsembleModel":
         folder = Path(folder)
         path = folder / ENSEMBLE_MANIFEST
         manifest = records.load(EnsembleManifest, path,
-                                f"build an ensemble with `gitseg ensemble --run SEARCH_DIR --out {folder}`")
+                                f"copy the ensemble folder again, or build it with `gitseg ensemble --run SEARCH_DIR "
+                                f"--out {folder}`")
         if manifest.format != MANIFEST_FORMAT:
             raise ValueError(f"{path} is not a gitseg ensemble manifest of format {MANIFEST_FORMAT}")
         model = cls(folder, manifest.members, manifest.tta, PostProcess.from_dict(manifest.postprocess), device)
+        model.manifest = manifest
         for m in model.members:
             file = folder / m.file
             # The manifest may come from anyone: it names files inside its folder, nothing else.
@@ -68,9 +72,11 @@ class EnsembleModel:
                                  f"manifest names only files inside its folder (models/<name>.pt)")
             if not file.is_file():
                 raise FileNotFoundError(f"ensemble member {file} is missing; copy the whole ensemble folder")
-            if verify and m.sha256 and sha256(file) != m.sha256:
-                raise ValueError(f"ensemble member {file} does not match its checksum in {ENSEMBLE_MANIFEST}; "
-                                 f"the folder was modified or copied incompletely")
+            if verify and m.sha256:
+                if sha256(file) != m.sha256:
+                    raise ValueError(f"ensemble member {file} does not match its checksum in {ENSEMBLE_MANIFEST}; "
+                                     f"the folder was modified or copied incompletely")
+                model._verified.add(m.file)
         return model
 
     @property
@@ -80,9 +86,15 @@ class EnsembleModel:
     def network(self, member: Member) -> torch.nn.Module:
         """The member's model, rebuilt from its checkpoint and prepared for inference once."""
         if member.file not in self._models:
-            state = load_checkpoint(self.folder / member.file)
+            # A member whose file matched its sha256 at `load` needs no second check of its weights.
+            state = load_checkpoint(self.folder / member.file, check_weights=member.file not in self._verified)
             self._models[member.file] = prepare_for_inference(model_from_checkpoint(state, self.device))
         return self._models[member.file]
+
+    def load_networks(self) -> None:
+        """Every member's network, ready for inference (otherwise the first prediction builds them)."""
+        for member in self.members:
+            self.network(member)
 
     def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
         """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size` (see `predict`)."""

@@ -8,47 +8,22 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
+from ensemble.input_checks import InputRefused, empty_organs, refuse_or_warn, scan_problems
 from ensemble.model import EnsembleModel
+from gitseg import RESEARCH_USE
 from gitseg.data.cache import problems_by_case_day
+from gitseg.data.geometry import axial_affine
+from gitseg.data.nifti import SLICER_TABLE, label_volume, write_label_table, write_volume
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, rle_encode, volume_from_rows
-from gitseg.files import atomic_path, scratch_folder
+from gitseg.files import scratch_folder, write_text_atomic
 from gitseg.progress import bar, say
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
-
-
-def nifti_affine(spacing) -> np.ndarray:
-    """Voxel → RAS+ mm for arrays stored (x=column, y=row, z=slice).
-
-    Columns run to the patient's left and rows to posterior (radiological display of an axial
-    slice); slice numbers run from head to feet in this data (the stomach is only on low slice
-    numbers, docs/DATA.md). The scan is written with the same affine, so the labels overlay it
-    exactly in any viewer whatever the true anatomical direction.
-    """
-    thickness, row_mm, col_mm = spacing
-    return np.diag([col_mm, -row_mm, -thickness, 1.0])
-
-
-def label_volume(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """uint8 `(D, H, W)` labels 1..3 in class order; where masks overlap, the more probable class."""
-    scored = np.where(masks, probs.astype(np.float32), -1.0)
-    best = scored.argmax(axis=0)
-    return np.where(masks.any(axis=0), best + 1, 0).astype(np.uint8)
-
-
-def write_nifti(path: Path, volume: np.ndarray, spacing) -> None:
-    """Write `(D, H, W)` as NIfTI with axes (x, y, z) = (column, row, slice) and the spacing in mm."""
-    import nibabel as nib  # only NIfTI output needs it
-
-    data = np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))  # (W, H, D)
-    image = nib.Nifti1Image(data, nifti_affine(spacing))
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks the format from the name
-        nib.save(image, tmp)
 
 
 def predict_case_day(model: EnsembleModel, image: np.ndarray,
@@ -59,14 +34,18 @@ def predict_case_day(model: EnsembleModel, image: np.ndarray,
 
 
 def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", device=None, ray_address=None,
-                 log=say) -> dict:
-    """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]}}.
+                 force: bool = False, log=say) -> dict:
+    """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]},
+    warnings, empty_organs, submission}, also saved as OUT/predict.json.
 
-    `ray_address` ("auto" for a running cluster, "local" for a local instance) spreads the volumes
-    over the cluster's workers, one GPU each where the cluster has GPUs; None predicts in-process.
+    A case-day unlike the ensemble's training scans (ensemble/input_checks.py) fails with the reason,
+    unless `force`: then it is predicted and its warnings are recorded. `ray_address` ("auto" for a
+    running cluster, "local" for a local instance) spreads the volumes over the cluster's workers, one
+    GPU each where the cluster has GPUs; None predicts in-process.
     """
     # The ensemble is checked (files, checksums) before anything is read or written.
     model = EnsembleModel.load(ensemble_dir, device)
+    training = model.manifest.training_data
     slices, problems = index_root(data_root, split)
     bad, loose = problems_by_case_day(problems)
     failed: dict[str, list[str]] = {cd: msgs for cd, msgs in bad.items()}
@@ -77,14 +56,19 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     nifti = Path(nifti) if nifti else None
     if nifti:
         nifti.mkdir(parents=True, exist_ok=True)
+        write_label_table(nifti)
     submission = out / "submission.csv"
     case_days = [cd for cd in dict.fromkeys(slices["case_day"]) if cd not in failed]
+    warnings: dict[str, list[str]] = {}
 
     def volumes():
         for case_day in case_days:
             try:
-                yield case_day, volume_from_rows(slices[slices["case_day"] == case_day])
-            except (DataFormatError, OSError, ValueError) as exc:
+                volume = volume_from_rows(slices[slices["case_day"] == case_day])
+                found = scan_problems(volume.image.shape, volume.spacing, model.members, training)
+                warnings[case_day] = refuse_or_warn(found, case_day, force, log)
+                yield case_day, volume
+            except (DataFormatError, OSError, ValueError) as exc:  # InputRefused too
                 yield case_day, exc
 
     if ray_address:
@@ -93,7 +77,7 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
         results = ((cd, v, v if isinstance(v, Exception)
                     else _guard(predict_case_day, model, v.image, nifti is not None))
                    for cd, v in volumes())
-    written = []
+    written, empty = [], {}
     # Streamed row by row, not through tables.csv_text: the whole submission of the real test set
     # never sits in memory, and a later failure keeps the volumes already written.
     with open(submission, "w", newline="") as f:
@@ -105,23 +89,38 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
             progress.update()
             if isinstance(result, Exception):
                 failed[case_day] = [str(result), *getattr(result, "problems", [])]
-                log(f"predict: {case_day} failed: {result}")
+                if not isinstance(result, InputRefused):  # said once, with the problems below
+                    log(f"predict: {case_day} failed: {result}")
                 continue
             masks, labels = result
             writer.writerows((sid, cls, rle_encode(masks[c, z]))
                              for z, sid in enumerate(volume.slice_ids) for c, cls in enumerate(CLASSES))
             f.flush()
             if nifti:
-                write_nifti(nifti / f"{case_day}.nii.gz", labels, volume.spacing)
-                write_nifti(nifti / f"{case_day}_scan.nii.gz", volume.image, volume.spacing)
+                affine = axial_affine(volume.spacing)
+                description = output_description(bool(warnings.get(case_day)))
+                write_volume(nifti / f"{case_day}.nii.gz", labels, affine, description)
+                write_volume(nifti / f"{case_day}_scan.nii.gz", volume.image, affine)
+            empty[case_day] = empty_organs(masks, volume.spacing, training)
+            for line in empty[case_day]:
+                log(f"predict: {case_day}: {line}")
             written.append(case_day)
         progress.close()
     for case_day, msgs in failed.items():
         for msg in msgs:
             log(f"predict: problem in {case_day}: {msg}")
     log(f"predict: {submission}: {len(written)} case-day(s)" + (f"; {len(failed)} failed" if failed else "")
-        + (f"; NIfTI in {nifti}" if nifti else ""))
-    return {"written": written, "failed": failed, "submission": str(submission)}
+        + (f"; NIfTI in {nifti} (label names in {SLICER_TABLE})" if nifti else ""))
+    result = {"written": written, "failed": failed, "submission": str(submission),
+              "warnings": {cd: w for cd, w in warnings.items() if w},
+              "empty_organs": {cd: e for cd, e in empty.items() if e}, "notice": RESEARCH_USE}
+    write_text_atomic(out / "predict.json", json.dumps(result, indent=1))
+    return result
+
+
+def output_description(forced: bool) -> str:
+    """The short description every output carries (at most 64 characters: DICOM's LO)."""
+    return ("Input checks forced; " if forced else "") + RESEARCH_USE
 
 
 def _guard(fn, *args):

@@ -137,6 +137,20 @@ class EnsembleScores:
 
 
 @dataclasses.dataclass
+class TrainingData:
+    """The range of the scans an ensemble's members trained on (the non-holdout case-days of its
+    cache): what `gitseg predict` checks its input against (ensemble/input_checks.py)."""
+
+    case_days: int
+    slices: list[int]            # [min, max] slices per scan
+    slice_mm: list[float]        # [min, max] spacing between slices
+    pixel_mm: list[float]        # [min, max] in-plane pixel spacing
+    fov_mm: list[float]          # [min, max] of either in-plane side of the field of view
+    extent_mm: list[float]       # [min, max] head-to-feet extent: slices x slice spacing
+    organ_share: list[float]     # per class: the share of case-days in which the organ is present
+
+
+@dataclasses.dataclass
 class EnsembleManifest:
     format: int
     gitseg_version: str
@@ -158,6 +172,8 @@ class EnsembleManifest:
     # The process's peak resident memory (GiB, the kernel's maximum so far) at the end of each phase
     # named in `timings`: which phase makes the peak (issue 12's rehearsal reads it).
     peak_memory_gib: dict = dataclasses.field(default_factory=dict)
+    # None in ensembles built before predict checked its input: then only the 2.5D window is checked.
+    training_data: TrainingData | None = None
 
 
 @dataclasses.dataclass
@@ -180,20 +196,23 @@ def to_json(record, indent: int | None = 1) -> str:
     return json.dumps(dataclasses.asdict(record), indent=indent, default=_plain)
 
 
-def from_json(cls: type[Record], text: str, source="") -> Record:
+def from_json(cls: type[Record], text: str, source="", advice: str = "") -> Record:
+    """Parse `text` as `cls`; a damaged text (truncated, edited) raises ValueError naming `source`,
+    what is wrong and `advice` (what to do about it)."""
     try:
         return from_dict(cls, json.loads(text))
     except (ConfigError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{source or cls.__name__} is not a valid {cls.__name__}: {exc}") from None
+        advice = advice or "restore it from a copy, or run again the command that wrote it"
+        raise ValueError(f"{source or cls.__name__} is damaged or is not a valid {cls.__name__} ({exc}); {advice}") from None
 
 
 def save(record, path, indent: int | None = 1) -> None:
     write_text_atomic(path, to_json(record, indent))
 
 
-def load(cls: type[Record], path, missing: str = "") -> Record:
-    """Read `path` as `cls`; `missing` is the advice given when the file does not exist."""
+def load(cls: type[Record], path, advice: str = "") -> Record:
+    """Read `path` as `cls`; `advice` is what the error says to do when it is missing or damaged."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {path.parent}" + (f"; {missing}" if missing else ""))
-    return from_json(cls, path.read_text(), path)
+        raise FileNotFoundError(f"no {path.name} in {path.parent}" + (f"; {advice}" if advice else ""))
+    return from_json(cls, path.read_text(), path, advice)

@@ -3,24 +3,20 @@ round trips on hand-made masks (tests/test_ensemble.py runs `gitseg predict --di
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ensemble.clinical import (
-    LPS_TO_RAS,
-    TG263,
-    read_nifti_volume,
-    rtstruct_masks,
-    seg_masks,
-    write_labels_nifti,
-    write_rtstruct,
-    write_seg,
-)
+from ensemble.clinical import rtstruct_masks, seg_masks, write_rtstruct, write_seg
 from gitseg.data.dicom import DicomSeriesError, read_series, write_series
+from gitseg.data.geometry import LPS_TO_RAS
+from gitseg.data.nifti import TG263, read_volume, write_volume
 
 SPACING = (3.0, 1.5, 1.25)  # slice, row, column mm
 
@@ -118,18 +114,30 @@ def test_non_parallel_slices_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("intruder,message", [("CT_small.dcm", "modality CT, not MR"),
-                                              ("rtstruct.dcm", "RTSTRUCT object without pixel data"),
-                                              (None, "not a DICOM file")])
+                                              ("rtstruct.dcm", "RTSTRUCT object without pixel data")])
 def test_objects_that_are_not_mr_image_slices_are_named(tmp_path, intruder, message):
     from pydicom.data import get_testdata_file
 
     folder, _ = series_folder(tmp_path)
-    target = folder / "intruder.dcm"
-    if intruder:
-        shutil.copy(get_testdata_file(intruder), target)
-    else:
-        target.write_text("notes about the scan\n")
+    shutil.copy(get_testdata_file(intruder), folder / "intruder.dcm")
     with pytest.raises(DicomSeriesError, match=f"intruder.dcm: .*{message}"):
+        read_series(folder)
+
+
+def test_files_that_are_not_dicom_and_a_dicomdir_are_skipped_and_listed(tmp_path):
+    """Exports put a README.TXT, notes or a DICOMDIR beside the slices: the series reads as without them."""
+    from pydicom.data import get_testdata_file
+
+    folder, image = series_folder(tmp_path)
+    (folder / "README.TXT").write_text("Exported by a PACS\n")
+    (folder / "notes.dcm").write_bytes(b"\x00" * 200)
+    shutil.copy(get_testdata_file("DICOMDIR"), folder / "DICOMDIR")
+    series = read_series(folder)
+    assert np.array_equal(series.image, image.astype(np.float32))
+    assert sorted(series.skipped) == ["DICOMDIR", "README.TXT", "notes.dcm"]
+    for path in folder.glob("IM*.dcm"):
+        path.unlink()
+    with pytest.raises(DicomSeriesError, match=r"holds no DICOM image \(not DICOM: DICOMDIR, README.TXT, notes.dcm\)"):
         read_series(folder)
 
 
@@ -178,7 +186,7 @@ def written(tmp_path_factory):
     write_seg(tmp / "seg.dcm", masks, series)
     contours = write_rtstruct(tmp / "rtstruct.dcm", masks, series)
     labels = np.argmax(np.concatenate([np.zeros((1, *masks.shape[1:]), bool), masks]), axis=0).astype(np.uint8)
-    write_labels_nifti(tmp / "labels.nii.gz", labels, series.affine)
+    write_volume(tmp / "labels.nii.gz", labels, series.affine)
     return tmp, series, masks, labels, contours
 
 
@@ -235,14 +243,22 @@ def test_nifti_voxel_corners_are_where_dicom_puts_them(written):
                 dicom = (np.asarray(first.ImagePositionPatient, float) + i * col_mm * iop[:3] + j * row_mm * iop[3:]
                          + k * step)
                 assert image.affine @ [i, j, k, 1] == pytest.approx([*(LPS_TO_RAS[:3, :3] @ dicom), 1], abs=1e-6)
-    again, affine = read_nifti_volume(tmp / "labels.nii.gz")
+    again, affine = read_volume(tmp / "labels.nii.gz")
     assert np.array_equal(again, labels.astype(np.float32)) and np.allclose(affine, series.affine)
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="Debian's dicom3tools (dciodvfy) is not installed")
+# The test extra installs dicom3tools into the venv (CI does not put .venv/bin on PATH).
+DCIODVFY = shutil.which("dciodvfy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def dciodvfy_errors(path) -> list[str]:
+    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dicom3tools (dciodvfy) is not installed: `pip install -e '.[test]'`")
 @pytest.mark.parametrize("name", ["seg.dcm", "rtstruct.dcm"])
 def test_dciodvfy_finds_no_errors(written, name):
     tmp = written[0]
-    done = subprocess.run(["dciodvfy", str(tmp / name)], capture_output=True, text=True)
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+    errors = dciodvfy_errors(tmp / name)
     assert not errors, "\n".join(errors)

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -524,13 +525,19 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capfd):
     # On the terminal: the results, and where the rest of the output went (the run's log file).
     text = capfd.readouterr().out
     assert "best single fold model" in text and "holdout score" in text
-    assert f"is in {refit_run / 'ensemble.log'}; --verbose" in text and (refit_run / "ensemble.log").is_file()
+    log = tmp_path / "ens" / "ensemble.log"  # in the folder the command wrote, not in the search it read
+    assert f"is in {log}; --verbose" in text and log.is_file() and not (refit_run / "ensemble.log").exists()
     manifest = records.load(EnsembleManifest, tmp_path / "ens" / ENSEMBLE_MANIFEST)
     assert manifest.selection.method == "greedy" and manifest.tta == "none"
     assert main(["predict", "--ensemble", str(tmp_path / "ens"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p")]) == 0
-    assert main(["ensemble", "--run", str(tmp_path), "--topk", "1"]) == 2
-    assert "refit.json" in capfd.readouterr().err
+    # Not a search folder: the error, and nothing written into that folder nor left in the temporary one.
+    temporary = set(Path(tempfile.gettempdir()).glob("gitseg-ensemble-*.log"))
+    assert main(["ensemble", "--run", str(tmp_path / "p"), "--topk", "1"]) == 2
+    _, err = capfd.readouterr()
+    assert "refit.json" in err and "is in" not in err
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["predict.json", "predict.log", "submission.csv"]
+    assert set(Path(tempfile.gettempdir()).glob("gitseg-ensemble-*.log")) == temporary
     # A folder that is not an ensemble: a clear error, and nothing is written.
     assert main(["predict", "--ensemble", str(tmp_path / "nope"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p2")]) == 2
@@ -595,35 +602,50 @@ def test_distill_teacher_targets_and_student_folder(built, refit_run, train_cach
 # The clinical path: a DICOM series (written by `gitseg synth --dicom`) or a NIfTI volume in
 
 
-def test_predict_a_dicom_series_and_a_nifti_volume(built, tmp_path):
-    """`gitseg synth --dicom` then `gitseg predict --dicom`: SEG, RTSTRUCT and NIfTI beside each other,
-    the SEG holding exactly the masks the ensemble predicts for the same scan from the PNG tree; the
-    same scan as NIfTI gives the same labels with its own affine."""
-    import nibabel as nib
-
-    from ensemble.clinical import rtstruct_masks, seg_masks
+@pytest.fixture(scope="module")
+def clinical(built, tmp_path_factory):
+    """A synthetic tree (`gitseg synth --dicom`: its unlabelled case-day also as a DICOM series, and
+    here its labelled one too) and a copy of the test ensemble whose thresholds keep each class's top
+    5% of voxels on that scan: its one-epoch models draw nothing at their tuned thresholds, and every
+    output needs shapes to carry."""
     from gitseg.cli import main
-    from gitseg.data.dicom import read_series
+    from gitseg.data.dicom import write_dicom_tree
 
-    root = tmp_path / "uwmgi"
+    tmp = tmp_path_factory.mktemp("clinical")
+    root = tmp / "uwmgi"
     assert main(["synth", "--out", str(root), "--dicom", "--cases", "1", "--days", "1",
                  "--slices", "12", "--size", "64", "--test-cases", "1", "--seed", "4"]) == 0
-    (series_dir,) = sorted((root / "dicom").iterdir())
+    write_dicom_tree(root, "train", seed=4)
+    series_dir = root / "dicom" / index_root(root, "test")[0]["case_day"].iloc[0]
     scan = load_volume(root, series_dir.name, "test")
-    # The test ensemble's one-epoch models draw nothing at their tuned thresholds: a copy whose
-    # thresholds keep each class's top 5% of voxels, so that every output has shapes to carry.
-    folder = tmp_path / "ensemble"
+    folder = tmp / "ensemble"
     shutil.copytree(built[0], folder)
     probs, _ = EnsembleModel.load(folder).predict_scan(scan.image)
     manifest = json.loads((folder / ENSEMBLE_MANIFEST).read_text())
     manifest["postprocess"] = {**manifest["postprocess"],
                                "thresholds": [float(np.quantile(p.astype(np.float32), 0.95)) for p in probs]}
     (folder / ENSEMBLE_MANIFEST).write_text(json.dumps(manifest))
+    return root, series_dir, scan, folder
+
+
+def test_predict_a_dicom_series_and_a_nifti_volume(clinical, tmp_path):
+    """`gitseg synth --dicom` then `gitseg predict --dicom`: SEG, RTSTRUCT, NIfTI and label tables beside
+    each other, the SEG holding exactly the masks the ensemble predicts for the same scan from the PNG
+    tree; the same scan as NIfTI gives the same labels with its own affine."""
+    import nibabel as nib
+
+    from ensemble.clinical import rtstruct_masks, seg_masks
+    from gitseg.cli import main
+    from gitseg.data.dicom import read_series
+
+    root, series_dir, scan, folder = clinical
     assert main(["predict", "--ensemble", str(folder), "--dicom", str(series_dir), "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} >= {"seg.dcm", "rtstruct.dcm", "labels.nii.gz", "timings.json"}
+    assert {p.name for p in out.iterdir()} >= {"seg.dcm", "rtstruct.dcm", "labels.nii.gz", "labels.ctbl",
+                                               "labels.itksnap.txt", "timings.json"}
     timings = json.loads((out / "timings.json").read_text())
-    assert all(timings[k] > 0 for k in ("read_s", "inference_s", "write_s"))
+    assert all(timings[k] > 0 for k in ("read_s", "models_s", "inference_s", "write_s"))
+    assert timings["warnings"] == [] and timings["axes"] == "LPI" and timings["notice"].startswith("Research use only")
 
     series = read_series(series_dir)
     assert np.array_equal(series.image, scan.image.astype(np.float32))
@@ -632,6 +654,7 @@ def test_predict_a_dicom_series_and_a_nifti_volume(built, tmp_path):
     assert np.array_equal(seg_masks(out / "seg.dcm", series), masks)
     assert (rtstruct_masks(out / "rtstruct.dcm", series) == masks).mean() > 0.98
     labels = nib.load(out / "labels.nii.gz")
+    assert labels.header["descrip"].tobytes().rstrip(b"\0").decode() == "Research use only; not for clinical use."
 
     scan_xyz = np.transpose(scan.image, (2, 1, 0)).astype(np.float32)
     nib.save(nib.Nifti1Image(scan_xyz, labels.affine), tmp_path / "in.nii.gz")
@@ -640,8 +663,166 @@ def test_predict_a_dicom_series_and_a_nifti_volume(built, tmp_path):
     again = nib.load(tmp_path / "nifti" / "labels.nii.gz")
     assert np.array_equal(np.asarray(again.dataobj), np.asarray(labels.dataobj))
     assert np.allclose(again.affine, labels.affine)
+    assert (tmp_path / "nifti" / "labels.ctbl").is_file()
     assert main(["predict", "--ensemble", str(folder), "--dicom", str(series_dir), "--data", str(root),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_both_predict_paths_put_every_organ_on_the_same_side_of_the_patient(clinical, tmp_path):
+    """One synthetic case-day predicted from the Kaggle tree (`--data --nifti`) and as a DICOM series
+    (`--dicom`): the two label volumes hold the same voxels at the same patient coordinates, the SEG's
+    own geometry and the RTSTRUCT's contours put them there too, and the phantom's stomach lies on
+    the patient's left (as DICOM's standard axial display shows it, on the image's right)."""
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+
+    from ensemble.clinical import predict_series
+    from gitseg.data.dicom import read_series
+    from gitseg.data.geometry import LPS_TO_RAS, axial_affine, axis_codes
+
+    root, series_dir, scan, folder = clinical
+    case_day = series_dir.name
+    predict_tree(folder, root, tmp_path / "tree", nifti=tmp_path / "tree-nii", **QUIET)
+    predict_series_out = tmp_path / "series"
+    predict_series(folder, predict_series_out, dicom=series_dir, **QUIET)
+    tree = nib.load(tmp_path / "tree-nii" / f"{case_day}.nii.gz")
+    dicom = nib.load(predict_series_out / "labels.nii.gz")
+    assert nib.aff2axcodes(tree.affine) == nib.aff2axcodes(dicom.affine) == ("L", "P", "I")
+    assert np.allclose(tree.affine, dicom.affine)
+    tree_labels, dicom_labels = np.asarray(tree.dataobj), np.asarray(dicom.dataobj)
+    assert np.array_equal(tree_labels, dicom_labels) and (tree_labels > 0).any()
+
+    def ras_points(image, where) -> np.ndarray:
+        ijk = np.argwhere(where)  # (N, 3): column, row, slice
+        return (image.affine @ np.column_stack([ijk, np.ones(len(ijk))]).T).T[:, :3]
+
+    # The SEG's own geometry (highdicom's volume of it, not the series'): the same voxels in LPS.
+    seg = hd.seg.segread(predict_series_out / "seg.dcm").get_volume(combine_segments=False)
+    for c in range(3):
+        kji = np.argwhere(seg.array[..., c] > 0)  # (N, 3): slice, row, column
+        lps = (seg.affine @ np.column_stack([kji, np.ones(len(kji))]).T).T[:, :3]
+        from_nifti = ras_points(dicom, dicom_labels == c + 1) * [-1, -1, 1]
+        seg_set = {tuple(p) for p in np.round(lps, 3)}
+        assert {tuple(p) for p in np.round(from_nifti, 3)} <= seg_set  # overlaps go to the likelier class
+        # RTSTRUCT: each slice's contours span exactly the SEG's pixels of that slice, in patient mm.
+        rt = pydicom.dcmread(predict_series_out / "rtstruct.dcm")
+        roi = next(r for r in rt.ROIContourSequence if r.ReferencedROINumber == c + 1)
+        by_z: dict[float, list] = {}
+        for item in roi.ContourSequence:
+            points = np.asarray(item.ContourData, float).reshape(-1, 3)
+            by_z.setdefault(round(float(points[0, 2]), 3), []).append(points)
+        seg_by_z: dict[float, list] = {}
+        for p in lps:
+            seg_by_z.setdefault(round(float(p[2]), 3), []).append(p)
+        assert set(by_z) == set(seg_by_z)
+        for z, parts in by_z.items():
+            contour, pixels = np.concatenate(parts), np.asarray(seg_by_z[z])
+            assert contour.min(0) == pytest.approx(pixels.min(0), abs=1e-3)
+            assert contour.max(0) == pytest.approx(pixels.max(0), abs=1e-3)
+
+    # Ground truth of the labelled case-day: the stomach on the patient's left, on both paths' geometry.
+    (train_day,) = index_root(root, "train")[0]["case_day"].unique()
+    truth = load_volume(root, train_day, "train")
+    train_series = read_series(root / "dicom" / train_day)
+    assert np.allclose(train_series.affine, axial_affine(truth.spacing))
+    assert axis_codes(train_series.affine) == ("L", "P", "I")
+    kji = np.argwhere(truth.masks[2])
+    ras = (LPS_TO_RAS @ train_series.affine @ np.column_stack([kji[:, ::-1], np.ones(len(kji))]).T).T[:, :3]
+    d, h, w = truth.image.shape
+    centre = (LPS_TO_RAS @ train_series.affine @ [(w - 1) / 2, (h - 1) / 2, (d - 1) / 2, 1])[:3]
+    assert ras[:, 0].mean() < centre[0] - 20  # RAS: x grows toward the patient's right
+
+
+def test_implausible_input_is_refused_before_anything_is_written_and_force_records_why(clinical, tmp_path, capfd):
+    """pydicom's MR_small (one 64 x 64 slice at 0.31 mm: a 20 mm field of view) beside an export's
+    README.TXT: refused with every reason, nothing written; with --force predicted, and the warnings
+    are in timings.json, the SEG, the RTSTRUCT and the NIfTI header."""
+    import nibabel as nib
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from gitseg.cli import main
+
+    folder = clinical[3]
+    series = tmp_path / "mr_small"
+    series.mkdir()
+    shutil.copy(get_testdata_file("MR_small.dcm"), series / "IM1")
+    (series / "README.TXT").write_text("exported by a PACS\n")
+    command = ["predict", "--ensemble", str(folder), "--dicom", str(series), "--out", str(tmp_path / "out")]
+    assert main(command) == 2
+    out, err = capfd.readouterr()
+    assert "Research use only; not for clinical use." in out
+    for reason in ("the scan has 1 slice, fewer than the 5 its 2.5D input reads around each slice (1 slice, 3 slices "
+                   "2 apart)", "trained on scans of 40 slices",
+                   "the field of view is 20 x 20 mm", "the pixel spacing is 0.31 x 0.31 mm", "Pass --force"):
+        assert reason in err, err
+    assert not (tmp_path / "out").exists()
+
+    assert main([*command, "--force"]) == 0
+    out, _ = capfd.readouterr()
+    assert "skipped 1 file(s)" in out and "README.TXT" in out and out.count("warning (--force)") == 3
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert len(timings["warnings"]) == 3 and "field of view is 20 x 20 mm" in timings["warnings"][1]
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
+    assert seg.ContentDescription == "Input checks forced; Research use only; not for clinical use."
+    rtstruct = pydicom.dcmread(tmp_path / "out" / "rtstruct.dcm")
+    for text in (seg.ImageComments, rtstruct.StructureSetDescription):
+        assert text.startswith("Research use only") and all(w in text for w in timings["warnings"])
+    descrip = nib.load(tmp_path / "out" / "labels.nii.gz").header["descrip"].tobytes().rstrip(b"\0").decode()
+    assert descrip.startswith("Input checks forced")
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("sagittal", "the slices are sagittal"),
+    ("mirrored", "columns run toward the patient's right"),
+    ("two slices", "the scan has 2 slices, fewer than the 5"),
+])
+def test_a_series_that_is_not_axial_or_too_short_is_refused(clinical, tmp_path, kind, expected):
+    from ensemble.clinical import predict_series
+    from ensemble.input_checks import InputRefused
+    from gitseg.data.dicom import write_series
+
+    _, _, scan, folder = clinical
+    orientation = {"sagittal": (0, 1, 0, 0, 0, -1), "mirrored": (-1, 0, 0, 0, 1, 0)}.get(kind, (1, 0, 0, 0, 1, 0))
+    image = scan.image[:2] if kind == "two slices" else scan.image
+    write_series(tmp_path / "series", image, scan.spacing, "case1_day1", orientation=orientation)
+    with pytest.raises(InputRefused, match=re.escape(expected)):
+        predict_series(folder, tmp_path / "out", dicom=tmp_path / "series", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_tree_path_refuses_case_days_unlike_the_training_scans_unless_forced(clinical, tmp_path):
+    root, _, _, folder = clinical
+    strict = tmp_path / "ensemble"
+    shutil.copytree(folder, strict)
+    manifest = json.loads((strict / ENSEMBLE_MANIFEST).read_text())
+    manifest["training_data"]["pixel_mm"] = [0.5, 0.6]  # as if trained on high-resolution scans
+    (strict / ENSEMBLE_MANIFEST).write_text(json.dumps(manifest))
+    result = predict_tree(strict, root, tmp_path / "refused", nifti=tmp_path / "nii", **QUIET)
+    (case_day,) = result["failed"]
+    assert result["written"] == [] and "the pixel spacing is" in result["failed"][case_day][0]
+    assert "Pass --force" in result["failed"][case_day][0] and not list((tmp_path / "nii").glob("*.nii.gz"))
+    result = predict_tree(strict, root, tmp_path / "forced", nifti=tmp_path / "nii", force=True, **QUIET)
+    assert result["written"] == [case_day] and "pixel spacing" in result["warnings"][case_day][0]
+    assert json.loads((tmp_path / "forced" / "predict.json").read_text())["warnings"] == result["warnings"]
+
+
+def test_an_empty_organ_the_scan_should_hold_is_said(built, synth_root, tmp_path):
+    """The test ensemble's one-epoch models draw little at their tuned thresholds: every organ they
+    leave empty in a full-length case-day gets its line, and only those."""
+    said = []
+    result = predict_tree(built[0], synth_root, tmp_path / "pred", log=said.append)
+    sub = pd.read_csv(tmp_path / "pred" / "submission.csv", dtype=str, keep_default_na=False)
+    sub["case_day"] = sub["id"].str.rsplit("_", n=2).str[0]
+    drawn = sub[sub["predicted"] != ""].groupby("case_day")["class"].unique().to_dict()
+    empty = {(cd, cls) for cd in result["written"] for cls in CLASSES if cls not in drawn.get(cd, ())}
+    assert empty, "the test needs an empty organ"
+    lines = {(line.split(": ")[1], cls) for line in said for cls in CLASSES
+             if f"no {cls.replace('_', ' ')} found, although" in line}
+    assert lines == empty
+    assert {(cd, cls) for cd, items in result["empty_organs"].items() for cls in CLASSES
+            for line in items if cls.replace("_", " ") in line} == empty
 
 
 def test_robustness_scores_the_holdout_under_corruptions_and_the_report_shows_it(built, refit_run, tmp_path):

@@ -121,3 +121,29 @@ def test_options_that_leave_parameters_unused_are_refused_before_ddp_does():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     check_parameters_used(model, 3, 64, cfg)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # probed on a copy
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_checkpoint_rebuilds_every_architecture_exactly_without_its_encoder_weights_file(arch):
+    """model_from_checkpoint builds on the meta device and takes every tensor from the checkpoint:
+    the same outputs as the trained model, nothing left on the meta device, and a config that named
+    a local encoder weights file (absent where the model predicts) still rebuilds."""
+    from gitseg.checkpoint import model_from_checkpoint
+    from gitseg.config import Config, to_dict
+
+    size = MIN_SIZE.get(arch, 64)
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(arch=arch, encoder="tu-test_resnet", gate=True))
+    trained = build_model(cfg.model, in_channels=3).eval()
+    for module in trained.modules():  # BatchNorm statistics that differ from a fresh model's
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    cfg.model.encoder_weights = "/nowhere/encoder.pt"
+    state = {"config": to_dict(cfg), "model": trained.state_dict(), "preprocessing": {"channels": 3}}
+    rebuilt = model_from_checkpoint(state)
+    assert not any(t.is_meta for t in [*rebuilt.parameters(), *rebuilt.buffers()])
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        for a, b in zip(split_outputs(trained(x)), split_outputs(rebuilt(x))):
+            assert torch.equal(a, b)

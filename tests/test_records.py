@@ -32,10 +32,10 @@ def test_a_damaged_or_missing_record_is_refused_by_name(tmp_path):
     path = tmp_path / "refit.json"
     data = {"folds": [0], "tta": "hflip", "models": [], "extra": 1}
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"refit.json is not a valid RefitRecord.*extra"):
+    with pytest.raises(ValueError, match=r"refit.json is damaged or is not a valid RefitRecord.*extra"):
         records.load(RefitRecord, path)
     path.write_text('{"folds": [0], "tta": "hflip", "mod')  # truncated
-    with pytest.raises(ValueError, match="refit.json is not a valid RefitRecord"):
+    with pytest.raises(ValueError, match="refit.json is damaged or is not a valid RefitRecord"):
         records.load(RefitRecord, path)
     with pytest.raises(FileNotFoundError, match="no search.json in .*; run the search first"):
         records.load(SearchRecord, tmp_path / "search.json", "run the search first")

@@ -6,7 +6,9 @@ ImageOrientationPatient's row and column directions) and stored head first, as t
 data's slices run (docs/DATA.md): a series whose normal points to the head is reversed. Pixel
 values go through RescaleSlope/RescaleIntercept where present. In-plane, pixels stay as stored:
 the models learnt axial slices in the usual display (patient's right on the image's left,
-anterior at the top); other orientations are predicted as stored.
+anterior at the top), and `gitseg predict` refuses other orientations unless forced
+(ensemble/input_checks.py). Files that are not DICOM (a README.TXT beside an export) and a
+DICOMDIR are skipped.
 
 Geometry follows DICOM's patient coordinates (LPS, mm): voxel (column i, row j, slice k) of the
 sorted volume is at `affine @ (i, j, k, 1)`, where `affine` holds the row direction times the
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gitseg.data.geometry import AXIAL, spacing_of
 from gitseg.data.uwmgi import index_root, volume_from_rows
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 # Tolerances: direction cosines compared to 1e-4 (scanners write 6 decimals); a gap between slices
 # more than 10% off the series' typical spacing is a missing or extra slice.
 ORIENTATION_TOLERANCE = 1e-4
@@ -41,11 +45,12 @@ class Series:
     datasets: list               # pydicom Datasets in the order of `image` (pixel data dropped)
     files: list[Path]            # the same order
 
+    skipped: list[str] = dataclasses.field(default_factory=list)  # files of the folder that are not DICOM
+
     @property
     def spacing(self) -> tuple[float, float, float]:
         """(slice spacing, row spacing, column spacing) in mm, as the cache's entries hold them."""
-        return (float(np.linalg.norm(self.affine[:3, 2])), float(np.linalg.norm(self.affine[:3, 1])),
-                float(np.linalg.norm(self.affine[:3, 0])))
+        return spacing_of(self.affine)
 
     @property
     def uid(self) -> str:
@@ -56,11 +61,14 @@ class Series:
         return f"series {self.uid}"
 
 
+class NotDicom(Exception):
+    """A file that is not a DICOM object: a series folder may hold a README or an index beside it."""
+
+
 def _read(path: Path):
     import pydicom  # only the DICOM path needs it
     from pydicom.errors import InvalidDicomError
 
-    not_dicom = DicomSeriesError(f"{path}: not a DICOM file; a series folder holds only the series' DICOM files")
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError:  # no preamble: older files often lack it, so read it as a bare data set
@@ -73,7 +81,7 @@ def _read(path: Path):
             return ds
     except Exception:  # whatever a non-DICOM file makes the parser raise
         pass
-    raise not_dicom
+    raise NotDicom(path)
 
 
 def _vector(ds, key: str, path: Path, size: int) -> np.ndarray:
@@ -84,17 +92,24 @@ def _vector(ds, key: str, path: Path, size: int) -> np.ndarray:
 
 
 def read_series(folder) -> Series:
-    """Read every file of `folder` as one MR series; DicomSeriesError names the file and the problem
-    (not DICOM, not an MR image, several series, mixed or non-parallel orientations, a missing slice)."""
+    """Read every DICOM file of `folder` as one MR series; files that are not DICOM (a README, an index)
+    and a DICOMDIR are skipped and listed in `Series.skipped`. DicomSeriesError names the file and the
+    problem (not an MR image, several series, mixed or non-parallel orientations, a missing slice)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; --dicom takes the folder of one series")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DicomSeriesError(f"{folder} holds no files")
-    slices = []
+    slices, skipped = [], []
     for path in files:
-        ds = _read(path)
+        try:
+            ds = _read(path)
+        except NotDicom:
+            skipped.append(path.name)
+            continue
+        meta = getattr(ds, "file_meta", None) or {}
+        if MEDIA_STORAGE_DIRECTORY in (ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID")):  # a DICOMDIR
+            skipped.append(path.name)
+            continue
         modality = ds.get("Modality", "")
         if "PixelData" not in ds:
             raise DicomSeriesError(f"{path}: a {modality or 'DICOM'} object without pixel data "
@@ -105,6 +120,9 @@ def read_series(folder) -> Series:
             raise DicomSeriesError(f"{path}: a multi-frame image ({ds.NumberOfFrames} frames); give a series of "
                                    f"single-frame slices")
         slices.append((path, ds))
+    if not slices:
+        others = f" (not DICOM: {', '.join(skipped)})" if skipped else ""
+        raise DicomSeriesError(f"{folder} holds no DICOM image{others}; --dicom takes the folder of one series")
     series = {}
     for path, ds in slices:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
@@ -166,14 +184,14 @@ def read_series(folder) -> Series:
     affine[:3, 1] = col_dir * pixel[0]
     affine[:3, 2] = normal * step
     affine[:3, 3] = _vector(datasets[0], "ImagePositionPatient", paths[0], 3)
-    return Series(image=image, affine=affine, datasets=datasets, files=paths)
+    return Series(image=image, affine=affine, datasets=datasets, files=paths, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing a volume as a DICOM MR series (the synthetic data, and the tests' inputs)
 
 
-def write_series(folder, image: np.ndarray, spacing, case_day: str, seed: int = 0, orientation=(1, 0, 0, 0, 1, 0),
+def write_series(folder, image: np.ndarray, spacing, case_day: str, seed: int = 0, orientation=AXIAL,
                  origin=(0.0, 0.0, 0.0), slope: float | None = None, intercept: float = 0.0) -> list[Path]:
     """Write uint16 `image` `(D, H, W)` (head first) as one MR series, a file per slice, into `folder`.
 

@@ -2,8 +2,9 @@
 
 The real data cannot be downloaded here, so this is gitseg's embedded default. Each case has its
 own 3D anatomy (body outline, liver and kidneys as distractors of similar brightness, stomach as a
-deformed ellipsoid in the upper left, large bowel as a thick tube framing the abdomen, small bowel
-as thin tortuous tubes in the centre); each scan day deforms it a little. Scans get the real
+deformed ellipsoid in the upper abdomen on the patient's left, large bowel as a thick tube framing
+the abdomen from the caecum on the patient's right, small bowel as thin tortuous tubes in the
+centre); each scan day deforms it a little. Scans get the real
 data's acquisition quirks: a gain from a few hundred to about 15,000, a smooth bias field and
 Rician noise. Organs are laid out in millimetres, so `size` only changes the pixel spacing.
 """
@@ -65,8 +66,11 @@ def scale_geometry(width: int, height: int, spacing: float, slices: int, size: i
 
 
 # ---------------------------------------------------------------------------------------------
-# Anatomy: plain dicts of numbers in mm (x: left→right columns, y: anterior→posterior rows,
-# z: fraction of the scan from its first slice).
+# Anatomy: plain dicts of numbers in mm (x: columns from the image's left to its right, y: rows
+# from anterior to posterior, z: fraction of the scan from its first slice, the head end). Images
+# are axial as radiology displays them (gitseg/data/geometry.py): the patient's left is on the
+# image's right, +x. So the stomach and the descending colon have x > 0, the liver and the caecum
+# x < 0.
 
 
 def sample_case(rng: np.random.Generator) -> dict:
@@ -75,10 +79,10 @@ def sample_case(rng: np.random.Generator) -> dict:
     n_small = int(rng.integers(6, 11))
     return {
         "body": (ax, ay),
-        "liver": (rng.uniform(55, 80), rng.uniform(-25, 0), rng.uniform(70, 85), rng.uniform(55, 70)),
+        "liver": (rng.uniform(-80, -55), rng.uniform(-25, 0), rng.uniform(70, 85), rng.uniform(55, 70)),
         "kidney": (rng.uniform(55, 70), rng.uniform(35, 50), rng.uniform(24, 30), rng.uniform(30, 38)),
         "stomach": {
-            "centre": (rng.uniform(-75, -50), rng.uniform(-50, -30)),
+            "centre": (rng.uniform(50, 75), rng.uniform(-50, -30)),
             "axes": (rng.uniform(35, 50), rng.uniform(28, 40)),
             "harmonics": rng.uniform(0.05, 0.18, size=2), "phases": rng.uniform(0, 2 * np.pi, size=2),
         },
