@@ -11,7 +11,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from gitseg import __version__
 from gitseg.progress import captured, counter, error, say
+
+# gitseg.infer.TTA_SETS' names, written out so that `--help` does not import torch (a test keeps them equal).
+TTA_CHOICES = ("none", "hflip", "flips")
 
 
 def cmd_synth(args) -> None:
@@ -144,12 +148,13 @@ def cmd_predict(args) -> int:
             raise ValueError("--ray, --nifti and --split apply to a UWMGI tree (--data); one series is predicted "
                              "in this process and its NIfTI labels are written to --out")
 
-        predict_series(args.ensemble, args.out, dicom=args.dicom, nifti_in=args.nifti_in, device=args.device)
+        predict_series(args.ensemble, args.out, dicom=args.dicom, nifti_in=args.nifti_in, device=args.device,
+                       force=args.force)
         return 0
     from ensemble.predict import predict_tree
 
     result = predict_tree(args.ensemble, args.data, args.out, nifti=args.nifti, split=args.split,
-                          device=args.device, ray_address=args.ray)
+                          device=args.device, ray_address=args.ray, force=args.force)
     if result["failed"]:
         error(f"gitseg predict: {len(result['failed'])} case-day(s) failed (listed above); the others are in "
               f"{result['submission']}")
@@ -196,9 +201,11 @@ def log_file(args) -> Path | None:
     if args.command == "distill":
         out = distill_out(args)
         return out.with_name(f"{out.name}.work") / "distill.log"
-    if args.command == "robustness":
-        return Path(args.out or Path(args.ensemble, "robustness")).with_suffix(".log").resolve()
-    folder = getattr(args, {"ensemble": "run", "report": "run", "predict": "out", "demo": "out"}[args.command])
+    # Each log goes into the folder the command writes, never into one it only reads.
+    folder = {"robustness": lambda: args.out or Path(args.ensemble, "robustness"),
+              "ensemble": lambda: args.out or Path(args.run, "ensemble"),
+              "report": lambda: args.out or Path(args.run, "report"),
+              "predict": lambda: args.out, "demo": lambda: args.out}[args.command]()
     return Path(folder, f"{args.command}.log").resolve()
 
 
@@ -209,6 +216,7 @@ def add_verbose(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gitseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic data set in the UWMGI format")
@@ -263,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="search folder: <storage_path>/<name> with refit.json")
     p.add_argument("--topk", type=int, default=5, help="configurations to combine (default 5)")
     p.add_argument("--out", default=None, help="ensemble folder (default RUN/ensemble)")
-    p.add_argument("--tta", default=None, help="none, hflip or flips (default: the refit's TTA)")
+    p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="test-time augmentation (default: the refit's)")
     p.add_argument("--method", default="topk", choices=("topk", "greedy"),
                    help="topk: the best configurations by OOF score; greedy: forward selection (Caruana)")
     p.add_argument("--latency-budget", type=float, default=None, metavar="MS_PER_SLICE",
@@ -281,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a student config key")
     p.add_argument("--out", default=None, help="the student's ensemble folder (default: ENSEMBLE-student beside "
                                                "the ensemble; its work files go to OUT.work)")
-    p.add_argument("--tta", default="none", help="the student's TTA at prediction time (default none)")
+    p.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                   help="the student's test-time augmentation at prediction time (default none)")
     p.add_argument("--pseudo-labels", nargs="?", const="", default=None, metavar="ROOT",
                    help="also train on the unlabelled test/ case-days of ROOT (default: the cache's data root), "
                         "labelled by the ensemble")
@@ -305,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="spread volumes over a Ray cluster: auto (the running cluster), an address, or local")
+    p.add_argument("--force", action="store_true",
+                   help="predict a scan unlike the ensemble's training scans (too few slices, not axial, field of "
+                        "view or spacing far off) instead of refusing it; the warnings are recorded in the outputs")
     add_verbose(p)
     p.set_defaults(func=cmd_predict)
 
@@ -370,7 +382,9 @@ def main(argv=None) -> int:
         return 2
     with captured(log) as capture:
         code = run_handled(args.command, lambda: args.func(args))
-    if capture:
+        if capture:
+            capture.keep = code != 2  # refused input: the one line on the terminal says it all
+    if capture and capture.path:
         (say if code == 0 else error)(f"{args.command}: the rest of the output (Ray, Tune, the workers, warnings) "
                                       f"is in {capture.path}; --verbose prints it here")
     return code

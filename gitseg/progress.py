@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 # The terminal's stdout and stderr, saved while output is captured; None: not captured.
 _terminal: tuple[TextIO, TextIO] | None = None
+_echoed = 0  # bytes that `error` wrote into the current capture's log (also shown on the terminal)
 
 
 def terminal() -> TextIO:
@@ -42,8 +43,10 @@ def note(message: str) -> None:
 
 def error(message: str) -> None:
     """An error on the terminal's stderr; while output is captured, in the log too."""
+    global _echoed
     if _terminal:
         print(message, file=_terminal[1], flush=True)
+        _echoed += len(message.encode()) + 1
     print(message, file=sys.stderr, flush=True)
 
 
@@ -70,10 +73,14 @@ def counter(label: str, unit: str = ""):
 
 
 class Capture:
-    """Where a captured command's output went: `path`, final once `captured` has exited."""
+    """Where a captured command's output went: `path`, final once `captured` has exited (None: the
+    log held nothing worth keeping and was removed). Set `keep = False` before the end to drop a
+    log that never reached its folder (a command refused before it did anything)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, header: int):
+        self.path: Path | None = path
+        self.keep = True
+        self.header = header  # bytes of the log's first line
 
 
 @contextlib.contextmanager
@@ -82,21 +89,24 @@ def captured(log_file: Path | str | None):
     `bar` and `error` still reach the terminal. Yields a `Capture`; None, or already captured:
     change nothing and yield None.
 
-    The output first goes to a temporary file, moved to `log_file` at the end if its folder exists
-    by then: a command that fails before it makes its run folder leaves no folder behind, and its
-    log stays in the temporary folder (`Capture.path` says where).
+    The output first goes to a temporary file, appended to `log_file` at the end if its folder
+    exists by then. A command that fails before it makes its folder leaves no folder behind; its
+    log is removed when it holds nothing but the errors already shown on the terminal (or
+    `Capture.keep` was cleared), and otherwise stays in the temporary folder (`Capture.path`).
     """
-    global _terminal
+    global _terminal, _echoed
     if log_file is None or _terminal is not None:
         yield None
         return
     log_file = Path(log_file)
     fd, temporary = tempfile.mkstemp(prefix=f"gitseg-{log_file.stem}-", suffix=".log")
-    capture = Capture(Path(temporary))
-    os.write(fd, f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+    header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode()
+    capture = Capture(Path(temporary), len(header))
+    os.write(fd, header)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    _echoed = 0
     _terminal = (open(os.dup(saved[0]), "w", buffering=1), open(os.dup(saved[1]), "w", buffering=1))
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -122,3 +132,6 @@ def captured(log_file: Path | str | None):
                 shutil.copyfileobj(source, target)
             os.unlink(temporary)
             capture.path = log_file
+        elif not capture.keep or os.path.getsize(temporary) <= capture.header + _echoed:
+            os.unlink(temporary)
+            capture.path = None

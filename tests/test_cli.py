@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -44,10 +46,14 @@ def test_a_failing_stage_shows_its_whole_error_while_the_noise_goes_to_the_log(t
     out, err = capfd.readouterr()
     assert "Traceback (most recent call last)" in err and "RuntimeError: the stage broke half-way" in err
     assert "in broken_stage" in err  # the whole traceback, not only its last line
-    assert f"is in {tmp_path / 'ensemble.log'}; --verbose" in err
+    # It failed before it made its folder (RUN/ensemble): the log stays in the temporary folder, and
+    # nothing is written into the folder it only read.
+    log_path = Path(err.split("warnings) is in ")[1].split("; --verbose")[0])
+    assert log_path.parent == Path(tempfile.gettempdir()) and list(tmp_path.iterdir()) == []
     for noise in ("metrics dict", "C++ warning", "child process line"):
         assert noise not in out + err
-    log = (tmp_path / "ensemble.log").read_text()
+    log = log_path.read_text()
+    log_path.unlink()
     for line in ("a worker's metrics dict", "a C++ warning", "a child process line", "the stage broke half-way"):
         assert line in log
     # --verbose: the same output on the terminal, no log file.
@@ -57,19 +63,47 @@ def test_a_failing_stage_shows_its_whole_error_while_the_noise_goes_to_the_log(t
     assert not (tmp_path / "other").exists()
 
 
-def test_a_search_that_fails_before_its_folder_exists_leaves_no_folder(tmp_path):
-    # Run as a user would: the error on the terminal, the log in the temporary folder, and no run
-    # folder made for a search that never started.
+def test_a_search_refused_before_its_folder_exists_leaves_nothing_behind(tmp_path):
+    # Run as a user would: the error on the terminal, and neither a run folder nor a log in the
+    # temporary folder for a search that never started (the one line says all there is to say).
     config = tmp_path / "search.yaml"
     config.write_text(f"name: broken\nbase: {tmp_path / 'missing.yaml'}\nstorage_path: {tmp_path / 'storage'}\n")
+    logs = set(Path(tempfile.gettempdir()).glob("gitseg-search-*.log"))
     done = subprocess.run([sys.executable, "-m", "gitseg", "search", "--config", str(config)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "gitseg search: error:" in done.stderr and "missing.yaml" in done.stderr
-    log = done.stderr.split("warnings) is in ")[1].split("; --verbose")[0]
-    assert "missing.yaml" in open(log).read()
-    os.remove(log)
+    assert "is in" not in done.stderr and set(Path(tempfile.gettempdir()).glob("gitseg-search-*.log")) == logs
     assert not (tmp_path / "storage").exists()
+
+
+def test_version_and_the_choices_of_tta_are_in_the_help(capsys):
+    from gitseg import __version__
+    from gitseg.cli import TTA_CHOICES, build_parser
+    from gitseg.infer import TTA_SETS
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"gitseg {__version__}"
+    assert tuple(TTA_SETS) == TTA_CHOICES
+    parser = build_parser()
+    for command in ("ensemble", "distill"):
+        help_text = parser._subparsers._group_actions[0].choices[command].format_help()
+        assert "{none,hflip,flips}" in help_text, help_text
+    with pytest.raises(SystemExit):
+        main(["ensemble", "--run", "x", "--tta", "vflip"])
+    assert "invalid choice: 'vflip'" in capsys.readouterr().err
+
+
+def test_a_damaged_ensemble_manifest_names_the_file_and_what_to_do(tmp_path, capfd):
+    folder = tmp_path / "ensemble"
+    folder.mkdir()
+    (folder / "ensemble.json").write_text('{"format": 1, "members": [')  # cut short, as by a full disk
+    assert main(["predict", "--ensemble", str(folder), "--dicom", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capfd.readouterr().err
+    assert f"{folder / 'ensemble.json'} is damaged or is not a valid EnsembleManifest" in err
+    assert "copy the ensemble folder again, or build it with `gitseg ensemble" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_second_search_with_the_same_name_and_storage_refuses(train_cache, tmp_path):
