@@ -25,9 +25,12 @@ import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
 from gitseg.files import folder_lock, load_array, write_text_atomic

@@ -11,9 +11,12 @@ import dataclasses
 import re
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 SLICE_THICKNESS_MM = 3.0
@@ -82,7 +85,11 @@ def rle_encode(mask: np.ndarray) -> str:
 def _is_empty_rle(rle) -> bool:
     if isinstance(rle, str):
         return rle.strip() == ""
-    return rle is None or bool(pd.isna(rle))  # NaN from pandas, pd.NA from string columns
+    if rle is None:
+        return True
+    import pandas as pd  # loaded already wherever a table holds RLE (here only for a non-string cell)
+
+    return bool(pd.isna(rle))  # NaN from pandas, pd.NA from string columns
 
 
 def rle_decode(rle, shape: tuple[int, int]) -> np.ndarray:
@@ -184,6 +191,8 @@ def read_train_csv(root: Path) -> pd.DataFrame:
             f"no train.csv under {root}; point the data root at the folder that holds train.csv and "
             f"train/ (for unlabelled scans use the test/ split)"
         )
+    import pandas as pd  # heavy: only the Kaggle tree's tables need it (not the DICOM and NIfTI paths)
+
     try:
         table = pd.read_csv(path, dtype={"id": str, "class": str, "segmentation": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -244,6 +253,8 @@ def index_root(root, split: str = "train", case_days=None) -> tuple[pd.DataFrame
                 )
     if not rows and not problems:
         raise FileNotFoundError(f"no slice PNGs under {split_dir}/case*/case*_day*/scans/")
+    import pandas as pd  # heavy: only the Kaggle tree's tables need it
+
     slices = pd.DataFrame(rows, columns=["case_day", "case", "day", "slice", "id", "path", "height",
                                          "width", "spacing", "spacing_w"])
     slices = slices.sort_values(["case", "day", "slice"], kind="stable").reset_index(drop=True)
