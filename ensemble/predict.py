@@ -74,6 +74,9 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     if ray_address:
         results = _predict_on_ray(ensemble_dir, volumes(), ray_address, nifti is not None, log)
     else:
+        if case_days:
+            log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
+            model.load_networks()
         results = ((cd, v, v if isinstance(v, Exception)
                     else _guard(predict_case_day, model, v.image, nifti is not None))
                    for cd, v in volumes())

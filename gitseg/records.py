@@ -203,7 +203,8 @@ def from_json(cls: type[Record], text: str, source="", advice: str = "") -> Reco
         return from_dict(cls, json.loads(text))
     except (ConfigError, json.JSONDecodeError) as exc:
         advice = advice or "restore it from a copy, or run again the command that wrote it"
-        raise ValueError(f"{source or cls.__name__} is damaged or is not a valid {cls.__name__} ({exc}); {advice}") from None
+        raise ValueError(f"{source or cls.__name__} is damaged or is not a valid {cls.__name__} ({exc}); "
+                         f"{advice}") from None
 
 
 def save(record, path, indent: int | None = 1) -> None:
