@@ -1,5 +1,3 @@
-import sys
+from gitseg.cli import entry
 
-from gitseg.cli import main
-
-sys.exit(main())
+entry()
