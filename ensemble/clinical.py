@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.input_checks import empty_organs, refuse_or_warn, scan_problems
+from ensemble.input_checks import empty_organs, output_description, refuse_or_warn, scan_problems
 from ensemble.model import EnsembleModel
-from ensemble.predict import output_description
 from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
 from gitseg.data.geometry import axis_codes, spacing_of
@@ -258,7 +257,7 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
     if dicom is not None:
         series = read_series(dicom)
         image, affine = series.image, series.affine
-        name = f"series {series.uid}"
+        name = series.name
         source = f"{len(series.datasets)} slices of {name}"
         if series.skipped:
             log(f"predict: skipped {len(series.skipped)} file(s) of {dicom} that are not DICOM images: "

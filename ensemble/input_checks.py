@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gitseg import RESEARCH_USE
 from gitseg.data.cache import Cache
 from gitseg.data.geometry import orientation_problems
 from gitseg.data.uwmgi import CLASSES
@@ -104,6 +105,12 @@ def refuse_or_warn(problems: list[str], what: str, force: bool, log) -> list[str
     for w in warnings:
         log(f"predict: warning (--force): {w}")
     return warnings
+
+
+def output_description(forced: bool) -> str:
+    """The short description every output carries (at most 64 characters: DICOM's LO): the
+    research-use notice, and whether the input checks were forced."""
+    return ("Input checks forced; " if forced else "") + RESEARCH_USE
 
 
 def empty_organs(masks: np.ndarray, spacing, training: TrainingData | None) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.input_checks import InputRefused, empty_organs, refuse_or_warn, scan_problems
+from ensemble.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from ensemble.model import EnsembleModel
 from gitseg import RESEARCH_USE
 from gitseg.data.cache import problems_by_case_day
@@ -119,11 +119,6 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
               "empty_organs": {cd: e for cd, e in empty.items() if e}, "notice": RESEARCH_USE}
     write_text_atomic(out / "predict.json", json.dumps(result, indent=1))
     return result
-
-
-def output_description(forced: bool) -> str:
-    """The short description every output carries (at most 64 characters: DICOM's LO)."""
-    return ("Input checks forced; " if forced else "") + RESEARCH_USE
 
 
 def _guard(fn, *args):
