@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.build import build_ensemble
-from ensemble.evaluate import scores_from_rows
-from ensemble.robustness import run_robustness
+from ensemble.robustness.robustness import run_robustness
+from ensemble.selection.build import build_ensemble
+from ensemble.selection.evaluate import scores_from_rows
 from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.config import load_config

@@ -13,7 +13,7 @@ took (Ray Train start, worker start, checkpoint upload), as a fraction of the tr
         [--cases 6 --days 1 --slices 32 --steps 16] [--base-lr 0.003] [--seed 0] [--head-prior 0.01]
         [--precise-bn 32] [--save FILE] [--demo-cache runs/demo/cache]
 
---save keeps every epoch of every trial; benchmarks/asha_replay.py replays other ASHA rules on it.
+--save keeps every epoch of every trial; `gitseg replay` replays other ASHA rules on it.
 
 --budget (issue 15's benchmark of record) compares at equal compute instead: --trials x --epochs
 without early stopping against ASHA given that many trial-epochs as `budget.trial_epochs` and up to
@@ -95,7 +95,7 @@ def search(tmp: Path, cache: Path, name: str, trials: int, epochs: int, asha: bo
         trials_out.append({"index": index, "epochs": max(r["epochs_done"] for r in rows),
                            "best": max(r["score"] for r in rows), "first": rows[0]["score"],
                            "trial_time": rows[-1]["time_total_s"], "epoch_time": sum(r["epoch_time"] for r in rows),
-                           # every epoch's validation figures, for benchmarks/asha_replay.py
+                           # every epoch's validation figures, for `gitseg replay`
                            "history": [{k: v for k, v in r.items()
                                         if k in HISTORY_KEYS or k.startswith(("score/", "dice/"))}
                                        for r in rows]})
@@ -139,7 +139,7 @@ def equal_compute(args, tmp: Path, same: dict) -> None:
     """Issue 15's benchmark of record: N trials x E epochs without early stopping against ASHA given
     the same N x E trial-epochs as a budget (and so more trials: the first N are the same
     configurations in the same order, the rest further draws of the same seed)."""
-    from asha_replay import replay  # benchmarks/ is on sys.path when this script runs
+    from search.replay import replay
 
     budget = args.trials * args.epochs
     more = args.budget_trials or 6 * args.trials
@@ -226,7 +226,7 @@ def main() -> None:
                         help="with --budget: most trials ASHA may start (default 6 x --trials)")
     parser.add_argument("--save", default=None,
                         help="write both arms' per-trial, per-epoch figures to this JSON file (input of "
-                             "benchmarks/asha_replay.py)")
+                             "gitseg replay)")
     parser.add_argument("--demo-cache", default=None,
                         help="also time one 1-epoch trial of configs/demo.yaml on this prepared cache")
     args = parser.parse_args()

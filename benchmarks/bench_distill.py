@@ -1,6 +1,6 @@
 """The distilled student against the ensemble it learned from (issue 16).
 
-Runs `gitseg distill` on the search folder and default ensemble of `bench_ensemble_gain.py` (16
+Runs `distill` (what `gitseg distill` runs) on the search folder and default ensemble of `bench_ensemble_gain.py` (16
 cases, 6 held out: 18 holdout case-days), with the student config and pseudo-labels of the data
 tree's test/ case-days, then prints the holdout table of four models with their latency, what the
 teacher adds (student against the same student on labels alone, paired bootstrap over cases) and
@@ -17,11 +17,10 @@ import argparse
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from gitseg.cli import main as gitseg
+from ensemble.distill.distill import distill
 from gitseg.infer import cpu_has_native_bf16
 
 
@@ -36,12 +35,8 @@ def main() -> None:
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "ensemble-student"
     started = time.perf_counter()
-    code = gitseg(["distill", "--ensemble", str(run / "ensemble"), "--config", args.config, "--out", str(out),
-                   "--pseudo-labels"])
-    if code:
-        sys.exit(code)
+    result = distill(run / "ensemble", args.config, out=out, pseudo_labels="")  # "": the cache's own data root
     minutes = (time.perf_counter() - started) / 60
-    result = json.loads((out / "distill.json").read_text())
     print(f"\ngitseg distill: {minutes:.1f} min; holdout {len(result['holdout_case_days'])} case-days; "
           f"latency on {result['device']}")
     for r in result["models"]:

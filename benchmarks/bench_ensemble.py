@@ -29,7 +29,7 @@ from bench_infer import naive_predict  # noqa: E402
 from naive_tune import tune_naive  # noqa: E402
 
 from ensemble.model import EnsembleModel, Member  # noqa: E402
-from ensemble.postprocess import PostProcess, tune  # noqa: E402
+from ensemble.selection.postprocess import PostProcess, tune  # noqa: E402
 from gitseg import records  # noqa: E402
 from gitseg.config import ModelConfig  # noqa: E402
 from gitseg.models import build_model  # noqa: E402
@@ -66,7 +66,7 @@ def bench_prediction(args, device) -> None:
     if args.original:
         # What `gitseg predict` pays per case-day: the fused ensemble, probabilities mapped back to the
         # original size, and the masks (post-processing at 0.5 thresholds with the small-component rule).
-        from ensemble.postprocess import apply
+        from ensemble.selection.postprocess import apply
 
         post = PostProcess(min_size=[25] * 3)
         start = time.perf_counter()
@@ -104,7 +104,7 @@ def synthetic_oof(n, depth, size, seed=0):
 
 def bench_tuning(args) -> None:
     if args.run:
-        from ensemble.members import load_refit, oof_volumes
+        from ensemble.selection.members import load_refit, oof_volumes
         from gitseg.data.cache import Cache
 
         run = load_refit(args.run)
@@ -139,7 +139,7 @@ def print_ablation(folder) -> None:
     holdout = records.load(EnsembleManifest, Path(folder) / ENSEMBLE_MANIFEST).scores.holdout
     print(f"\n3. Holdout ablation of {folder} ({len(holdout.case_days)} case-days, kaggle convention)")
     for row in holdout.ablation:
-        print(f"   {row['variant']:<42} {row['score']:.4f}  gain {row['gain']:+.4f}")
+        print(f"   {row.variant:<42} {row.score:.4f}  gain {row.gain:+.4f}")
 
 
 def main() -> None:

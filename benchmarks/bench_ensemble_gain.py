@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ensemble.build import build_ensemble
+from ensemble.selection.build import build_ensemble
 from gitseg.demo import DATA, run_demo
 from gitseg.infer import cpu_has_native_bf16
 
@@ -64,7 +64,7 @@ def main() -> None:
         m = build_ensemble(run_dir, out=run_dir / f"ensemble_budget_{share:g}", latency_budget=budget)
         h = m.scores.holdout
         row = {"share": share, "budget_ms": budget, "chosen": m.selection.why, "members": len(m.members), "tta": m.tta,
-               "ms_per_slice": m.latency["ensemble_ms_per_slice"], "oof": m.latency["ensemble_oof_score"],
+               "ms_per_slice": m.latency.ensemble_ms_per_slice, "oof": m.latency.ensemble_oof_score,
                "holdout": h.score, "holdout_variant": h.final}
         budgets.append(row)
         print(f"budget {budget:.2f} ms ({share:g} x default): {row['members']} members, TTA {row['tta']}, "

@@ -63,7 +63,7 @@ def cold_run(code: Path, ensemble: Path, series: Path, out: Path) -> dict:
 
 
 def warm_runs(ensemble: Path, series: Path, out: Path, repeats: int) -> list[dict]:
-    from ensemble.clinical import predict_series
+    from ensemble.predict.clinical import predict_series
 
     quiet = dict(log=lambda *_: None)
     predict_series(ensemble, out / "first", dicom=series, **quiet)

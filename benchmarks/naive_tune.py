@@ -1,4 +1,4 @@
-"""The baseline of the post-processing benchmark: `ensemble.postprocess.tune`'s search done naively.
+"""The baseline of the post-processing benchmark: `ensemble.selection.postprocess.tune`'s search done naively.
 
 Same candidates and the same coordinate ascent over classes, but every candidate is
 post-processed with `apply` and scored from scratch with the competition metric. Kept to check
@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ensemble.postprocess import (
+from ensemble.selection.postprocess import (
     CLASS_TOLERANCE,
     GATE_THRESHOLDS,
     MIN_PIXELS,

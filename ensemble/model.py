@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ensemble.postprocess import PostProcess, apply
+from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import preprocess_volume

@@ -104,6 +104,8 @@ def _coerce(value, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if value == {} and type(None) in args and any(dataclasses.is_dataclass(a) for a in args):
+            return None  # an optional record that files written before it was typed hold as {}
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -123,9 +125,12 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected a mapping with keys {[f.name for f in dataclasses.fields(tp)]}, "
                               f"got {type(value).__name__} {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
-    if tp is dict:
+    if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        if origin is dict:  # dict[str, V]: keys as JSON writes them, each value checked
+            _, item = typing.get_args(tp)
+            return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
@@ -151,19 +156,25 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+def key_of(field: dataclasses.Field) -> str:
+    """A field's key in a file: its name, or `metadata["key"]` where the file's key is not a Python
+    name (`class`, `selected_at_0.5`)."""
+    return field.metadata.get("key", field.name)
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a dict; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    keys = {key_of(f): f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in keys]
     if unknown:
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(prefix + str(k) for k in unknown)}; allowed under "
-                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(keys)}")
     kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+    for key, name in keys.items():
+        if key in data:
+            kwargs[name] = _coerce(data[key], hints[name], prefix + key)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field (e.g. a loss term's name) is missing
@@ -171,7 +182,14 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """A dataclass as plain data, each field under its key (`key_of`)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {key_of(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(v) for v in cfg)
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 def get_dotted(data: dict, key: str):

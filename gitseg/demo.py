@@ -1,17 +1,18 @@
 """`gitseg demo`: the whole pipeline on the embedded default, each stage a library call.
 
 synth → prepare → search (local Ray, ASHA, 2-worker DDP) + refit → ensemble → report.
-Part of the CLI layer: the one place besides `gitseg.cli` that knows every stage.
+Part of the CLI layer (docs/ARCHITECTURE.md): with `gitseg.cli`, the one place that knows every stage.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
+from gitseg.config import to_dict
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
+from gitseg.phases import Phases
 from gitseg.progress import say
 
 # The embedded default data set: 10 cases x 3 days, 64 slices, 128 px; a 64 px network input.
@@ -29,23 +30,21 @@ def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | N
     `holdout` (the share of cases held out) change its size (the test suite runs a small one, a
     benchmark a larger holdout), `config` is the search config."""
     # The stages are imported here, as in gitseg.cli: the core never imports them at module level.
-    from ensemble.build import build_ensemble
-    from ensemble.evaluate import SINGLE, TUNED_CONFIGURATION, TUNED_SINGLE
-    from ensemble.report import build_report
+    from ensemble.report.report import build_report
+    from ensemble.selection.build import build_ensemble
+    from ensemble.selection.evaluate import SINGLE, TUNED_CONFIGURATION, TUNED_SINGLE
     from search.run import run_search
     from search.settings import load_search_config
     from search.storage import experiment_root
 
     out = Path(out)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    phases = Phases()
 
     def stage(name, fn):
         log(f"demo: {name} ...")
-        t = time.perf_counter()
-        result = fn()
-        timings[name] = time.perf_counter() - t
-        log(f"demo: {name} done in {timings[name]:.0f} s")
+        with phases(name):
+            result = fn()
+        log(f"demo: {name} done in {phases.seconds[name]:.0f} s")
         return result
 
     stage("synth", lambda: write_dataset(out / "data", **{**DATA, **(data or {})}, overwrite=True))
@@ -62,15 +61,15 @@ def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | N
     run_dir = Path(experiment_root(settings.storage_path, settings.name))
     stage("search + refit", lambda: run_search(settings, log))
     manifest = stage("ensemble", lambda: build_ensemble(run_dir, topk=topk, log=log))
-    (run_dir / "timings.json").write_text(json.dumps({f"demo {k}": v for k, v in timings.items()}, indent=1))
+    (run_dir / "timings.json").write_text(json.dumps({f"demo {k}": v for k, v in phases.seconds.items()}, indent=1))
     index = stage("report", lambda: build_report(run_dir, log=log))
     holdout = manifest.scores.holdout
-    ablation = {r["variant"]: r["score"] for r in holdout.ablation}
-    headline = {"report": str(index), "ensemble": str(run_dir / "ensemble"), "elapsed_s": time.perf_counter() - started,
-                "holdout_score": holdout.score, "best_single_fold_model": ablation[TUNED_SINGLE],
-                "best_single_fold_model_at_0.5": ablation[SINGLE],
-                "best_single_configuration": ablation[TUNED_CONFIGURATION], "ensemble_gain": holdout.ensemble_gain,
-                "ensemble_ms_per_slice": manifest.latency.get("ensemble_ms_per_slice"),
+    headline = {"report": str(index), "ensemble": str(run_dir / "ensemble"), "elapsed_s": phases.timings()["total_s"],
+                "holdout_score": holdout.score, "best_single_fold_model": holdout.ablation_score(TUNED_SINGLE),
+                "best_single_fold_model_at_0.5": holdout.ablation_score(SINGLE),
+                "best_single_configuration": holdout.ablation_score(TUNED_CONFIGURATION),
+                "ensemble_gain": to_dict(holdout.ensemble_gain) if holdout.ensemble_gain else None,
+                "ensemble_ms_per_slice": manifest.latency.ensemble_ms_per_slice if manifest.latency else None,
                 "holdout_case_days": len(holdout.case_days)}
     log(f"demo: finished in {headline['elapsed_s'] / 60:.1f} min")
     # Both with TTA and post-processing tuned on their own out-of-fold predictions.
@@ -81,3 +80,4 @@ def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | N
     log(f"demo: report {index}")
     (run_dir / "demo.json").write_text(json.dumps(headline, indent=1))
     return headline
+

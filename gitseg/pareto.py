@@ -1,5 +1,5 @@
 """The Pareto front of items with a quality to maximise and a cost to minimise: the ensemble's
-latency front (ensemble/latency.py) and the multi-objective search's score-latency front."""
+latency front (ensemble/selection/latency.py) and the multi-objective search's score-latency front."""
 
 from __future__ import annotations
 

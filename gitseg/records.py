@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TypeVar
 
-from gitseg.config import ConfigError, from_dict
+from gitseg.config import ConfigError, from_dict, to_dict
 from gitseg.files import write_text_atomic
 
 SEARCH_RECORD, REFIT_RECORD = "search.json", "refit.json"
@@ -106,14 +106,69 @@ class Member:
 
 
 @dataclasses.dataclass
+class ConfigurationRow:
+    """One refit configuration as the selection saw it."""
+
+    name: str                    # rank0, rank1, ...
+    oof_score: float             # pooled out-of-fold score at threshold 0.5
+    fold_scores: dict[str, float | None]  # fold (as JSON writes it) -> validation score
+    selected: bool
+    trial_id: str = ""
+    values: dict = dataclasses.field(default_factory=dict)  # dotted key -> searched value
+    weight: float = 0.0
+
+
+@dataclasses.dataclass
 class Selection:
-    method: str                  # topk, greedy or latency-budget
+    method: str                  # topk, greedy, latency-budget or distilled
     topk: int
     why: str
     log: list[str]
-    configurations: list[dict]   # name, trial_id, values, oof_score, fold_scores, selected, weight
+    configurations: list[ConfigurationRow]
     problems: list[str]
     latency_budget: float | None = None  # ms per slice, when the selection was the latency front's
+
+
+@dataclasses.dataclass
+class Gain:
+    """What one variant adds over another on the holdout, with a paired bootstrap over cases
+    (ensemble.selection.evaluate.paired_gain)."""
+
+    gain: float
+    ci95: list[float]            # [low, high]
+    cases: int
+    resamples: int
+    p_gain_not_positive: float   # the share of resamples with no gain
+    over: str = ""               # the reference variant
+
+
+@dataclasses.dataclass
+class AblationRow:
+    """One variant of the holdout ablation."""
+
+    variant: str
+    detail: str
+    members: int
+    tta: str
+    score: float
+    dice: float
+    hausdorff: float
+    gain_over: str               # the variant this row's gain is over ("" for the first)
+    gain: float = 0.0
+
+
+@dataclasses.dataclass
+class ClassScores:
+    """The ensemble as built on the holdout, one organ: competition terms and clinical distances."""
+
+    organ: str = dataclasses.field(metadata={"key": "class"})
+    score: float
+    dice: float
+    hausdorff: float
+    dice_3d: float
+    hd95_mm: float
+    assd_mm: float
+    missed_or_spurious_volumes: int
 
 
 @dataclasses.dataclass
@@ -122,24 +177,122 @@ class HoldoutScores:
     score: float
     dice: float
     hausdorff: float
-    per_class: list[dict]        # class, competition terms, dice_3d, hd95_mm, assd_mm, missed_or_spurious_volumes
-    ablation: list[dict]         # variant, detail, members, tta, score, dice, hausdorff, gain
+    per_class: list[ClassScores]
+    ablation: list[AblationRow]
     best_single_fold_model: str
     best_single_configuration: str
     final: str = "ensemble + TTA + tuned post-processing"  # the ablation row that is the ensemble as built
-    ensemble_gain: dict = dataclasses.field(default_factory=dict)  # over, gain, ci95, cases (evaluate.paired_gain)
+    ensemble_gain: Gain | None = None  # over the best single configuration
+
+    def ablation_score(self, variant: str) -> float:
+        return next(r.score for r in self.ablation if r.variant == variant)
+
+
+@dataclasses.dataclass
+class Tuned:
+    """Post-processing tuned on one model's (or ensemble's) own out-of-fold predictions."""
+
+    postprocess: dict            # ensemble.selection.postprocess.PostProcess as a dict
+    tuning_steps: list[dict]     # tune's steps: step, values, before, after, kept, ...
+    model: str = ""              # which model, where it is not the ensemble
+    tta: str = ""
+
+
+@dataclasses.dataclass
+class OofScores:
+    """The selected ensemble's out-of-fold figures, and the tunings of the holdout ablation's variants."""
+
+    selected_at_half: float = dataclasses.field(metadata={"key": "selected_at_0.5"})  # threshold 0.5
+    tuning_steps: list[dict]     # the ensemble's own tuning
+    case_days: int
+    tuned: dict[str, float] | None = None  # score, dice, hausdorff overall and per class, as tuned
+    best_single_fold_model: Tuned | None = None
+    best_single_configuration: Tuned | None = None
+    ensemble_no_tta: Tuned | None = None
+    ensemble_with_tta: Tuned | None = None
 
 
 @dataclasses.dataclass
 class EnsembleScores:
-    oof: dict                    # selected_at_0.5, tuning_steps, case_days
+    oof: OofScores
     holdout: HoldoutScores | None = None
+
+
+@dataclasses.dataclass
+class MemberLatency:
+    configuration: str
+    fold: int
+    tta: str
+    ms_per_slice: float
+
+
+@dataclasses.dataclass
+class CandidateRow:
+    """One candidate ensemble of the latency front (ensemble/selection/latency.py)."""
+
+    configurations: list[str]
+    tta: str
+    folds: int                   # the best-scoring folds of each configuration it keeps
+    oof_score: float
+    ms_per_slice: float
+    on_front: bool
+
+
+@dataclasses.dataclass
+class Latency:
+    """Inference time measured on the machine that built the ensemble."""
+
+    device: str
+    timed_slices: int
+    members: list[MemberLatency]
+    ensemble_ms_per_slice: float
+    ensemble_oof_score: float    # with tuned thresholds (tuning's first step), as the candidates are scored
+    budget_ms_per_slice: float | None = None
+    candidates: list[CandidateRow] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Source:
+    run: str                     # the search folder (or distill's work folder)
+    cache: str
+    teacher_ensemble: str | None = None  # a distilled student's teacher
+
+
+@dataclasses.dataclass
+class Preprocessing:
+    sizes: list[int]             # the members' network input sizes
+    normalisation: str
+    classes: list[str]
+    windows: list[list[int]]     # the members' 2.5D windows: [channels, stride]
+
+
+@dataclasses.dataclass
+class MetricConvention:
+    """How every score in the file is computed (docs/DATA.md)."""
+
+    convention: str
+    score: str
+    dice: str
+    hausdorff: str
+
+
+KAGGLE_METRIC = MetricConvention(
+    convention="kaggle", score="0.4 * Dice + 0.6 * (1 - Hausdorff)",
+    dice="per (slice, class) row, both-empty rows skipped",
+    hausdorff="per (case-day, class) volume, unit-cube coordinates / sqrt(3), symmetric")
+
+
+@dataclasses.dataclass
+class Machine:
+    python: str
+    platform: str
+    cpus: int | None
 
 
 @dataclasses.dataclass
 class TrainingData:
     """The range of the scans an ensemble's members trained on (the non-holdout case-days of its
-    cache): what `gitseg predict` checks its input against (ensemble/input_checks.py)."""
+    cache): what `gitseg predict` checks its input against (ensemble/predict/input_checks.py)."""
 
     case_days: int
     slices: list[int]            # [min, max] slices per scan
@@ -155,23 +308,20 @@ class EnsembleManifest:
     format: int
     gitseg_version: str
     created: str
-    source: dict                 # run, cache
+    source: Source
     members: list[Member]
     tta: str
-    postprocess: dict            # ensemble.postprocess.PostProcess as a dict
-    preprocessing: dict          # sizes, normalisation, classes, windows
-    metric: dict                 # the convention of every score in the file
+    postprocess: dict            # ensemble.selection.postprocess.PostProcess as a dict
+    preprocessing: Preprocessing
+    metric: MetricConvention     # the convention of every score in the file
     selection: Selection
     scores: EnsembleScores
-    timings: dict
-    machine: dict = dataclasses.field(default_factory=dict)
-    # device, timed_slices, members [{configuration, fold, tta, ms_per_slice}], ensemble_ms_per_slice,
-    # ensemble_oof_score, budget_ms_per_slice, candidates [{configurations, tta, folds, oof_score, ms_per_slice,
-    # on_front}] (ensemble/latency.py)
-    latency: dict = dataclasses.field(default_factory=dict)
+    timings: dict[str, float]    # seconds of each phase (`<phase>_s`) and in all (`total_s`)
+    machine: Machine | None = None
+    latency: Latency | None = None  # None for a distilled student (its table is in distill.json)
     # The process's peak resident memory (GiB, the kernel's maximum so far) at the end of each phase
     # named in `timings`: which phase makes the peak (issue 12's rehearsal reads it).
-    peak_memory_gib: dict = dataclasses.field(default_factory=dict)
+    peak_memory_gib: dict[str, float] = dataclasses.field(default_factory=dict)
     # None in ensembles built before predict checked its input: then only the 2.5D window is checked.
     training_data: TrainingData | None = None
 
@@ -193,7 +343,7 @@ def _plain(value):
 
 
 def to_json(record, indent: int | None = 1) -> str:
-    return json.dumps(dataclasses.asdict(record), indent=indent, default=_plain)
+    return json.dumps(to_dict(record), indent=indent, default=_plain)
 
 
 def from_json(cls: type[Record], text: str, source="", advice: str = "") -> Record:

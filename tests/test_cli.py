@@ -41,7 +41,7 @@ def test_a_failing_stage_shows_its_whole_error_while_the_noise_goes_to_the_log(t
         subprocess.run([sys.executable, "-c", "print('a child process line')"])
         raise RuntimeError("the stage broke half-way")
 
-    monkeypatch.setattr("ensemble.build.build_ensemble", broken_stage)
+    monkeypatch.setattr("ensemble.selection.build.build_ensemble", broken_stage)
     assert main(["ensemble", "--run", str(tmp_path)]) == 1
     out, err = capfd.readouterr()
     assert "Traceback (most recent call last)" in err and "RuntimeError: the stage broke half-way" in err
@@ -79,7 +79,8 @@ def test_a_search_refused_before_its_folder_exists_leaves_nothing_behind(tmp_pat
 
 def test_version_and_the_choices_of_tta_are_in_the_help(capsys):
     from gitseg import __version__
-    from gitseg.cli import TTA_CHOICES, build_parser
+    from gitseg.arguments import TTA_CHOICES
+    from gitseg.cli import build_parser
     from gitseg.infer import TTA_SETS
 
     with pytest.raises(SystemExit) as done:

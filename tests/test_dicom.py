@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.clinical import rtstruct_masks, seg_masks, write_rtstruct, write_seg
+from ensemble.predict.clinical import rtstruct_masks, seg_masks, write_rtstruct, write_seg
 from gitseg.data.dicom import DicomSeriesError, read_series, write_series
 from gitseg.data.geometry import LPS_TO_RAS
 from gitseg.data.nifti import TG263, read_volume, write_volume

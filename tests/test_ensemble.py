@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 from conftest import tiny_config
 
-from ensemble.build import build_ensemble
-from ensemble.evaluate import FINAL, GATE_OFF, NO_TTA, TUNED_NO_TTA, TUNED_SINGLE, VARIANTS, scores_from_rows
-from ensemble.latency import Candidate, choose_under_budget, pareto_front
-from ensemble.members import (
+from ensemble.model import EnsembleModel
+from ensemble.predict.tree import predict_tree
+from ensemble.selection.build import build_ensemble
+from ensemble.selection.evaluate import FINAL, GATE_OFF, NO_TTA, TUNED_NO_TTA, TUNED_SINGLE, VARIANTS, scores_from_rows
+from ensemble.selection.latency import Candidate, choose_under_budget, pareto_front
+from ensemble.selection.members import (
     Configuration,
     FoldModel,
     load_refit,
@@ -27,9 +29,7 @@ from ensemble.members import (
     select_greedy,
     select_topk,
 )
-from ensemble.model import EnsembleModel
-from ensemble.postprocess import PostProcess, apply
-from ensemble.predict import predict_tree
+from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
@@ -189,35 +189,34 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     text = (out / ENSEMBLE_MANIFEST).read_text()
     assert text == records.to_json(manifest) == records.to_json(on_disk)  # returned = saved = read back
     assert len(on_disk.members) == 4 and {m.channels for m in on_disk.members} == {1, 3}
-    assert on_disk.postprocess and on_disk.preprocessing["classes"] == list(CLASSES)
-    assert on_disk.metric["convention"] == "kaggle"
+    assert on_disk.postprocess and on_disk.preprocessing.classes == list(CLASSES)
+    assert on_disk.metric.convention == "kaggle"
     holdout = on_disk.scores.holdout
     assert set(holdout.case_days) == set(Cache(train_cache).case_days(holdout=True))
-    assert [r["variant"] for r in holdout.ablation] == VARIANTS and holdout.final == FINAL
-    assert all(0 <= r["score"] <= 1 for r in holdout.ablation)
+    assert [r.variant for r in holdout.ablation] == VARIANTS and holdout.final == FINAL
+    assert all(0 <= r.score <= 1 for r in holdout.ablation)
     # Every model at threshold 0.5 and tuned: a tuned row's gain is over its own untuned row.
     for row, over in ((holdout.ablation[1], 0), (holdout.ablation[3], 2), (holdout.ablation[5], 4),
                       (holdout.ablation[7], 6)):
-        assert row["gain_over"] == holdout.ablation[over]["variant"] and row["tta"] == holdout.ablation[over]["tta"]
-        assert row["gain"] == pytest.approx(row["score"] - holdout.ablation[over]["score"])
-    assert [r["tta"] for r in holdout.ablation] == [manifest.tta] * 4 + ["none"] * 2 + [manifest.tta] * 2
-    assert manifest.scores.oof["best_single_fold_model"]["model"] == holdout.best_single_fold_model
-    assert manifest.scores.oof["best_single_configuration"]["model"] == holdout.best_single_configuration
+        assert row.gain_over == holdout.ablation[over].variant and row.tta == holdout.ablation[over].tta
+        assert row.gain == pytest.approx(row.score - holdout.ablation[over].score)
+    assert [r.tta for r in holdout.ablation] == [manifest.tta] * 4 + ["none"] * 2 + [manifest.tta] * 2
+    assert manifest.scores.oof.best_single_fold_model.model == holdout.best_single_fold_model
+    assert manifest.scores.oof.best_single_configuration.model == holdout.best_single_configuration
     # What tuning reached on the OOF it was tuned on: the last kept step's score, per class too.
-    tuned = manifest.scores.oof["tuned"]
-    assert tuned["score"] == pytest.approx(manifest.scores.oof["tuning_steps"][-1]["after"]
-                                           if manifest.scores.oof["tuning_steps"][-1]["kept"]
-                                           else manifest.scores.oof["tuning_steps"][-1]["before"])
+    tuned, last = manifest.scores.oof.tuned, manifest.scores.oof.tuning_steps[-1]
+    assert tuned["score"] == pytest.approx(last["after"] if last["kept"] else last["before"])
     assert all(0 <= tuned[f"score/{cls}"] <= 1 for cls in CLASSES)
-    assert [r["class"] for r in holdout.per_class] == list(CLASSES)
+    assert [r.organ for r in holdout.per_class] == list(CLASSES)
     for name in ("ablation.csv", "holdout_per_class.csv", "holdout_per_case.csv", "evaluation.json"):
         assert (out / name).is_file()
-    steps = on_disk.scores.oof["tuning_steps"]
+    steps = on_disk.scores.oof.tuning_steps
     assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"]
     assert not list(out.parent.glob(".ensemble.tmp-*"))
     # The process's peak memory at the end of each phase: a running maximum, so it never falls.
     peaks = on_disk.peak_memory_gib
     assert list(peaks) == ["cv_scores", "latency_front", "selection", "tuning", "ablation_tuning", "holdout"]
+    assert list(on_disk.timings) == [f"{p}_s" for p in peaks] + ["total_s"]
     assert 0 < peaks["cv_scores"] and list(peaks.values()) == sorted(peaks.values())
 
 
@@ -243,7 +242,7 @@ def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, t
     single fold model: its validation fold; the ensemble without TTA: its TTA-free OOF) and scores
     the holdout with it. Tuning is replaced by a stand-in that gives every OOF source its own
     threshold (a quantile of the probability values it holds, so that the masks differ)."""
-    import ensemble.build as build
+    import ensemble.selection.build as build
 
     real_volumes, tuned = build.oof_volumes, {}
 
@@ -262,23 +261,23 @@ def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, t
     monkeypatch.setattr(build, "tune", stand_in_tune)
     manifest = build_ensemble(refit_run, topk=2, out=tmp_path / "ens", **QUIET)
     cache, oof = Cache(train_cache), manifest.scores.oof
-    chosen = tuple(c["name"] for c in manifest.selection.configurations if c["selected"])
-    conf_name, fold = oof["best_single_fold_model"]["model"].split(" fold ")
+    chosen = tuple(c.name for c in manifest.selection.configurations if c.selected)
+    conf_name, fold = oof.best_single_fold_model.model.split(" fold ")
     own = {"ensemble_no_tta": (chosen, None, "none"), "ensemble_with_tta": (chosen, None, manifest.tta),
            "best_single_fold_model": ((conf_name,), (int(fold),), None),
-           "best_single_configuration": ((oof["best_single_configuration"]["model"],), None, None)}
+           "best_single_configuration": ((oof.best_single_configuration.model,), None, None)}
     assert len(tuned) == 4 and len({str(p) for p in tuned.values()}) == 4
     for key, source in own.items():
-        assert oof[key]["postprocess"] == tuned[source].to_dict(), key
+        assert getattr(oof, key).postprocess == tuned[source].to_dict(), key
     assert manifest.postprocess == tuned[own["ensemble_with_tta"]].to_dict()
-    model, rows = EnsembleModel.load(tmp_path / "ens"), {r["variant"]: r for r in manifest.scores.holdout.ablation}
+    model, rows = EnsembleModel.load(tmp_path / "ens"), {r.variant: r for r in manifest.scores.holdout.ablation}
     single = [m for m in model.members if m.configuration == conf_name and m.fold == int(fold)]
     for variant, members, tta, post in ((TUNED_NO_TTA, model.members, "none", tuned[own["ensemble_no_tta"]]),
                                         (NO_TTA, model.members, "none", PostProcess()),
                                         (FINAL, model.members, manifest.tta, tuned[own["ensemble_with_tta"]]),
                                         (TUNED_SINGLE, single, manifest.tta, tuned[own["best_single_fold_model"]])):
-        assert rows[variant]["score"] == pytest.approx(holdout_score(model, cache, members, tta, post), abs=1e-12)
-    assert len({rows[v]["score"] for v in (TUNED_NO_TTA, NO_TTA, FINAL)}) == 3  # the posts made a difference
+        assert rows[variant].score == pytest.approx(holdout_score(model, cache, members, tta, post), abs=1e-12)
+    assert len({rows[v].score for v in (TUNED_NO_TTA, NO_TTA, FINAL)}) == 3  # the posts made a difference
 
 
 def test_refit_oof_without_tta_is_the_untransformed_view(built, refit_run, train_cache):
@@ -309,25 +308,25 @@ def test_gate_probabilities_join_the_oof_contract_and_the_ensemble(train_cache, 
         gate = oof_gate([conf], [1.0], case_day, cache, tta)
         assert gate.shape == (3, depth) and 0 <= gate.min() and gate.max() <= 1
     manifest = build_ensemble(run, topk=1, out=tmp_path / "ens", **QUIET)
-    assert [s["step"] for s in manifest.scores.oof["tuning_steps"]][-1] == "gate"
+    assert [s["step"] for s in manifest.scores.oof.tuning_steps][-1] == "gate"
     model = EnsembleModel.load(tmp_path / "ens")
     entry = cache.entries[case_day]
     probs, gate = model.predict({cache.size: cache.image(case_day)}, (entry["height"], entry["width"]))
     assert gate.shape == (3, depth) and probs.shape[:2] == (3, depth)
-    variants = [r["variant"] for r in manifest.scores.holdout.ablation]
+    variants = [r.variant for r in manifest.scores.holdout.ablation]
     assert (GATE_OFF[0] in variants) == any(manifest.postprocess["gate"])
     # With the gate rule on (a stand-in tuning turns it on), the ablation shows the ensemble without it.
-    import ensemble.build as build
+    import ensemble.selection.build as build
 
     on = PostProcess(gate=[0.5] * 3)
     monkeypatch.setattr(build, "tune", lambda load, log=None: (on, [{"step": "gate", "values": on.gate,
                                                                      "before": 0.0, "after": 0.0, "kept": True}]))
     manifest = build_ensemble(run, topk=1, out=tmp_path / "gated_on", **QUIET)
-    rows = {r["variant"]: r for r in manifest.scores.holdout.ablation}
+    rows = {r.variant: r for r in manifest.scores.holdout.ablation}
     model = EnsembleModel.load(tmp_path / "gated_on")
-    assert rows[GATE_OFF[0]]["gain_over"] == FINAL and manifest.scores.holdout.final == FINAL
-    assert rows[FINAL]["score"] == pytest.approx(holdout_score(model, cache, model.members, "hflip", on), abs=1e-12)
-    assert rows[GATE_OFF[0]]["score"] == pytest.approx(
+    assert rows[GATE_OFF[0]].gain_over == FINAL and manifest.scores.holdout.final == FINAL
+    assert rows[FINAL].score == pytest.approx(holdout_score(model, cache, model.members, "hflip", on), abs=1e-12)
+    assert rows[GATE_OFF[0]].score == pytest.approx(
         holdout_score(model, cache, model.members, "hflip", PostProcess()), abs=1e-12)
     # Without a gate head (the shared run): no gate probabilities, no gate step, the rule off.
     plain = load_refit(refit_run).configurations[0]
@@ -389,19 +388,19 @@ def test_pareto_front_of_hand_made_candidates():
 def test_latency_budget_chooses_the_best_candidate_that_fits(built, refit_run, tmp_path, monkeypatch):
     _, manifest = built
     lat = manifest.latency
-    assert lat["device"] and {r["tta"] for r in lat["members"]} == {"none", "hflip"}
-    assert len(lat["members"]) == 2 * 2 * 2 and all(r["ms_per_slice"] > 0 for r in lat["members"])
-    assert lat["ensemble_ms_per_slice"] == pytest.approx(sum(r["ms_per_slice"] for r in lat["members"]
-                                                             if r["tta"] == manifest.tta))
-    cands = lat["candidates"]  # 3 configuration sets x 2 TTA x 1-2 folds
-    assert len(cands) == 12 and any(c["on_front"] for c in cands)
+    assert lat.device and {r.tta for r in lat.members} == {"none", "hflip"}
+    assert len(lat.members) == 2 * 2 * 2 and all(r.ms_per_slice > 0 for r in lat.members)
+    assert lat.ensemble_ms_per_slice == pytest.approx(sum(r.ms_per_slice for r in lat.members
+                                                          if r.tta == manifest.tta))
+    cands = lat.candidates  # 3 configuration sets x 2 TTA x 1-2 folds
+    assert len(cands) == 12 and any(c.on_front for c in cands)
     # The first build's timings again (measured times vary from run to run), and a budget that only
     # one-fold candidates fit: which fold model is kept is then part of the choice.
-    import ensemble.build as build
+    import ensemble.selection.build as build
 
-    monkeypatch.setattr(build, "measure_members", lambda *args, **kwargs: lat["members"])
-    budget = min(c["ms_per_slice"] for c in cands if c["folds"] == 2) * 0.99
-    assert any(c["ms_per_slice"] <= budget for c in cands)
+    monkeypatch.setattr(build, "measure_members", lambda *args, **kwargs: lat.members)
+    budget = min(c.ms_per_slice for c in cands if c.folds == 2) * 0.99
+    assert any(c.ms_per_slice <= budget for c in cands)
     # The same run with fold 1 the better fold of every configuration (the test models tie at 0).
     run = tmp_path / "run"
     run.mkdir()
@@ -412,18 +411,18 @@ def test_latency_budget_chooses_the_best_candidate_that_fits(built, refit_run, t
     records.save(refit, run / REFIT_RECORD)
     refit_run = run
     out = build_ensemble(run, out=tmp_path / "fast", latency_budget=budget, **QUIET)
-    fits = [c for c in out.latency["candidates"] if c["ms_per_slice"] <= budget]
-    best = max(fits, key=lambda c: (c["oof_score"], len(c["configurations"]) * c["folds"], -c["ms_per_slice"]))
-    assert out.selection.method == "latency-budget" and out.tta == best["tta"]
-    assert sorted({m.configuration for m in out.members}) == sorted(best["configurations"])
-    assert len(out.members) == len(best["configurations"]) * best["folds"] and best["folds"] == 1
+    fits = [c for c in out.latency.candidates if c.ms_per_slice <= budget]
+    best = max(fits, key=lambda c: (c.oof_score, len(c.configurations) * c.folds, -c.ms_per_slice))
+    assert out.selection.method == "latency-budget" and out.tta == best.tta
+    assert sorted({m.configuration for m in out.members}) == sorted(best.configurations)
+    assert len(out.members) == len(best.configurations) * best.folds and best.folds == 1
     assert {m.fold for m in out.members} == {1}
     confs = {c.name: c for c in load_refit(refit_run).configurations}
-    for name in best["configurations"]:  # the fold models with the best validation scores
+    for name in best.configurations:  # the fold models with the best validation scores
         ranked = sorted(confs[name].folds.values(), key=lambda fm: (-fm.score, fm.fold))
         assert sorted(m.fold for m in out.members if m.configuration == name) == sorted(
-            fm.fold for fm in ranked[: best["folds"]])
-    assert out.latency["ensemble_ms_per_slice"] <= budget
+            fm.fold for fm in ranked[: best.folds])
+    assert out.latency.ensemble_ms_per_slice <= budget
     assert out.scores.holdout.final == (TUNED_NO_TTA if out.tta == "none" else FINAL)
 
 
@@ -554,7 +553,7 @@ def test_distill_teacher_targets_and_student_folder(built, refit_run, train_cach
     pseudo-labels of test/; the student folder, built here from the refit's two configurations standing
     in for the distilled and labels-only students, has one network, a four-row holdout table with
     latency, and predicts."""
-    from ensemble.distill import build_student, plan, teacher_members, write_teacher
+    from ensemble.distill.distill import build_student, plan, teacher_members, write_teacher
     from gitseg.data.cache import resize_probs
     from gitseg.teacher import Teacher
 
@@ -583,7 +582,7 @@ def test_distill_teacher_targets_and_student_folder(built, refit_run, train_cach
     rows = {r["model"]: r for r in result["models"]}
     assert rows["ensemble"]["score"] == pytest.approx(manifest.scores.holdout.score)
     assert rows["best single model"]["score"] == pytest.approx(
-        next(r["score"] for r in manifest.scores.holdout.ablation if r["variant"] == TUNED_SINGLE))
+        manifest.scores.holdout.ablation_score(TUNED_SINGLE))
     assert all(r["ms_per_slice"] > 0 for r in result["models"])
     assert rows["ensemble"]["latency_vs_ensemble"] == 1.0 and result["teacher_adds"]["cases"] > 0
     assert (p.out / "distill_holdout.csv").is_file()
@@ -634,7 +633,7 @@ def test_predict_a_dicom_series_and_a_nifti_volume(clinical, tmp_path):
     tree; the same scan as NIfTI gives the same labels with its own affine."""
     import nibabel as nib
 
-    from ensemble.clinical import rtstruct_masks, seg_masks
+    from ensemble.predict.clinical import rtstruct_masks, seg_masks
     from gitseg.cli import main
     from gitseg.data.dicom import read_series
 
@@ -677,7 +676,7 @@ def test_both_predict_paths_put_every_organ_on_the_same_side_of_the_patient(clin
     import nibabel as nib
     import pydicom
 
-    from ensemble.clinical import predict_series
+    from ensemble.predict.clinical import predict_series
     from gitseg.data.dicom import read_series
     from gitseg.data.geometry import LPS_TO_RAS, axial_affine, axis_codes
 
@@ -779,8 +778,8 @@ def test_implausible_input_is_refused_before_anything_is_written_and_force_recor
     ("two slices", "the scan has 2 slices, fewer than the 5"),
 ])
 def test_a_series_that_is_not_axial_or_too_short_is_refused(clinical, tmp_path, kind, expected):
-    from ensemble.clinical import predict_series
-    from ensemble.input_checks import InputRefused
+    from ensemble.predict.clinical import predict_series
+    from ensemble.predict.input_checks import InputRefused
     from gitseg.data.dicom import write_series
 
     _, _, scan, folder = clinical
@@ -828,8 +827,8 @@ def test_an_empty_organ_the_scan_should_hold_is_said(built, synth_root, tmp_path
 
 
 def test_robustness_scores_the_holdout_under_corruptions_and_the_report_shows_it(built, refit_run, tmp_path):
-    from ensemble.report import build_report
-    from ensemble.robustness import CLEAN, SEVERITIES, corrupt, run_robustness
+    from ensemble.report.report import build_report
+    from ensemble.robustness.robustness import CLEAN, SEVERITIES, corrupt, run_robustness
 
     folder = tmp_path / "ensemble"
     shutil.copytree(built[0], folder)

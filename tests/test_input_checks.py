@@ -1,4 +1,4 @@
-"""What predict checks before inference (ensemble/input_checks.py), the patient-space convention
+"""What predict checks before inference (ensemble/predict/input_checks.py), the patient-space convention
 (gitseg/data/geometry.py) and the label tables (gitseg/data/nifti.py), without a model; the
 end-to-end refusals and the two predict paths' agreement are in tests/test_ensemble.py."""
 
@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from ensemble.input_checks import InputRefused, empty_organs, refuse_or_warn, scan_problems
+from ensemble.predict.input_checks import InputRefused, empty_organs, refuse_or_warn, scan_problems
 from gitseg.data.geometry import axial_affine, axis_codes, orientation_problems, ras_affine, spacing_of
 from gitseg.data.nifti import COLOURS, TG263, write_label_table
 from gitseg.records import Member, TrainingData

@@ -23,20 +23,24 @@ import pytest
 from conftest import ENV, RAY, tiny_config, write_configs
 
 from ensemble.model import member_from_checkpoint, sha256
-from ensemble.postprocess import PostProcess
+from ensemble.selection.postprocess import PostProcess
 from gitseg import records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.records import (
     ENSEMBLE_MANIFEST,
+    KAGGLE_METRIC,
     MANIFEST_FORMAT,
     REFIT_RECORD,
     SEARCH_RECORD,
     EnsembleManifest,
     EnsembleScores,
+    OofScores,
+    Preprocessing,
     RefitRecord,
     SearchRecord,
     Selection,
+    Source,
 )
 from gitseg.train import fit
 
@@ -79,12 +83,14 @@ def one_model_ensemble(train_cache, tmp_path_factory):
     member.sha256 = sha256(out / file)
     cache = Cache(train_cache)
     records.save(EnsembleManifest(
-        format=MANIFEST_FORMAT, gitseg_version="test", created="", source={}, members=[member], tta="none",
-        postprocess=PostProcess().to_dict(),
-        preprocessing={"sizes": [member.size], "normalisation": cache.manifest["normalisation"],
-                       "classes": list(CLASSES), "windows": [(member.channels, member.stride)]},
-        metric={}, selection=Selection(method="test", topk=1, why="", log=[], configurations=[], problems=[]),
-        scores=EnsembleScores(oof={}), timings={}), out / ENSEMBLE_MANIFEST)
+        format=MANIFEST_FORMAT, gitseg_version="test", created="", source=Source(run="", cache=str(train_cache)),
+        members=[member], tta="none", postprocess=PostProcess().to_dict(),
+        preprocessing=Preprocessing(sizes=[member.size], normalisation=cache.manifest["normalisation"],
+                                    classes=list(CLASSES), windows=[[member.channels, member.stride]]),
+        metric=KAGGLE_METRIC, selection=Selection(method="test", topk=1, why="", log=[], configurations=[],
+                                                  problems=[]),
+        scores=EnsembleScores(oof=OofScores(selected_at_half=0.0, tuning_steps=[], case_days=0)), timings={}),
+        out / ENSEMBLE_MANIFEST)
     return out
 
 
@@ -233,7 +239,7 @@ def test_a_node_lost_past_max_failures_fails_the_trial_and_the_search_goes_on(cl
 
 
 def test_distributed_predict_survives_a_lost_node(cluster, one_model_ensemble, synth_root, tmp_path):
-    from ensemble.predict import predict_tree
+    from ensemble.predict.tree import predict_tree
 
     # The training split: 10 case-days, so that volumes are still running when the node goes.
     started = time.time()

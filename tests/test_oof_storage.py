@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ensemble.postprocess import THRESHOLDS, PostProcess, scores_with, threshold_sums, tune
+from ensemble.selection.postprocess import THRESHOLDS, PostProcess, scores_with, threshold_sums, tune
 from gitseg.files import save_compressed
 from gitseg.oof import dequantise, load_oof, oof_file, quantise, stored_threshold
 

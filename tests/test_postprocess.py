@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.postprocess import (
+from ensemble.selection.postprocess import (
     THRESHOLDS,
     PostProcess,
     apply,
@@ -179,7 +179,7 @@ def test_fast_search_matches_the_naive_search_with_a_gate():
 def test_cropped_scoring_equals_the_whole_volume():
     """Tuning scores each class volume on the box of its truth and of every voxel at the lowest
     threshold (at the real size a small part of the scan); the sums equal the whole volume's."""
-    from ensemble.postprocess import threshold_sums
+    from ensemble.selection.postprocess import threshold_sums
     from gitseg.metrics import ScoreSums
 
     rng = np.random.default_rng(3)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from test_ensemble import QUIET, write_refit_run
 
-from ensemble.build import build_ensemble
-from ensemble.predict import predict_tree
+from ensemble.predict.tree import predict_tree
+from ensemble.selection.build import build_ensemble
 from gitseg.data.cache import Cache, prepare
 from gitseg.data.synth import REAL_SCANS, write_dataset
 from gitseg.oof import load_oof

@@ -90,7 +90,7 @@ def test_distill_gives_a_folder_predict_uses_in_process_and_over_ray(small_demo,
     teacher's content are tested without Ray in test_ensemble.py)."""
     import ray
 
-    from ensemble.predict import predict_tree
+    from ensemble.predict.tree import predict_tree
     from gitseg.cli import main
     from gitseg.teacher import Teacher
 

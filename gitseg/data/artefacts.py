@@ -1,5 +1,5 @@
 """MRI artefacts, one definition for two uses: corrupting a scan at a fixed severity (the
-robustness report, ensemble/robustness.py) and augmenting training samples with random amounts
+robustness report, ensemble/robustness/robustness.py) and augmenting training samples with random amounts
 up to severity 2 (`data.artefacts`, gitseg.data.dataset), so that what a model is trained to
 withstand is what it is tested on.
 

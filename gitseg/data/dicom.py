@@ -7,7 +7,7 @@ data's slices run (docs/DATA.md): a series whose normal points to the head is re
 values go through RescaleSlope/RescaleIntercept where present. In-plane, pixels stay as stored:
 the models learnt axial slices in the usual display (patient's right on the image's left,
 anterior at the top), and `gitseg predict` refuses other orientations unless forced
-(ensemble/input_checks.py). Files that are not DICOM (a README.TXT beside an export) and a
+(ensemble/predict/input_checks.py). Files that are not DICOM (a README.TXT beside an export) and a
 DICOMDIR are skipped.
 
 Geometry follows DICOM's patient coordinates (LPS, mm): voxel (column i, row j, slice k) of the

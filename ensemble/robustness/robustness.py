@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble import figures
-from ensemble.evaluate import paired_gain, scores_from_rows
 from ensemble.model import EnsembleModel
+from ensemble.report import figures
+from ensemble.selection.evaluate import paired_gain, scores_from_rows
 from gitseg import records
 from gitseg.data.artefacts import ARTEFACTS, SEVERITIES, check_names, corrupt
 from gitseg.data.cache import NORM_PERCENTILE, Cache
@@ -31,7 +31,7 @@ from gitseg.files import staged_folder, write_text_atomic
 from gitseg.metrics import ScoreSums
 from gitseg.progress import bar, say
 from gitseg.records import ENSEMBLE_MANIFEST, EnsembleManifest
-from gitseg.tables import csv_text
+from gitseg.tables import csv_text, format_table
 
 CLEAN = "clean"
 CORRUPTIONS = ARTEFACTS
@@ -57,7 +57,7 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
         raise ValueError(f"severities are 1, 2 and 3 (got {list(severities)})")
     model = EnsembleModel.load(ensemble_dir)
     manifest = records.load(EnsembleManifest, Path(ensemble_dir) / ENSEMBLE_MANIFEST)  # checked by load above
-    cache = Cache(cache_dir or manifest.source["cache"])
+    cache = Cache(cache_dir or manifest.source.cache)
     holdout = cache.case_days(holdout=True)
     if not holdout:
         raise ValueError(f"the cache {cache.root} has no holdout case-days; prepare it with --holdout > 0")
@@ -95,7 +95,7 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
             drop = paired_gain(r, rows[(CLEAN, 0)], seed=seed)
             per_class = {cls: s[f"score/{cls}"] - clean[f"score/{cls}"] for cls in CLASSES}
             worst = min(per_class, key=per_class.get)
-            row.update({"drop": drop["gain"], "drop_ci95_low": drop["ci95"][0], "drop_ci95_high": drop["ci95"][1],
+            row.update({"drop": drop.gain, "drop_ci95_low": drop.ci95[0], "drop_ci95_high": drop.ci95[1],
                         "worst_class": worst, "worst_class_drop": per_class[worst]})
         for cls in CLASSES:
             row[f"score/{cls}"] = s[f"score/{cls}"]
@@ -121,3 +121,10 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
         + (f"; worst: {worst['corruption']} at severity {worst['severity']}, {worst['score']:.4f} "
            f"({worst['drop']:+.4f}, most in {worst['worst_class']})" if worst else "") + f"; wrote {out}")
     return result
+
+
+def table_text(result: dict) -> str:
+    """The robustness table as the terminal shows it."""
+    return format_table([{k: r.get(k, "") for k in ("corruption", "severity", "amount", "score", "drop",
+                                                    "drop_ci95_low", "drop_ci95_high", "worst_class")}
+                         for r in result["table"]], floats="{:.4f}")

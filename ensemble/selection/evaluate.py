@@ -13,17 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.members import Configuration
 from ensemble.model import EnsembleModel, Member, member_from_checkpoint
-from ensemble.postprocess import PostProcess, apply
+from ensemble.selection.members import Configuration
+from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
+from gitseg.config import to_dict
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import write_text_atomic
 from gitseg.metrics import ScoreSums, assd_mm, class_scores, dice_3d, hd95_mm, sum_rows
 from gitseg.progress import bar, say
-from gitseg.records import EVALUATION, Evaluation, HoldoutScores
-from gitseg.tables import csv_text
+from gitseg.records import EVALUATION, AblationRow, ClassScores, Evaluation, Gain, HoldoutScores
+from gitseg.tables import csv_text, format_table
 
 # (variant, what it is, the variant its gain is measured over: the one row that differs by one step).
 # Every model is shown at threshold 0.5 and with post-processing tuned on its own out-of-fold
@@ -138,7 +139,8 @@ GAIN_RESAMPLES = 1000
 FEW_CASES = 5
 
 
-def paired_gain(rows: list[dict], reference: list[dict], n: int = GAIN_RESAMPLES, seed: int = 0) -> dict:
+def paired_gain(rows: list[dict], reference: list[dict], n: int = GAIN_RESAMPLES, seed: int = 0,
+                over: str = "") -> Gain:
     """Score of `rows` minus score of `reference` (two variants' per-volume rows on the same holdout)
     with a 95% interval from a paired bootstrap over cases: each resample draws cases with
     replacement and scores both variants on the same draw."""
@@ -159,8 +161,8 @@ def paired_gain(rows: list[dict], reference: list[dict], n: int = GAIN_RESAMPLES
         sample = list(rng.choice(cases, size=len(cases), replace=True))
         draws.append(score("a", sample) - score("b", sample))
     lo, hi = np.nanpercentile(draws, [2.5, 97.5])
-    return {"gain": score("a", cases) - score("b", cases), "ci95": [float(lo), float(hi)], "cases": len(cases),
-            "resamples": n, "p_gain_not_positive": float(np.mean(np.asarray(draws) <= 0))}
+    return Gain(gain=score("a", cases) - score("b", cases), ci95=[float(lo), float(hi)], cases=len(cases), resamples=n,
+                p_gain_not_positive=float(np.mean(np.asarray(draws) <= 0)), over=over)
 
 
 def per_case_table(rows: list[dict]) -> list[dict]:
@@ -206,33 +208,48 @@ def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configura
     for name, detail, over in rows_of:
         members_v, tta_v, _ = variants[name]
         s = scores_from_rows(ev.rows[name])
-        ablation.append({"variant": name, "detail": detail, "members": len(members_v), "tta": tta_v,
-                         "score": s["score"], "dice": s["dice"], "hausdorff": s["hausdorff"], "gain_over": over or ""})
-    score = {r["variant"]: r["score"] for r in ablation}
+        ablation.append(AblationRow(variant=name, detail=detail, members=len(members_v), tta=tta_v, score=s["score"],
+                                    dice=s["dice"], hausdorff=s["hausdorff"], gain_over=over or ""))
+    score = {r.variant: r.score for r in ablation}
     for row in ablation:
-        row["gain"] = row["score"] - score[row["gain_over"]] if row["gain_over"] else 0.0
+        row.gain = row.score - score[row.gain_over] if row.gain_over else 0.0
     scores = scores_from_rows(ev.rows[final])
     per_class = []
     for cls in CLASSES:
         clin = [r for r in ev.clinical if r["class"] == cls]
-        per_class.append({"class": cls, "score": scores[f"score/{cls}"], "dice": scores[f"dice/{cls}"],
-                          "hausdorff": scores[f"hausdorff/{cls}"],
-                          "dice_3d": _finite_mean(r["dice_3d"] for r in clin),
-                          "hd95_mm": _finite_mean(r["hd95_mm"] for r in clin),
-                          "assd_mm": _finite_mean(r["assd_mm"] for r in clin),
-                          "missed_or_spurious_volumes": sum(1 for r in clin if r["hd95_mm"] == math.inf)})
+        per_class.append(ClassScores(organ=cls, score=scores[f"score/{cls}"], dice=scores[f"dice/{cls}"],
+                                     hausdorff=scores[f"hausdorff/{cls}"],
+                                     dice_3d=_finite_mean(r["dice_3d"] for r in clin),
+                                     hd95_mm=_finite_mean(r["hd95_mm"] for r in clin),
+                                     assd_mm=_finite_mean(r["assd_mm"] for r in clin),
+                                     missed_or_spurious_volumes=sum(1 for r in clin if r["hd95_mm"] == math.inf)))
     result = HoldoutScores(case_days=holdout, score=scores["score"], dice=scores["dice"], hausdorff=scores["hausdorff"],
                            per_class=per_class, ablation=ablation,
                            best_single_fold_model=f"{best_fold[0].name} fold {best_fold[1].fold}",
                            best_single_configuration=best_conf.name, final=final,
-                           ensemble_gain={"over": TUNED_CONFIGURATION,
-                                          **paired_gain(ev.rows[final], ev.rows[TUNED_CONFIGURATION])})
+                           ensemble_gain=paired_gain(ev.rows[final], ev.rows[TUNED_CONFIGURATION],
+                                                     over=TUNED_CONFIGURATION))
     return result, ev
 
 
 def write_holdout_files(folder: Path, scores: HoldoutScores, ev: Evaluation) -> None:
     """evaluation.json and the ablation, per-class and per-case tables as CSV."""
     records.save(ev, folder / EVALUATION, indent=None)
-    write_text_atomic(folder / "ablation.csv", csv_text(scores.ablation))
-    write_text_atomic(folder / "holdout_per_class.csv", csv_text(scores.per_class))
+    write_text_atomic(folder / "ablation.csv", csv_text([to_dict(r) for r in scores.ablation]))
+    write_text_atomic(folder / "holdout_per_class.csv", csv_text([to_dict(r) for r in scores.per_class]))
     write_text_atomic(folder / "holdout_per_case.csv", csv_text(per_case_table(ev.rows[scores.final])))
+
+
+def holdout_lines(holdout: HoldoutScores) -> list[str]:
+    """The holdout ablation, per-class table and the ensemble's gain, as the terminal shows them."""
+    lines = [format_table([{"variant": r.variant, "members": r.members, "tta": r.tta, "score": r.score, "dice": r.dice,
+                            "hausdorff": r.hausdorff, "gain": r.gain, "gain_over": r.gain_over}
+                           for r in holdout.ablation], floats="{:.4f}"),
+             format_table([to_dict(r) for r in holdout.per_class], floats="{:.4f}"),
+             f"ensemble: holdout score {holdout.score:.4f} on {len(holdout.case_days)} case-days (kaggle convention)"]
+    gain = holdout.ensemble_gain
+    if gain:
+        lines.append(f"ensemble: what the ensemble adds over the {gain.over}: {gain.gain:+.4f}, 95% interval "
+                     f"[{gain.ci95[0]:+.4f}, {gain.ci95[1]:+.4f}] (paired bootstrap over {gain.cases} "
+                     f"holdout cases" + (": too few to mean much" if gain.cases < FEW_CASES else "") + ")")
+    return lines

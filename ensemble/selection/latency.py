@@ -24,13 +24,14 @@ import itertools
 
 import numpy as np
 
-from ensemble.members import Configuration, oof_probs
-from ensemble.postprocess import THRESHOLDS, best_thresholds, threshold_sums
+from ensemble.selection.members import Configuration, oof_probs
+from ensemble.selection.postprocess import THRESHOLDS, best_thresholds, threshold_sums
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import ms_per_slice, prepare_for_inference
 from gitseg.pareto import pareto
+from gitseg.records import CandidateRow, MemberLatency
 
 ALL_SUBSETS_UP_TO = 4  # with more refit configurations, candidates are the OOF ranking's prefixes and singletons
 
@@ -53,6 +54,11 @@ class Candidate:
 
     def label(self) -> str:
         return f"{'+'.join(self.configurations)} x{self.folds} fold(s), TTA {self.tta}"
+
+    def row(self, on_front: bool) -> CandidateRow:
+        """As the manifest keeps it."""
+        return CandidateRow(list(self.configurations), self.tta, self.folds, self.oof_score, self.ms_per_slice,
+                            on_front)
 
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
@@ -84,7 +90,7 @@ def checkpoint_ms(checkpoint, ttas, volume, out_size, device) -> dict[str, float
             for tta in ttas}
 
 
-def measure_members(configs: list[Configuration], ttas, cache: Cache, device, log=print) -> list[dict]:
+def measure_members(configs: list[Configuration], ttas, cache: Cache, device, log=print) -> list[MemberLatency]:
     """ms per slice of every fold model of `configs` with each TTA in `ttas`, on one cached volume."""
     case_day = (cache.case_days(holdout=True) or cache.case_days())[0]
     entry = cache.entries[case_day]
@@ -93,8 +99,8 @@ def measure_members(configs: list[Configuration], ttas, cache: Cache, device, lo
     for conf in configs:
         for fold, fm in sorted(conf.folds.items()):
             for tta, ms in checkpoint_ms(fm.checkpoint, ttas, volume, out_size, device).items():
-                rows.append({"configuration": conf.name, "fold": fold, "tta": tta, "ms_per_slice": ms})
-        mean = {t: np.mean([r["ms_per_slice"] for r in rows if r["configuration"] == conf.name and r["tta"] == t])
+                rows.append(MemberLatency(conf.name, fold, tta, ms))
+        mean = {t: np.mean([r.ms_per_slice for r in rows if r.configuration == conf.name and r.tta == t])
                 for t in ttas}
         log(f"ensemble: {conf.name} inference " + ", ".join(f"TTA {t} {ms:.2f}" for t, ms in mean.items())
             + " ms per slice per fold model")
@@ -139,9 +145,14 @@ def folds_by_score(conf: Configuration) -> list[int]:
     return sorted(conf.folds, key=lambda f: (-conf.folds[f].score, f))
 
 
-def candidates(sets, scores: dict[tuple, float], latency: list[dict]) -> list[Candidate]:
+def member_ms(latency: list[MemberLatency]) -> dict[tuple[str, int, str], float]:
+    """(configuration, fold, TTA) -> measured ms per slice."""
+    return {(r.configuration, r.fold, r.tta): r.ms_per_slice for r in latency}
+
+
+def candidates(sets, scores: dict[tuple, float], latency: list[MemberLatency]) -> list[Candidate]:
     """Every (configuration set, TTA, folds per configuration) with its OOF score and cost."""
-    ms = {(r["configuration"], r["fold"], r["tta"]): r["ms_per_slice"] for r in latency}
+    ms = member_ms(latency)
     out = []
     for s in sets:
         names = tuple(c.name for c in s)

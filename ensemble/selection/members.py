@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ensemble.postprocess import threshold_sums
+from ensemble.selection.postprocess import threshold_sums
 from gitseg import records
 from gitseg.data.cache import Cache
 from gitseg.data.uwmgi import CLASSES
@@ -61,6 +61,7 @@ class RefitRun:
     refit: RefitRecord
     configurations: list[Configuration]  # those with a model for every fold
     problems: list[str]                  # failed refits, and configurations left out for them
+    root: Path                           # the search folder
 
 
 def load_refit(run_dir) -> RefitRun:
@@ -71,7 +72,7 @@ def load_refit(run_dir) -> RefitRun:
     search = records.load(SearchRecord, run_dir / SEARCH_RECORD, advice)
     refit = records.load(RefitRecord, run_dir / REFIT_RECORD, advice)
     configurations, problems = configurations_of(refit)
-    return RefitRun(search, refit, configurations, problems)
+    return RefitRun(search, refit, configurations, problems, run_dir)
 
 
 def configurations_of(refit: RefitRecord) -> tuple[list[Configuration], list[str]]:

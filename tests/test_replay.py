@@ -1,18 +1,14 @@
-"""benchmarks/asha_replay.py feeds recorded learning curves to Ray's own ASHA bracket."""
+"""`gitseg replay` (search/replay.py) feeds recorded learning curves to Ray's own ASHA bracket."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gitseg import records
+from gitseg.cli import main
 from gitseg.records import SearchRecord, TrialRow
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from asha_replay import replay  # noqa: E402
+from search.replay import anytime_orders, best_after, brackets_table, load_curves, replay
 
 
 def curves(*scores):
@@ -48,8 +44,6 @@ def test_a_trial_in_the_last_bracket_runs_to_the_end_and_brackets_are_drawn_as_r
     assert [t["epochs"] for t in out] == [4, 4, 4, 4] and out[1]["best"] == 0.9
     # Ray's weights: e^(rungs - most rungs) for brackets of 2, 1 and 0 rungs before the end
     assert Last.p == pytest.approx(np.exp([0, -1, -2]) / np.exp([0, -1, -2]).sum())
-    from asha_replay import brackets_table
-
     rows = brackets_table(trials, grace=1, rf=2, max_t=4, most=3, draws=50)
     assert rows[0] == {"brackets": 1, "epochs": 11 / 16, "best": 1.0, "kept": 1.0}
     assert rows[0]["epochs"] < rows[1]["epochs"] < rows[2]["epochs"] < 1
@@ -61,8 +55,6 @@ def test_replay_never_runs_past_max_t():
 
 
 def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path, capsys):
-    from asha_replay import load_curves
-
     def row(started, scores, status="finished"):
         history = [{"epoch": e + 1, "score": s, "dice": s} for e, s in enumerate(scores)]
         return TrialRow(trial_id=f"t{started:g}", config="", best_score=max(scores, default=math.nan),
@@ -79,23 +71,20 @@ def test_a_search_without_early_stopping_is_replayed_in_start_order(tmp_path, ca
     assert [t["epochs"] for t in out] == [4, 1, 2]  # as in the first test: started 10 s, 20 s, 30 s
 
     # the command itself on a search.json (its trials carry only their curves)
-    from asha_replay import main
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["asha_replay.py", str(path), "--metric", "score", "--grace", "1", "--rf", "2"])
-        main()
+    assert main(["replay", str(path), "--metric", "score", "--grace", "1", "--rf", "2"]) == 0
     printed = capsys.readouterr().out
     assert "3 trials x 4 epochs without early stopping: 12 trial-epochs, best 0.9500" in printed
     assert "score" in printed.splitlines()[-1] and printed.splitlines()[-1].split()[3] == "7"  # 4 + 1 + 2 epochs
 
     search.settings["asha"]["enabled"] = True
     records.save(search, path)
-    with pytest.raises(SystemExit, match="asha.enabled=false"):
+    with pytest.raises(ValueError, match="asha.enabled=false"):
         load_curves(str(path))
+    assert main(["replay", str(path)]) == 2
+    assert "run the search with --set asha.enabled=false" in capsys.readouterr().err
 
 
 def test_anytime_is_the_best_seen_once_the_share_is_spent_in_every_order():
-    from asha_replay import anytime_orders, best_after
-
     trials = curves([0.5, 0.6, 0.7, 0.8], [0.2, 0.9, 0.9, 0.9], [0.6, 0.55, 0.9, 0.95], [0.7, 0.8, 0.85, 0.99])
     asha = replay(trials, "score", grace=1, rf=2, max_t=4)  # epochs 4, 1, 2, 4 (first test)
     # one at a time: trial 1's 4 epochs, trial 2's 1, trial 3's 2 (0.6, 0.55), then trial 4's
@@ -111,10 +100,6 @@ def test_anytime_is_the_best_seen_once_the_share_is_spent_in_every_order():
     assert row["asha_mean"] < row["fifo_mean"]
 
 
-def test_an_anytime_share_outside_0_1_is_refused(tmp_path, monkeypatch, capsys):
-    from asha_replay import main
-
-    monkeypatch.setattr(sys, "argv", ["asha_replay.py", str(tmp_path / "unread.json"), "--anytime", "40"])
-    with pytest.raises(SystemExit):
-        main()
-    assert "--anytime 40.0: give the share" in capsys.readouterr().err
+def test_an_anytime_share_outside_0_1_is_refused(tmp_path, capsys):
+    assert main(["replay", str(tmp_path / "unread.json"), "--anytime", "40"]) == 2
+    assert "gitseg replay: error: --anytime 40.0: give the share" in capsys.readouterr().err

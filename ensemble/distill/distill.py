@@ -5,11 +5,13 @@
    from the fold models that did not train on it), resized to the cache size. On request, the
    unlabelled `test/` case-days predicted by the whole ensemble, as pseudo-labels.
 2. The student configuration trained on every fold, with the teacher and on the labels alone
-   (search/distill.py, Ray Train runs like the refit's), each leaving out-of-fold predictions.
+   (students.py: Ray Train runs, the refit's own), each leaving out-of-fold predictions.
 3. `build_student`: post-processing tuned on each student's pooled out-of-fold predictions; the
    distilled student's best-validation fold model becomes a one-member ensemble folder, usable by
    `gitseg predict`; the holdout table compares the student, the student on labels alone, the
    ensemble's best single model and the ensemble, each with its latency measured here.
+
+`distill` chains the three; it is what `gitseg distill` runs.
 
 What the out-of-fold targets leave in: a student fold run validates on fold f while learning
 from the teacher's predictions of other folds, made by fold models that trained on fold f. Its
@@ -25,12 +27,14 @@ import shutil
 import time
 from pathlib import Path
 
-from ensemble.evaluate import TUNED_SINGLE, evaluate_holdout, final_variant, paired_gain, scores_from_rows
-from ensemble.input_checks import training_data
-from ensemble.latency import checkpoint_ms, folds_by_score
-from ensemble.members import configurations_of, load_refit, oof_probs, oof_score, oof_volumes
+from ensemble.distill.folders import student_folder, work_folder
+from ensemble.distill.students import train_students
 from ensemble.model import EnsembleModel, member_from_checkpoint, sha256
-from ensemble.postprocess import tune
+from ensemble.predict.input_checks import training_data
+from ensemble.selection.evaluate import TUNED_SINGLE, evaluate_holdout, final_variant, paired_gain, scores_from_rows
+from ensemble.selection.latency import checkpoint_ms, folds_by_score
+from ensemble.selection.members import configurations_of, load_refit, oof_probs, oof_score, oof_volumes
+from ensemble.selection.postprocess import tune
 from gitseg import __version__, records, teacher
 from gitseg.checkpoint import default_device
 from gitseg.config import Config, load_config, to_dict
@@ -44,13 +48,19 @@ from gitseg.records import (
     ENSEMBLE_MANIFEST,
     EVALUATION,
     MANIFEST_FORMAT,
+    SEARCH_RECORD,
+    ConfigurationRow,
     EnsembleManifest,
     EnsembleScores,
     Evaluation,
+    OofScores,
+    Preprocessing,
     RefitRecord,
+    SearchRecord,
     Selection,
+    Source,
 )
-from gitseg.tables import csv_text
+from gitseg.tables import csv_text, format_table
 from gitseg.train import check_config
 
 DISTILL_RECORD = "distill.json"
@@ -76,22 +86,40 @@ class Plan:
         return self.work / "teacher"
 
 
+def distill(ensemble_dir, student_yaml, overrides: list[str] | None = None, out=None, tta: str = "none",
+            pseudo_labels=None, reference: bool = True, log=say) -> dict:
+    """`gitseg distill`: the teacher's targets from the ensemble in `ensemble_dir`, the student
+    configuration `student_yaml` (+ `overrides`) trained on every fold with them (and, with
+    `reference`, on the labels alone), then the student's one-member ensemble folder `out` (default
+    `<ensemble>-student` beside it; work files in `<out>.work`). `pseudo_labels`: a data root whose
+    test/ case-days the ensemble labels for the student too ("" for the cache's own root). Returns
+    distill.json's content: the holdout table and what the teacher adds."""
+    p = plan(ensemble_dir, student_yaml, overrides, out=out, tta=tta)
+    search = records.load(SearchRecord, p.run_dir / SEARCH_RECORD, "the ensemble's search folder has moved")
+    pseudo_root = None if pseudo_labels is None else (pseudo_labels or p.cache.manifest["source"])
+    source = write_teacher(p, pseudo_root, log=log)
+    folds = sorted({p.cache.entries[cd]["fold"] for cd in p.cache.case_days()})
+    record = train_students(search, to_dict(p.student), str(p.teacher.resolve()), folds, p.work, reference=reference,
+                            log=log)
+    return build_student(p, record, source, log=log)
+
+
 def plan(ensemble_dir, student_yaml, overrides: list[str] | None = None, out=None, tta: str = "none") -> Plan:
     """Check everything `gitseg distill` needs before any work: the ensemble, its search folder and
     cache, and the student configuration (on the ensemble's cache: the same folds and holdout)."""
     ensemble = Path(ensemble_dir)
     manifest = records.load(EnsembleManifest, ensemble / ENSEMBLE_MANIFEST,
                             "point --ensemble at a folder made by `gitseg ensemble`")
-    run_dir = Path(manifest.source["run"])
-    cache = Cache(manifest.source["cache"])
+    run_dir = Path(manifest.source.run)
+    cache = Cache(manifest.source.cache)
     if tta not in TTA_SETS:
         raise ValueError(f"unknown TTA {tta!r}; choose one of {', '.join(TTA_SETS)}")
     student = load_config(student_yaml, [*(overrides or []), f"data.cache={cache.root}", "data.teacher=null"])
     check_config(student, cache)
-    out = Path(out) if out is not None else ensemble.parent / f"{ensemble.name}-student"
+    out = student_folder(ensemble, out)
     if out.resolve() == ensemble.resolve():
         raise ValueError(f"--out {out} is the teacher ensemble's folder; choose another")
-    return Plan(ensemble, manifest, run_dir, cache, student, out, out.with_name(f"{out.name}.work"), tta)
+    return Plan(ensemble, manifest, run_dir, cache, student, out, work_folder(out), tta)
 
 
 def teacher_members(p: Plan):
@@ -217,20 +245,21 @@ def _build_student(p: Plan, record: RefitRecord, teacher_source: dict, log) -> d
         member.sha256 = sha256(staging / file)
         manifest = EnsembleManifest(
             format=MANIFEST_FORMAT, gitseg_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            source={"run": str(p.work.resolve()), "cache": str(p.cache.root.resolve()),
-                    "teacher_ensemble": str(p.ensemble.resolve())},
+            source=Source(run=str(p.work.resolve()), cache=str(p.cache.root.resolve()),
+                          teacher_ensemble=str(p.ensemble.resolve())),
             members=[member], tta=p.tta, postprocess=post.to_dict(),
-            preprocessing={"sizes": [member.size], "normalisation": p.cache.manifest["normalisation"],
-                           "classes": list(CLASSES), "windows": [(member.channels, member.stride)]},
+            preprocessing=Preprocessing(sizes=[member.size], normalisation=p.cache.manifest["normalisation"],
+                                        classes=list(CLASSES), windows=[[member.channels, member.stride]]),
             metric=p.manifest.metric,
             selection=Selection(method="distilled", topk=1, log=[], problems=problems,
                                 why=f"the student trained with the teacher {p.ensemble}: its fold {fold} model "
                                     f"(best validation score); post-processing tuned on all its folds' OOF",
-                                configurations=[{"name": c.trial_id, "oof_score": c.cv_score,
-                                                 "fold_scores": {f: m.score for f, m in sorted(c.folds.items())},
-                                                 "selected": c is student} for c in configs]),
-            scores=EnsembleScores(oof={"selected_at_0.5": student.cv_score, "tuning_steps": steps,
-                                       "case_days": len(p.cache.case_days())}),
+                                configurations=[ConfigurationRow(
+                                    name=c.trial_id, oof_score=c.cv_score, selected=c is student,
+                                    fold_scores={str(f): m.score for f, m in sorted(c.folds.items())})
+                                    for c in configs]),
+            scores=EnsembleScores(oof=OofScores(selected_at_half=student.cv_score, tuning_steps=steps,
+                                                case_days=len(p.cache.case_days()))),
             timings={}, training_data=training_data(p.cache, p.cache.case_days()))
         records.save(manifest, staging / ENSEMBLE_MANIFEST)
         oof = {c.trial_id: {"at_0.5": c.cv_score, "tuned": tuned_score(tuned[c.rank][1]),
@@ -281,7 +310,7 @@ def holdout_table(p: Plan, model: EnsembleModel, reference, log) -> dict:
     run = load_refit(p.run_dir)
     single_conf, single_fold = teacher_scores.best_single_fold_model.split(" fold ")
     single_ckpt = next(c for c in run.configurations if c.name == single_conf).folds[int(single_fold)].checkpoint
-    single_tta = next(r["tta"] for r in teacher_scores.ablation if r["variant"] == TUNED_SINGLE)
+    single_tta = next(r.tta for r in teacher_scores.ablation if r.variant == TUNED_SINGLE)
     ms = {STUDENT_ROW: _network_ms(model.folder / model.members[0].file, p.tta, volume, out_size, device),
           SINGLE_ROW: _network_ms(single_ckpt, single_tta, volume, out_size, device),
           ENSEMBLE_ROW: sum(_network_ms(p.ensemble / m.file, p.manifest.tta, volume, out_size, device)
@@ -298,9 +327,9 @@ def holdout_table(p: Plan, model: EnsembleModel, reference, log) -> dict:
         gain = paired_gain(r, rows[SINGLE_ROW]) if name != SINGLE_ROW else None
         table.append({"model": name, "detail": what[name][0], "tta": what[name][1], "ms_per_slice": ms[name],
                       "latency_vs_ensemble": ms[name] / ms[ENSEMBLE_ROW], "score": s["score"], "dice": s["dice"],
-                      "hausdorff": s["hausdorff"], "gain_over_single": gain["gain"] if gain else 0.0,
-                      "gain_ci95_low": gain["ci95"][0] if gain else 0.0,
-                      "gain_ci95_high": gain["ci95"][1] if gain else 0.0})
+                      "hausdorff": s["hausdorff"], "gain_over_single": gain.gain if gain else 0.0,
+                      "gain_ci95_low": gain.ci95[0] if gain else 0.0,
+                      "gain_ci95_high": gain.ci95[1] if gain else 0.0})
         log(f"distill: holdout {name}: {s['score']:.4f} ({ms[name]:.2f} ms per slice)")
     score = {r["model"]: r["score"] for r in table}
     ensemble_gain = score[ENSEMBLE_ROW] - score[SINGLE_ROW]
@@ -310,11 +339,19 @@ def holdout_table(p: Plan, model: EnsembleModel, reference, log) -> dict:
     share = student_gain / ensemble_gain if ensemble_gain > 0 else None
     teacher_adds = paired_gain(rows[STUDENT_ROW], rows[LABELS_ROW]) if reference else None
     if teacher_adds:
-        log(f"distill: what the teacher adds (student minus labels only): {teacher_adds['gain']:+.4f} "
-            f"[{teacher_adds['ci95'][0]:+.4f}, {teacher_adds['ci95'][1]:+.4f}] over {teacher_adds['cases']} cases")
+        log(f"distill: what the teacher adds (student minus labels only): {teacher_adds.gain:+.4f} "
+            f"[{teacher_adds.ci95[0]:+.4f}, {teacher_adds.ci95[1]:+.4f}] over {teacher_adds.cases} cases")
     log(f"distill: the ensemble adds {ensemble_gain:+.4f} over the best single model, the student {student_gain:+.4f}"
         + (f" ({share:.0%} of it)" if share is not None else "")
         + f" at {ms[STUDENT_ROW] / ms[ENSEMBLE_ROW]:.0%} of the ensemble's latency")
     return {"models": table, "holdout_case_days": holdout, "device": device_name(device),
-            "student_share_of_ensemble_gain": share, "teacher_adds": teacher_adds,
+            "student_share_of_ensemble_gain": share,
+            "teacher_adds": to_dict(teacher_adds) if teacher_adds else None,
             "latency_ratio": ms[STUDENT_ROW] / ms[ENSEMBLE_ROW]}
+
+
+def holdout_text(result: dict) -> str:
+    """distill.json's holdout table as the terminal shows it."""
+    return format_table([{k: r[k] for k in ("model", "tta", "ms_per_slice", "latency_vs_ensemble", "score", "dice",
+                                            "hausdorff", "gain_over_single")} for r in result["models"]],
+                        floats="{:.4f}")

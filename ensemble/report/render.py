@@ -1,6 +1,6 @@
 """How a report is rendered: sections, text, tables and figures collected in order, then written
 together as `index.html` (figures beside it, nothing fetched from anywhere), `report.md` and one
-CSV per table under `tables/`. What a report says is decided in ensemble/report.py.
+CSV per table under `tables/`. What a report says is decided in ensemble/report/report.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
                                                                      OUT/labels.itksnap.txt, OUT/timings.json
     gitseg predict --ensemble DIR --nifti-in FILE --out OUT      ->  the same without SEG and RTSTRUCT
 
-The scan is checked against the ensemble's training scans first (ensemble/input_checks.py), and
+The scan is checked against the ensemble's training scans first (ensemble/predict/input_checks.py), and
 every output says it is for research use only: the SEG's ContentDescription and ImageComments,
 the RTSTRUCT's StructureSetDescription and the NIfTI's descrip, with any warnings that `--force`
 let through.
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.input_checks import empty_organs, output_description, refuse_or_warn, scan_problems
 from ensemble.model import EnsembleModel
+from ensemble.predict.input_checks import empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
 from gitseg.data.geometry import axis_codes, spacing_of
@@ -248,7 +248,7 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
     `force`) and the empty organs, also saved as OUT/timings.json.
 
     A scan unlike the ensemble's training scans raises InputRefused before anything is written,
-    unless `force` (ensemble/input_checks.py)."""
+    unless `force` (ensemble/predict/input_checks.py)."""
     log(f"predict: {RESEARCH_USE}")
     model = EnsembleModel.load(ensemble_dir, device)  # checked before anything is read
     training = model.manifest.training_data

@@ -1,7 +1,7 @@
 """`gitseg report`: what the static, offline report of a search run and its ensemble says.
 
 Sections, tables and figures are chosen here from the run records (gitseg.records); how they
-become `index.html`, `report.md` and CSV is ensemble/render.py's job, the figures ensemble/figures.py's.
+become `index.html`, `report.md` and CSV is ensemble/report/render.py's job, the figures ensemble/report/figures.py's.
 """
 
 from __future__ import annotations
@@ -15,16 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.evaluate import (
-    CONFIGURATION,
-    FEW_CASES,
-    GATE_OFF,
-    TUNED_CONFIGURATION,
-    TUNED_SINGLE,
-    WITH_TTA,
-    per_case_table,
-)
-from ensemble.figures import (
+from ensemble.model import EnsembleModel
+from ensemble.report.figures import (
     anytime_curve,
     best_so_far,
     latency_front,
@@ -33,10 +25,19 @@ from ensemble.figures import (
     parameter_effects,
     search_front,
 )
-from ensemble.model import EnsembleModel
-from ensemble.postprocess import apply
-from ensemble.render import Report
+from ensemble.report.render import Report
+from ensemble.selection.evaluate import (
+    CONFIGURATION,
+    FEW_CASES,
+    GATE_OFF,
+    TUNED_CONFIGURATION,
+    TUNED_SINGLE,
+    WITH_TTA,
+    per_case_table,
+)
+from ensemble.selection.postprocess import apply
 from gitseg import records
+from gitseg.config import to_dict
 from gitseg.data.cache import Cache, split_summary
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder
@@ -49,6 +50,7 @@ from gitseg.records import (
     SEARCH_RECORD,
     EnsembleManifest,
     Evaluation,
+    Gain,
     RefitRecord,
     SearchRecord,
 )
@@ -129,7 +131,7 @@ def build_report(run_dir, ensemble_dir=None, out=None, log=say) -> Path:
 
 def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: Path, log) -> None:
     manifest = records.load(EnsembleManifest, ensemble_dir / ENSEMBLE_MANIFEST) if ensemble_dir else None
-    cache = Cache(manifest.source["cache"] if manifest else search.base["data"]["cache"])
+    cache = Cache(manifest.source.cache if manifest else search.base["data"]["cache"])
     rep = Report(out, f"gitseg report: {search.settings.get('name', run_dir.name)}")
     rep.text(f"Search folder {run_dir.resolve()}" + (f"; ensemble {ensemble_dir.resolve()}" if ensemble_dir else "")
              + ". Scores use the competition metric, kaggle convention: 0.4 x Dice (per slice and class, "
@@ -197,7 +199,7 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
         note("report: cross-validation")
         refit = records.load(RefitRecord, refit_path)
         rep.section("Cross-validation of the refit configurations")
-        oof = {c["name"]: c["oof_score"] for c in manifest.selection.configurations} if manifest else {}
+        oof = {c.name: c.oof_score for c in manifest.selection.configurations} if manifest else {}
         table = []
         for rank in sorted({m.rank for m in refit.models}):
             ms = [m for m in refit.models if m.rank == rank]
@@ -217,7 +219,7 @@ def _write(run_dir: Path, search: SearchRecord, ensemble_dir: Path | None, out: 
 
     rep.section("Reproducibility")
     rep.table("versions", versions(), "Versions")
-    machine = manifest.machine if manifest else {}
+    machine = to_dict(manifest.machine) if manifest and manifest.machine else {}
     rep.table("machine", [{"python": platform.python_version(), "platform": platform.platform(),
                            "cpus": os.cpu_count(), **{f"ensemble {k}": v for k, v in machine.items()}}], "Machine")
     timings = []
@@ -240,9 +242,9 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     rep.section("Ensemble")
     sel = manifest.selection
     rep.text(f"Selection: {sel.method}: {sel.why}. TTA: {manifest.tta}.")
-    rep.table("selection", [{"configuration": c["name"], "trial": c["trial_id"], "OOF score": c["oof_score"],
-                             "selected": c["selected"], "weight": c["weight"],
-                             "values": " ".join(f"{k}={label(v)}" for k, v in c["values"].items())}
+    rep.table("selection", [{"configuration": c.name, "trial": c.trial_id, "OOF score": c.oof_score,
+                             "selected": c.selected, "weight": c.weight,
+                             "values": " ".join(f"{k}={label(v)}" for k, v in c.values.items())}
                             for c in sel.configurations], "Refit configurations and the selection")
     rep.text("Selection log: " + " | ".join(sel.log))
     _latency_section(rep, manifest)
@@ -254,7 +256,7 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
               "(0: the step is off; the gate needs models with a gate head)")
     rep.table("tuning_steps", [{"step": s["step"], "OOF before": s["before"], "OOF after": s["after"],
                                 "kept": s["kept"], "values": str(s["values"])}
-                               for s in manifest.scores.oof["tuning_steps"]],
+                               for s in manifest.scores.oof.tuning_steps],
               "Tuning steps (a step is kept only if it raises the OOF score and lowers no class's by more "
               "than 0.001)")
     holdout = manifest.scores.holdout
@@ -266,10 +268,9 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     rep.text(f"{len(holdout.case_days)} holdout case-days from {len(cases)} "
              f"cases, never used for training, selection or tuning. Best single fold model: "
              f"{holdout.best_single_fold_model}; best single configuration: {holdout.best_single_configuration}.")
-    rep.table("ablation", [{k: r.get(k, "") for k in ("variant", "detail", "members", "tta", "score", "dice",
-                                                      "hausdorff", "gain", "gain_over")} for r in holdout.ablation],
-              "Ablation on the holdout (gain: over the variant in gain_over)")
-    score = {r["variant"]: r["score"] for r in holdout.ablation}
+    rep.table("ablation", [to_dict(r) for r in holdout.ablation], "Ablation on the holdout (gain: over the variant in "
+              "gain_over)")
+    score = {r.variant: r.score for r in holdout.ablation}
     final = holdout.final
     if TUNED_CONFIGURATION in score:
         rep.text(f"What the ensemble adds: {score[final] - score[TUNED_CONFIGURATION]:+.4f}, the ensemble as built "
@@ -282,12 +283,11 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     if GATE_OFF[0] in score:
         rep.text(f"What the empty-slice gate adds: {score[final] - score[GATE_OFF[0]]:+.4f} (the ensemble as built "
                  f"against the same post-processing with the gate rule off).")
-    tuned = (manifest.scores.oof or {}).get("tuned")
+    tuned = manifest.scores.oof.tuned
     if tuned:
-        per_class = {r["class"]: r for r in holdout.per_class}
-        rep.table("optimism", [{"class": cls, "oof_tuned_on": tuned[f"score/{cls}"],
-                                "holdout": per_class[cls]["score"],
-                                "holdout_minus_oof": per_class[cls]["score"] - tuned[f"score/{cls}"]}
+        per_class = {r.organ: r.score for r in holdout.per_class}
+        rep.table("optimism", [{"class": cls, "oof_tuned_on": tuned[f"score/{cls}"], "holdout": per_class[cls],
+                                "holdout_minus_oof": per_class[cls] - tuned[f"score/{cls}"]}
                                for cls in per_class] + [{"class": "all", "oof_tuned_on": tuned["score"],
                                                      "holdout": holdout.score,
                                                      "holdout_minus_oof": holdout.score - tuned["score"]}],
@@ -295,7 +295,8 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
                   "selected and tuned on, against the holdout")
     evaluation = records.load(Evaluation, ensemble_dir / EVALUATION)
     final_rows = evaluation.rows[holdout.final]
-    rep.table("holdout_per_class", holdout.per_class, "Per class: competition terms, 3D Dice, HD95 and ASSD in mm "
+    rep.table("holdout_per_class", [to_dict(r) for r in holdout.per_class], "Per class: competition terms, 3D Dice, "
+              "HD95 and ASSD in mm "
               "(volumes where both masks are non-empty; missed_or_spurious: one of them empty)")
     rep.table("holdout_bootstrap", bootstrap_by_case(final_rows, evaluation.clinical),
               f"95% bootstrap intervals over holdout cases ({BOOTSTRAP} resamples)")
@@ -322,34 +323,34 @@ def _robustness_section(rep: Report, ensemble_dir: Path) -> None:
         rep.image(figure, "robustness", "Holdout score against severity, per corruption")
 
 
-def _interval(gain: dict) -> str:
+def _interval(gain: Gain | None) -> str:
     if not gain:
         return ""
-    lo, hi = gain["ci95"]
-    return (f", 95% interval [{lo:+.4f}, {hi:+.4f}] from a paired bootstrap over the {gain['cases']} holdout cases "
-            f"({gain['resamples']} resamples; share of resamples with no gain: {gain['p_gain_not_positive']:.2f}"
-            + (f"; with only {gain['cases']} cases the interval says little: hold out more cases"
-               if gain["cases"] < FEW_CASES else "") + ")")
+    lo, hi = gain.ci95
+    return (f", 95% interval [{lo:+.4f}, {hi:+.4f}] from a paired bootstrap over the {gain.cases} holdout cases "
+            f"({gain.resamples} resamples; share of resamples with no gain: {gain.p_gain_not_positive:.2f}"
+            + (f"; with only {gain.cases} cases the interval says little: hold out more cases"
+               if gain.cases < FEW_CASES else "") + ")")
 
 
 def _latency_section(rep: Report, manifest: EnsembleManifest) -> None:
     lat = manifest.latency
     if not lat:
         return
-    rep.text(f"Latency: each fold model timed on {lat['device']} ({lat['timed_slices']} slices, the fused "
+    rep.text(f"Latency: each fold model timed on {lat.device} ({lat.timed_slices} slices, the fused "
              f"inference engine, back to the original size; median of 3 runs). The ensemble built: "
-             f"{lat['ensemble_ms_per_slice']:.2f} ms per slice, OOF score {lat['ensemble_oof_score']:.4f} with "
+             f"{lat.ensemble_ms_per_slice:.2f} ms per slice, OOF score {lat.ensemble_oof_score:.4f} with "
              f"per-class thresholds tuned on it, as every candidate is scored"
-             + (f"; chosen within a budget of {lat['budget_ms_per_slice']:g} ms per slice"
-                if lat.get("budget_ms_per_slice") else "") + ".")
-    rep.figure(latency_front(lat["candidates"], (lat["ensemble_ms_per_slice"], lat["ensemble_oof_score"]),
-                             lat.get("budget_ms_per_slice"), lat["device"]),
+             + (f"; chosen within a budget of {lat.budget_ms_per_slice:g} ms per slice"
+                if lat.budget_ms_per_slice else "") + ".")
+    rep.figure(latency_front(lat.candidates, (lat.ensemble_ms_per_slice, lat.ensemble_oof_score),
+                             lat.budget_ms_per_slice, lat.device),
                "latency_front", "Candidate ensembles (configurations, fold models per configuration, TTA): OOF score "
                "against measured latency. A candidate's OOF score does not depend on its number of folds (each OOF "
                "prediction comes from one fold model), so the front climbs in steps of equal score as folds are added")
-    rep.table("latency_front", [{"configurations": "+".join(c["configurations"]), "folds": c["folds"], "tta": c["tta"],
-                                 "OOF score": c["oof_score"], "ms per slice": c["ms_per_slice"]}
-                                for c in sorted(lat["candidates"], key=lambda c: c["ms_per_slice"]) if c["on_front"]],
+    rep.table("latency_front", [{"configurations": "+".join(c.configurations), "folds": c.folds, "tta": c.tta,
+                                 "OOF score": c.oof_score, "ms per slice": c.ms_per_slice}
+                                for c in sorted(lat.candidates, key=lambda c: c.ms_per_slice) if c.on_front],
               "The latency front, cheapest first")
 
 

@@ -9,7 +9,7 @@ rung rule keeps the best configuration, and at what cost" in seconds instead of 
 per rule; `--check` first replays the rule the recorded ASHA arm used and compares with what that
 arm really did, so the replay is only trusted where it reproduces a real run.
 
-    python benchmarks/asha_replay.py FILE [--check] [--metric score] [--grace 1 2] [--rf 3 4] [--max-t 8]
+    gitseg replay FILE [--check] [--metric score] [--grace 1 2] [--rf 3 4] [--max-t 8]
 
 FILE can also be the `search.json` of your own search run with `asha.enabled: false` (every trial
 runs all its epochs), to choose ASHA's grace period and reduction factor for your data: trials are
@@ -19,9 +19,10 @@ and an approximation when several run at once.
 
 from __future__ import annotations
 
-import argparse
 import json
 from types import SimpleNamespace
+
+import numpy as np
 
 from gitseg import records
 from gitseg.records import SearchRecord
@@ -33,14 +34,14 @@ def load_curves(path: str) -> dict:
     if "fifo" in data:
         return data
     if "leaderboard" not in data:
-        raise SystemExit(f"{path} is neither a bench_asha.py --save file nor a search.json")
+        raise ValueError(f"{path} is neither a bench_asha.py --save file nor a search.json")
     search = records.load(SearchRecord, path)
     if search.settings["asha"]["enabled"]:
-        raise SystemExit(f"{path} is a search with ASHA on: its stopped trials have no curves to replay; "
+        raise ValueError(f"{path} is a search with ASHA on: its stopped trials have no curves to replay; "
                          f"run the search with --set asha.enabled=false")
     rows = sorted((r for r in search.leaderboard if r.status == "finished"), key=lambda r: r.started or 0)
     if not rows:
-        raise SystemExit(f"{path}: no finished trial to replay")
+        raise ValueError(f"{path}: no finished trial to replay")
     trials = [{"index": i + 1, "history": [{**h, "epochs_done": h["epoch"]} for h in r.history]}
               for i, r in enumerate(rows)]
     epochs = min(len(t["history"]) for t in trials)
@@ -52,7 +53,7 @@ def replay(trials: list[dict], metric: str, grace: int, rf: int, max_t: int, bra
     """Per trial (in run order): the epochs ASHA lets it run and the best score it reaches in them.
     With several brackets each trial is put in one the way Ray's AsyncHyperBandScheduler.on_trial_add
     draws it (weights e^(rungs - most rungs)), from `rng` (numpy Generator; needed then)."""
-    import numpy as np
+    # Ray's own bracket, imported here: the rest of the replay (and `gitseg --help`) does not need Ray
     from ray.tune.schedulers.async_hyperband import _Bracket
     from ray.tune.schedulers.trial_scheduler import TrialScheduler
 
@@ -78,8 +79,6 @@ def brackets_table(trials: list[dict], grace: int, rf: int, max_t: int, most: in
     """For 1..most brackets: the mean share of the epochs, the mean best score (as a share of the
     search without early stopping's) and how often the configuration that ends best is run to the
     end, over `draws` seeded draws of the trials' brackets."""
-    import numpy as np
-
     full_epochs, full_best, full_index = without_early_stopping(trials, max_t)
     out = []
     for b in range(1, most + 1):
@@ -115,8 +114,6 @@ def anytime_orders(trials: list[dict], grace: int, rf: int, max_t: int, share: f
     seeded random orders of the recorded trials (the first kept first, as a search runs its base
     configuration first), the mean and the share of orders reaching 0.99, with ASHA (this rule)
     and without early stopping (every trial to the end) in the same orders."""
-    import numpy as np
-
     full_epochs, full_best, _ = without_early_stopping(trials, max_t)
     spend = int(share * full_epochs)
     rng = np.random.default_rng(0)
@@ -134,7 +131,7 @@ def anytime_orders(trials: list[dict], grace: int, rf: int, max_t: int, share: f
 def rank_table(trials: list[dict], metric: str, max_t: int) -> list[tuple[int, float, int]]:
     """Per epoch k: Spearman correlation between the metric after k epochs and the best score in
     max_t epochs, over trials, and the rank after k epochs of the configuration that ends best."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # scipy.stats takes a second to import; only this table needs it
 
     final = [best_within(t, max_t) for t in trials]
     top = max(range(len(trials)), key=lambda i: final[i])
@@ -162,34 +159,23 @@ def without_early_stopping(trials: list[dict], max_t: int) -> tuple[int, float, 
                     for t in trials])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="JSON written by bench_asha.py --save")
-    parser.add_argument("--metric", default=None, help="rung metric (default: every recorded one)")
-    parser.add_argument("--grace", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rf", type=int, nargs="+", default=[3, 4])
-    parser.add_argument("--max-t", type=int, default=None, help="epochs per trial (default: the recorded ones)")
-    parser.add_argument("--check", action="store_true", help="first reproduce the recorded ASHA arm")
-    parser.add_argument("--brackets", type=int, default=None, metavar="MOST",
-                        help="also replay 1..MOST brackets of Ray's multi-bracket ASHA at the first --grace and --rf "
-                             "(each trial's bracket drawn as Ray draws it; means over 400 seeded draws)")
-    parser.add_argument("--anytime", type=float, default=None, metavar="SHARE",
-                        help="also: the best score once SHARE of the trial-epochs are spent, in the recorded order "
-                             "and over 2,000 seeded random orders of the configurations (the first kept first), "
-                             "with ASHA at the first --grace and --rf and without early stopping")
-    args = parser.parse_args()
-    if args.anytime is not None and not 0 < args.anytime <= 1:
-        parser.error(f"--anytime {args.anytime}: give the share of the trial-epochs as a number in (0, 1], e.g. 0.4")
-    data = load_curves(args.file)
+def replay_report(path, metric: str | None = None, grace=(1, 2), rf=(3, 4), max_t: int | None = None,
+                  check: bool = False, brackets: int | None = None, anytime: float | None = None, show=print) -> None:
+    """`gitseg replay`: what ASHA's rules would have done on the learning curves in `path` (a
+    `bench_asha.py --save` file or a search.json without early stopping), printed with `show`.
+    `check` first reproduces a recorded ASHA arm; `brackets` and `anytime` add their tables."""
+    if anytime is not None and not 0 < anytime <= 1:
+        raise ValueError(f"--anytime {anytime}: give the share of the trial-epochs as a number in (0, 1], e.g. 0.4")
+    data = load_curves(path)
     fifo = data["fifo"]["trials"]
-    max_t = args.max_t or data["args"]["epochs"]
+    max_t = max_t or data["args"]["epochs"]
     # the search without early stopping, cut at max_t (a search.json's trials carry only their curves)
     full_epochs, full_best, full_index = without_early_stopping(fifo, max_t)
-    print(f"{len(fifo)} trials x {max_t} epochs without early stopping: {full_epochs} trial-epochs, best "
-          f"{full_best:.4f} (configuration {full_index})")
-    if args.check:
+    show(f"{len(fifo)} trials x {max_t} epochs without early stopping: {full_epochs} trial-epochs, best "
+         f"{full_best:.4f} (configuration {full_index})")
+    if check:
         if "asha" not in data:
-            raise SystemExit("--check needs a bench_asha.py --save file (it holds the real ASHA arm)")
+            raise ValueError("--check needs a bench_asha.py --save file (it holds the real ASHA arm)")
         used = data["args"]
         replayed = replay(fifo, "score", used["grace_period"], used["reduction_factor"], used["epochs"])
         # a --budget arm also ran further configurations, which the search without early stopping has no curves of
@@ -199,44 +185,39 @@ def main() -> None:
         if real != again:
             diff = {i: (real.get(i), again.get(i)) for i in sorted(set(real) | set(again))
                     if real.get(i) != again.get(i)}
-            raise SystemExit(f"the replay does not reproduce the recorded ASHA arm (trial: real, replayed): {diff}")
-        print(f"check: the replay reproduces the recorded ASHA arm trial by trial "
-              f"({sum(e for e, _ in real.values())} trial-epochs, best {max(b for _, b in real.values()):.4f})")
-    rank_metric = args.metric or "score"
-    print(f"how well the {rank_metric} after k epochs predicts the best score in {max_t} (Spearman over "
-          f"{len(fifo)} trials), and where configuration {full_index} stands after k epochs:")
+            raise RuntimeError(f"the replay does not reproduce the recorded ASHA arm (trial: real, replayed): {diff}")
+        show(f"check: the replay reproduces the recorded ASHA arm trial by trial "
+             f"({sum(e for e, _ in real.values())} trial-epochs, best {max(b for _, b in real.values()):.4f})")
+    rank_metric = metric or "score"
+    show(f"how well the {rank_metric} after k epochs predicts the best score in {max_t} (Spearman over "
+         f"{len(fifo)} trials), and where configuration {full_index} stands after k epochs:")
     for k, rho, rank in rank_table(fifo, rank_metric, max_t):
-        print(f"  epoch {k}: rho {rho:+.2f}, configuration {full_index} ranks {rank} of {len(fifo)}")
+        show(f"  epoch {k}: rho {rho:+.2f}, configuration {full_index} ranks {rank} of {len(fifo)}")
     not_ranks = ("epoch", "epochs_done", "epoch_time", "train_loss", "hausdorff")
-    metrics = [args.metric] if args.metric else [k for k in fifo[0]["history"][0] if k not in not_ranks]
-    print(f"{'rung metric':22s} {'grace':>5s} {'rf':>3s} {'epochs':>7s} {'ratio':>6s} {'best':>7s} {'ratio':>6s}  "
-          f"epochs given to configuration {full_index}")
-    for metric in metrics:
-        for grace in args.grace:
-            for rf in args.rf:
-                result = replay(fifo, metric, grace, rf, max_t)
+    metrics = [metric] if metric else [k for k in fifo[0]["history"][0] if k not in not_ranks]
+    show(f"{'rung metric':22s} {'grace':>5s} {'rf':>3s} {'epochs':>7s} {'ratio':>6s} {'best':>7s} {'ratio':>6s}  "
+         f"epochs given to configuration {full_index}")
+    for name in metrics:
+        for g in grace:
+            for r in rf:
+                result = replay(fifo, name, g, r, max_t)
                 epochs, best, _ = summary(result)
                 kept = next(t["epochs"] for t in result if t["index"] == full_index)
-                print(f"{metric:22s} {grace:5d} {rf:3d} {epochs:7d} {epochs / full_epochs:6.2f} {best:7.4f} "
-                      f"{best / full_best:6.3f}  {kept}")
-    if args.brackets:
-        print(f"brackets (grace {args.grace[0]}, rf {args.rf[0]}; bracket b's first rung at grace x rf^b): mean share "
-              f"of the epochs, mean best score / without early stopping's, share of draws that run configuration "
-              f"{full_index} to the end")
-        for row in brackets_table(fifo, args.grace[0], args.rf[0], max_t, args.brackets):
-            print(f"  {row['brackets']} bracket(s): epochs {row['epochs']:.2f}, best {row['best']:.3f}, "
-                  f"kept {row['kept']:.2f}")
-    if args.anytime:
-        grace, rf = args.grace[0], args.rf[0]
-        spend = int(args.anytime * full_epochs)
-        here, plain = (b / full_best for b in anytime_pair(fifo, grace, rf, max_t, spend))
-        print(f"anytime: best after {spend} trial-epochs ({args.anytime:.0%}) / best without early stopping, "
-              f"in the recorded order: ASHA (grace {grace}, rf {rf}) {here:.3f}, no early stopping {plain:.3f}")
-        row = anytime_orders(fifo, grace, rf, max_t, args.anytime)
-        print(f"  over 2,000 random orders (first configuration first): ASHA mean {row['asha_mean']:.3f}, "
-              f">= 0.99 in {row['asha_met']:.0%}; no early stopping mean {row['fifo_mean']:.3f}, "
-              f">= 0.99 in {row['fifo_met']:.0%}")
-
-
-if __name__ == "__main__":
-    main()
+                show(f"{name:22s} {g:5d} {r:3d} {epochs:7d} {epochs / full_epochs:6.2f} {best:7.4f} "
+                     f"{best / full_best:6.3f}  {kept}")
+    if brackets:
+        show(f"brackets (grace {grace[0]}, rf {rf[0]}; bracket b's first rung at grace x rf^b): mean share "
+             f"of the epochs, mean best score / without early stopping's, share of draws that run configuration "
+             f"{full_index} to the end")
+        for row in brackets_table(fifo, grace[0], rf[0], max_t, brackets):
+            show(f"  {row['brackets']} bracket(s): epochs {row['epochs']:.2f}, best {row['best']:.3f}, "
+                 f"kept {row['kept']:.2f}")
+    if anytime:
+        spend = int(anytime * full_epochs)
+        here, plain = (b / full_best for b in anytime_pair(fifo, grace[0], rf[0], max_t, spend))
+        show(f"anytime: best after {spend} trial-epochs ({anytime:.0%}) / best without early stopping, "
+             f"in the recorded order: ASHA (grace {grace[0]}, rf {rf[0]}) {here:.3f}, no early stopping {plain:.3f}")
+        row = anytime_orders(fifo, grace[0], rf[0], max_t, anytime)
+        show(f"  over 2,000 random orders (first configuration first): ASHA mean {row['asha_mean']:.3f}, "
+             f">= 0.99 in {row['asha_met']:.0%}; no early stopping mean {row['fifo_mean']:.3f}, "
+             f">= 0.99 in {row['fifo_met']:.0%}")

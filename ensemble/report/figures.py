@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from gitseg.data.uwmgi import CLASSES
-from gitseg.records import TrialRow
+from gitseg.records import CandidateRow, TrialRow
 from gitseg.tables import label
 
 COLOURS = {"large_bowel": "#e6194b", "small_bowel": "#3cb44b", "stomach": "#4363d8"}
@@ -128,14 +128,14 @@ def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str):
     return fig
 
 
-def latency_front(candidates: list[dict], chosen: tuple[float, float], budget: float | None, device: str):
+def latency_front(candidates: list[CandidateRow], chosen: tuple[float, float], budget: float | None, device: str):
     """OOF score against measured ms per slice: every candidate ensemble, the front, the chosen one."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.scatter([c["ms_per_slice"] for c in candidates], [c["oof_score"] for c in candidates], s=14, color="#bbb",
+    ax.scatter([c.ms_per_slice for c in candidates], [c.oof_score for c in candidates], s=14, color="#bbb",
                label="candidates")
-    front = sorted((c for c in candidates if c["on_front"]), key=lambda c: c["ms_per_slice"])
-    ax.step([c["ms_per_slice"] for c in front], [c["oof_score"] for c in front], where="post", color="k",
+    front = sorted((c for c in candidates if c.on_front), key=lambda c: c.ms_per_slice)
+    ax.step([c.ms_per_slice for c in front], [c.oof_score for c in front], where="post", color="k",
             marker="o", ms=4, label="Pareto front")
     ax.scatter([chosen[0]], [chosen[1]], marker="*", s=220, color="#e6194b", zorder=4, label="the ensemble built")
     if budget is not None:

@@ -1,5 +1,8 @@
 """The Ray side of `gitseg distill`: the student configuration trained on every fold, with the
-teacher's targets and on the labels alone, as the refit trains its configurations (refit.py).
+teacher's targets and on the labels alone, by the refit's own Ray Train runs (search/refit.py).
+
+The one place where `ensemble` imports `search` (docs/ARCHITECTURE.md): a student's fold runs are
+refit runs with another configuration, and written twice they would drift apart.
 
 Both students leave out-of-fold probabilities, so each gets post-processing tuned on its own; the
 labels-only one is the reference that says what the teacher adds. Everything lives under the
@@ -12,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gitseg.config import from_dict
 from gitseg.progress import say
-from gitseg.records import REFIT_RECORD, RefitRecord, to_json
+from gitseg.records import REFIT_RECORD, RefitRecord, SearchRecord, to_json
 from search.cluster import init_ray
 from search.refit import train_fold_jobs
 from search.settings import SearchConfig
@@ -22,11 +26,13 @@ from search.storage import write_text
 STUDENT, LABELS_ONLY = "student", "labels-only"
 
 
-def train_students(settings: SearchConfig, student: dict, teacher: str, folds: list[int], work, tta: str,
-                   reference: bool = True, log=say) -> RefitRecord:
+def train_students(search: SearchRecord, student: dict, teacher: str, folds: list[int], work, reference: bool = True,
+                   log=say) -> RefitRecord:
     """Train `student` (an experiment config dict) on `folds` with `data.teacher` = `teacher` and, with
-    `reference`, once more without; writes and returns `<work>/refit.json`. Ray settings come from
-    `settings` (the ensemble's search: workers, logical CPUs, failures)."""
+    `reference`, once more without; writes and returns `<work>/refit.json`. Ray settings (workers,
+    logical CPUs, failures) and the OOF's TTA are the ensemble's search's."""
+    settings = from_dict(SearchConfig, search.settings)
+    tta = settings.refit.tta
     work = str(Path(work).resolve())
 
     def jobs(rank: int, name: str, path: str | None) -> list[dict]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from ensemble.model import EnsembleModel
+from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE
 from gitseg.data.cache import problems_by_case_day
 from gitseg.data.geometry import axial_affine
@@ -38,7 +38,7 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
     """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]},
     warnings, empty_organs, submission}, also saved as OUT/predict.json.
 
-    A case-day unlike the ensemble's training scans (ensemble/input_checks.py) fails with the reason,
+    A case-day unlike the ensemble's training scans (ensemble/predict/input_checks.py) fails with the reason,
     unless `force`: then it is predicted and its warnings are recorded. `ray_address` ("auto" for a
     running cluster, "local" for a local instance) spreads the volumes over the cluster's workers, one
     GPU each where the cluster has GPUs; None predicts in-process.

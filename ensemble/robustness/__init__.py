@@ -1,0 +1,1 @@
+"""`gitseg robustness`: an ensemble's holdout scored under MRI corruptions."""
