@@ -16,7 +16,7 @@ epochs in --rungs scores the same run several ways on the validation fold (8 cas
                 steps with the learning rate falling linearly from its current value to 0, precise
                 BN, scored; the main run continues from the fork point untouched
 
-    live soft   the live weights' soft Dice (`soft_dice` of train.score_fold: no threshold, so not 0
+    live soft   the live weights' soft Dice (`soft_dice` of train.score_fold, gitseg.metrics: no threshold, so not 0
                 for a model that draws no mask yet); its final is live's competition score
     ema soft    the same for the EMA; its final is ema's competition score
 

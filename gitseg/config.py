@@ -51,6 +51,9 @@ class LossTerm:
     weight: float = 1.0
 
 
+SCHEDULES = ("cosine", "wsd")  # train.schedule's choices (gitseg.train.lr_at)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 10
@@ -59,7 +62,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5           # linear warm-up, then the schedule's decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.01
-    schedule: str = "cosine"             # cosine: decay over the whole run after warm-up; wsd: warm-up,
+    schedule: str = "cosine"             # SCHEDULES: cosine: decay over the whole run after warm-up; wsd: warm-up,
                                          # constant lr, linear decay over the last decay_fraction of the steps
     decay_fraction: float = 0.2          # wsd only: the share of all steps spent decaying
     ema: float = 0.0                     # >0: validate, checkpoint and predict with an exponential moving

@@ -353,3 +353,13 @@ def competition_score(preds: Mapping, gts: Mapping, variant: str = "kaggle", cla
         cls = key[1] if isinstance(key, tuple) and len(key) > 1 else "all"
         stats.append((cls, *volume_stats(preds[key], gts[key], variant)))
     return summarise(stats, variant, classes)
+
+
+def soft_dice(items) -> float:
+    """Mean over classes of 2 sum(p g) / (sum p + sum g) from `(class, (sum p g, sum p, sum g))`
+    items; a class with neither probability nor truth anywhere counts 1 (nothing to find, nothing drawn)."""
+    sums: dict = {}
+    for cls, soft in items:
+        sums[cls] = sums.get(cls, np.zeros(3)) + np.asarray(soft, dtype=np.float64)
+    values = [1.0 if a[1] + a[2] == 0 else 2 * a[0] / (a[1] + a[2]) for a in sums.values()]
+    return float(np.mean(values)) if values else float("nan")

@@ -27,17 +27,17 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from gitseg.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, default_device, load_checkpoint, save_checkpoint
 from gitseg.config import Config, ConfigError, save_config, to_dict
+from gitseg.config_checks import check_config
 from gitseg.data.artefacts import Artefacts
 from gitseg.data.cache import Cache
-from gitseg.data.dataset import SliceDataset, build_augment, window_indices
+from gitseg.data.dataset import SliceDataset, build_augment
 from gitseg.data.uwmgi import CLASSES
 from gitseg.infer import autocast, predict_volume, prepare_for_inference
-from gitseg.losses import LossMix, check_loss_terms
-from gitseg.metrics import summarise, volume_stats
+from gitseg.losses import LossMix
+from gitseg.metrics import soft_dice, summarise, volume_stats
 from gitseg.models import (
     build_model,
     check_input_size,
-    check_model_names,
     check_parameters_used,
     split_outputs,
     unwrap,
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 # Pure pieces
 
 
-SCHEDULES = ("cosine", "wsd")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float,
@@ -83,42 +82,6 @@ def distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def check_config(cfg: Config, cache: Cache) -> None:
-    """Everything that can be checked before training starts, with errors that name the key."""
-    check_model_names(cfg.model)
-    check_loss_terms(cfg.train.loss)
-    try:
-        window_indices(1, cfg.data.channels, cfg.data.stride)
-    except ValueError as exc:
-        raise ConfigError(f"data.channels/data.stride: {exc}") from None
-    folds = cache.manifest["folds"]
-    if not 0 <= cfg.data.fold < folds:
-        raise ConfigError(f"data.fold: {cfg.data.fold} is not a fold of {cache.root} (it has folds 0..{folds - 1})")
-    for key, value, low in (("train.epochs", cfg.train.epochs, 1), ("train.batch_size", cfg.train.batch_size, 1),
-                            ("train.val_batch_size", cfg.train.val_batch_size or 1, 1),
-                            ("train.precise_bn", cfg.train.precise_bn, 0)):
-        if value < low:
-            raise ConfigError(f"{key} must be at least {low} (got {value})")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr must be positive (got {cfg.train.lr})")
-    try:
-        Artefacts(cfg.data.artefacts, cfg.data.artefact_prob)
-    except ValueError as exc:
-        raise ConfigError(f"data.artefacts/data.artefact_prob: {exc}") from None
-    if not 0 <= cfg.train.teacher_weight <= 1:
-        raise ConfigError(f"train.teacher_weight must be in [0, 1] (got {cfg.train.teacher_weight})")
-    if cfg.data.teacher and not Path(cfg.data.teacher).is_dir():
-        raise ConfigError(f"data.teacher: {cfg.data.teacher} is not a folder; `gitseg distill` writes one")
-    if not 0 < cfg.train.threshold < 1:
-        raise ConfigError(f"train.threshold must be in (0, 1) (got {cfg.train.threshold})")
-    if cfg.train.schedule not in SCHEDULES:
-        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)} (got {cfg.train.schedule!r})")
-    if not 0 < cfg.train.decay_fraction <= 1:
-        raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {cfg.train.decay_fraction})")
-    if not 0 <= cfg.train.ema < 1:
-        raise ConfigError(f"train.ema must be in [0, 1): a decay such as 0.999, or 0 for off (got {cfg.train.ema})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +122,6 @@ def score_fold(model, cache: Cache, case_days: list[str], cfg: Config, device) -
     result = summarise([(cls, counts, hd) for _, cls, counts, hd, _ in stats], classes=CLASSES)
     result["soft_dice"] = soft_dice([(cls, soft) for _, cls, _, _, soft in stats])
     return result
-
-
-def soft_dice(items) -> float:
-    """Mean over classes of 2 sum(p g) / (sum p + sum g) from `(class, (sum p g, sum p, sum g))`
-    items; a class with neither probability nor truth anywhere counts 1 (nothing to find, nothing drawn)."""
-    sums: dict = {}
-    for cls, soft in items:
-        sums[cls] = sums.get(cls, np.zeros(3)) + np.asarray(soft, dtype=np.float64)
-    values = [1.0 if a[1] + a[2] == 0 else 2 * a[0] / (a[1] + a[2]) for a in sums.values()]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def precise_bn(model: torch.nn.Module, loader, batches: int, device, channels_last: bool) -> None:

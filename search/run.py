@@ -19,11 +19,11 @@ import itertools
 from pathlib import Path
 
 from gitseg.config import Config, ConfigError, load_config, to_dict
+from gitseg.config_checks import check_config
 from gitseg.data.cache import Cache
 from gitseg.files import folder_lock
 from gitseg.progress import say
 from gitseg.records import SEARCH_RECORD, SearchRecord, TrialRow, to_json
-from gitseg.train import check_config
 from search.budget import bracket_milestones, budget_objects
 from search.cluster import concurrent_trials, init_ray, trainable
 from search.leaderboard import anytime, format_leaderboard, leaderboard, leaderboard_csv, rung_correlations

@@ -23,8 +23,9 @@ from gitseg.data.cache import Cache
 from gitseg.data.dataset import SliceDataset
 from gitseg.files import CorruptFileError
 from gitseg.losses import LossMix
+from gitseg.metrics import soft_dice
 from gitseg.models import build_model
-from gitseg.train import Preempted, fit, lr_at, precise_bn, score_fold, seed_everything, soft_dice
+from gitseg.train import Preempted, fit, lr_at, precise_bn, score_fold, seed_everything
 
 QUIET = dict(log=lambda *_: None)
 

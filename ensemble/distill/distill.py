@@ -38,6 +38,7 @@ from ensemble.selection.postprocess import tune
 from gitseg import __version__, records, teacher
 from gitseg.checkpoint import default_device
 from gitseg.config import Config, load_config, to_dict
+from gitseg.config_checks import check_config
 from gitseg.data.cache import Cache, pack_masks, preprocess_volume, resize_masks, resize_probs
 from gitseg.data.uwmgi import CLASSES, index_root, volume_from_rows
 from gitseg.files import folder_lock, staged_folder, write_text_atomic
@@ -61,7 +62,6 @@ from gitseg.records import (
     Source,
 )
 from gitseg.tables import csv_text, format_table
-from gitseg.train import check_config
 
 DISTILL_RECORD = "distill.json"
 STUDENT_ROW, LABELS_ROW = "student", "student, labels only"
