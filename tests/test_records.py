@@ -2,11 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from gitseg import records
-from gitseg.records import RefitModel, RefitRecord, SearchRecord, TrialRow
+from gitseg.records import EnsembleManifest, RefitModel, RefitRecord, SearchRecord, TrialRow
 
 
 def row(trial_id, score):
@@ -39,3 +40,27 @@ def test_a_damaged_or_missing_record_is_refused_by_name(tmp_path):
         records.load(RefitRecord, path)
     with pytest.raises(FileNotFoundError, match="no search.json in .*; run the search first"):
         records.load(SearchRecord, tmp_path / "search.json", "run the search first")
+
+
+def test_an_ensemble_manifest_written_before_the_typed_records_still_reads():
+    # tests/data/ensemble_format1.json: the demo's ensemble.json as gitseg wrote it when the manifest's
+    # scores, latency, source and selection rows were plain mappings (same keys, same format number).
+    path = Path(__file__).parent / "data" / "ensemble_format1.json"
+    old = json.loads(path.read_text())
+    manifest = records.load(EnsembleManifest, path)
+    assert manifest.source.cache == old["source"]["cache"]
+    assert manifest.scores.oof.selected_at_half == old["scores"]["oof"]["selected_at_0.5"]
+    holdout = manifest.scores.holdout
+    assert [r.organ for r in holdout.per_class] == [r["class"] for r in old["scores"]["holdout"]["per_class"]]
+    assert holdout.ensemble_gain.gain == old["scores"]["holdout"]["ensemble_gain"]["gain"]
+    assert holdout.ablation_score(holdout.final) == holdout.score
+    assert manifest.latency.ensemble_ms_per_slice == old["latency"]["ensemble_ms_per_slice"]
+    assert [c.on_front for c in manifest.latency.candidates] == [c["on_front"] for c in old["latency"]["candidates"]]
+    # Written again, every key it had keeps its value (the file's keys, not the fields' names).
+    again = json.loads(records.to_json(manifest))
+    assert again["scores"]["holdout"] == old["scores"]["holdout"] and again["latency"] == old["latency"]
+    assert again["selection"] == old["selection"] and again["scores"]["oof"]["selected_at_0.5"] == old["scores"][
+        "oof"]["selected_at_0.5"]
+    # A distilled student's manifest held {} where it had no latency table and no machine.
+    student = {**old, "latency": {}, "machine": {}}
+    assert records.from_json(EnsembleManifest, json.dumps(student)).latency is None
