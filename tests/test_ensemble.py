@@ -54,10 +54,11 @@ QUIET = dict(log=lambda *_: None)
 CONFIGS = ({"train.lr": 0.003}, {"train.lr": 0.002, "data.channels": 1})
 
 
-def write_refit_run(cache_dir, root, configs=CONFIGS, failed=()):
+def write_refit_run(cache_dir, root, configs=CONFIGS, failed=(), tta="hflip"):
     """A search folder as `gitseg search` leaves it: search.json, refit.json, fold models with OOF.
 
-    The fold models are real (one short epoch each); `failed` names (rank, fold) refits that failed.
+    The fold models are real (one short epoch each); `failed` names (rank, fold) refits that failed;
+    `tta` is the refit's (its OOF's, and so the ensemble's by default).
     """
     cache = Cache(cache_dir)
     models = []
@@ -78,18 +79,18 @@ def write_refit_run(cache_dir, root, configs=CONFIGS, failed=()):
             best = fit(cfg, **QUIET)
             model = model_from_checkpoint(load_checkpoint(out / "best.pt"))
             write_oof(model, cache, cache.case_days(folds=[fold]), out / "oof", cfg.data.channels, cfg.data.stride,
-                      "hflip")
+                      tta)
             models.append(RefitModel(rank=rank, trial_id=f"t{rank}", fold=fold, values=values, score=best["score"],
                                      best_epoch=1, error=None, checkpoint=str(out / "best.pt"), oof=str(out / "oof")))
-    write_records(root, cache_dir, list(range(cache.manifest["folds"])), models)
+    write_records(root, cache_dir, list(range(cache.manifest["folds"])), models, tta)
     return root
 
 
-def write_records(root, cache_dir, folds, models):
+def write_records(root, cache_dir, folds, models, tta="hflip"):
     """search.json and refit.json as the search writes them (only what the ensemble reads is filled in)."""
     records.save(SearchRecord(settings={}, base={"data": {"cache": str(cache_dir)}}, cache="", leaderboard=[]),
                  root / SEARCH_RECORD)
-    records.save(RefitRecord(folds=folds, tta="hflip", models=models), root / REFIT_RECORD)
+    records.save(RefitRecord(folds=folds, tta=tta, models=models), root / REFIT_RECORD)
 
 
 @pytest.fixture(scope="module")

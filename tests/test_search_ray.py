@@ -98,9 +98,11 @@ def test_distill_gives_a_folder_predict_uses_in_process_and_over_ray(small_demo,
     ensemble, data, quiet = out / "search" / "demo" / "ensemble", out / "data", dict(log=lambda *_: None)
     student = {"data": {"channels": 3, "stride": 1, "augment": 0.0},
                "model": {"arch": "FPN", "encoder": "tu-test_resnet", "head_prior": None},
-               "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 4, "lr": 0.003, "teacher_weight": 0.5}}
+               "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 4, "lr": 0.003, "teacher_weight": 0.5}}
     (tmp_path / "student.yaml").write_text(json.dumps(student))
-    ray.init(num_cpus=3)
+    # Room for both fold runs of the student at once (the demo's search runs 2 trials at a time: 2 x
+    # (2 workers + a driver's 0.01 CPU)): overlapping their start-ups saves about 8 s here.
+    ray.init(num_cpus=5)
     try:
         assert main(["distill", "--ensemble", str(ensemble), "--config", str(tmp_path / "student.yaml"),
                      "--out", str(tmp_path / "student"), "--pseudo-labels", "--no-reference"]) == 0

@@ -215,36 +215,15 @@ def _ddp_worker(rank, world, port, cfgs, results):
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_matches_one_process_validation(train_cache, tmp_path):
-    # with precise_bn each rank recomputes BatchNorm statistics on its own batches; averaged over
-    # the ranks, the model rank 0 saves is the one both ranks validated. With ema, that model is
-    # the moving average (precise BN applied to it), the same on both ranks (lr 0.01: a score
-    # above 0, which the optimiser's own weights do not share).
-    cases = [(0, 0.0, 0.003), (4, 0.0, 0.003), (4, 0.9, 0.01)]  # (precise_bn, ema, lr)
-    cfgs = [tiny_config(train_cache, tmp_path / f"ddp{i}", epochs=1, precise_bn=pbn, ema=ema, lr=lr)
-            for i, (pbn, ema, lr) in enumerate(cases)]
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfgs, results), nprocs=2, join=True)
-    cache = Cache(train_cache)
-    for i, (case, cfg) in enumerate(zip(cases, cfgs)):
-        (s0, d0, h0, dir0), = results[(i, 0)]
-        (s1, d1, h1, dir1), = results[(i, 1)]
-        assert (s0, d0, h0) == (s1, d1, h1), f"every rank must see the same validation metrics: {case}"
-        assert dir0 == str(tmp_path / f"ddp{i}") and dir1 is None  # checkpoints from rank 0 only
-        # one process, same weights, same volumes: the same numbers
-        model = model_from_checkpoint(load_checkpoint(tmp_path / f"ddp{i}" / LAST))
-        single = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
-        assert single["score"] == pytest.approx(s0, abs=1e-12), case
-        assert single["hausdorff"] == pytest.approx(h0, abs=1e-12), case
-
-
-def _ddp_preempted_worker(rank, world, port, straight, cfg, results, signalled_rank):
-    """A DDP rank that first trains `straight` to the end (the unbroken reference, results
-    ("straight", rank)), then `cfg` with its process (only `signalled_rank`'s) getting SIGTERM during
-    epoch 2's third step (results[rank]). One spawn for both: a spawn costs seconds here."""
+def _ddp_preempted_worker(rank, world, port, cfgs, straight, cfg, results, signalled_rank):
+    """A DDP rank that fits `cfgs` in turn (results[(i, rank)], as _ddp_worker), then trains
+    `straight` to the end (the unbroken reference, results[("straight", rank)]), then `cfg` with its
+    process (only `signalled_rank`'s) getting SIGTERM during epoch 2's third step (results[rank])."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        for i, c in enumerate(cfgs):
+            results[(i, rank)] = _fit_reported(c)
         results[("straight", rank)] = _fit_reported(straight)
         calls, forward = [], LossMix.forward
 
@@ -266,14 +245,48 @@ def _ddp_preempted_worker(rank, world, port, straight, cfg, results, signalled_r
         dist.destroy_process_group()
 
 
-def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes(train_cache, tmp_path):
+# with precise_bn each rank recomputes BatchNorm statistics on its own batches; averaged over the
+# ranks, the model rank 0 saves is the one both ranks validated. With ema, that model is the moving
+# average (precise BN applied to it), the same on both ranks (lr 0.01: a score above 0, which the
+# optimiser's own weights do not share).
+DDP_CASES = [(0, 0.0, 0.003), (4, 0.0, 0.003), (4, 0.9, 0.01)]  # (precise_bn, ema, lr)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(train_cache, tmp_path_factory):
+    """One 2-process spawn for both DDP tests below (a spawn costs seconds here): the DDP_CASES,
+    then an unbroken 2-epoch run, then the same run with rank 1 preempted. Returns (folder, the
+    cases' configs, the preempted run's config, results)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfgs = [tiny_config(train_cache, tmp / f"ddp{i}", epochs=1, precise_bn=pbn, ema=ema, lr=lr)
+            for i, (pbn, ema, lr) in enumerate(DDP_CASES)]
+    straight = tiny_config(train_cache, tmp / "straight", epochs=2)
+    cfg = tiny_config(train_cache, tmp / "stopped", epochs=2)
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), cfgs, straight, cfg, results, 1), nprocs=2, join=True)
+    return tmp, cfgs, cfg, dict(results)
+
+
+def test_two_process_ddp_matches_one_process_validation(train_cache, ddp_runs):
+    tmp, cfgs, _, results = ddp_runs
+    cache = Cache(train_cache)
+    for i, (case, cfg) in enumerate(zip(DDP_CASES, cfgs)):
+        (s0, d0, h0, dir0), = results[(i, 0)]
+        (s1, d1, h1, dir1), = results[(i, 1)]
+        assert (s0, d0, h0) == (s1, d1, h1), f"every rank must see the same validation metrics: {case}"
+        assert dir0 == str(tmp / f"ddp{i}") and dir1 is None  # checkpoints from rank 0 only
+        # one process, same weights, same volumes: the same numbers
+        model = model_from_checkpoint(load_checkpoint(tmp / f"ddp{i}" / LAST))
+        single = score_fold(model, cache, cache.case_days(folds=[0]), cfg, "cpu")
+        assert single["score"] == pytest.approx(s0, abs=1e-12), case
+        assert single["hausdorff"] == pytest.approx(h0, abs=1e-12), case
+
+
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes(ddp_runs):
     # A spot node's notice reaches only its own processes: rank 1 is told, rank 0 is not. Both must
     # stop after the same step (or rank 0 would wait forever in the next all-reduce), one last.pt
     # holds that step, and the same 2-process command resumes to the unbroken run's result.
-    straight = tiny_config(train_cache, tmp_path / "straight", epochs=2)
-    cfg = tiny_config(train_cache, tmp_path / "stopped", epochs=2)
-    stopped = mp.Manager().dict()
-    mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), straight, cfg, stopped, 1), nprocs=2, join=True)
+    tmp_path, _, cfg, stopped = ddp_runs
     unbroken = stopped[("straight", 0)]
     assert all(re.search(r"in epoch 2 before step 4", stopped[r]) for r in (0, 1)), dict(stopped)
     state = load_checkpoint(tmp_path / "stopped" / LAST)
