@@ -26,7 +26,8 @@ def synth_command(args) -> None:
     test_cases = args.test_cases if args.test_cases is not None else (
         UWMGI_TEST_CASES if args.profile == "uwmgi" else 1)
     summary = write_dataset(args.out, **shape, seed=args.seed, test_cases=test_cases, workers=args.workers,
-                            overwrite=args.overwrite, progress=counter("synth: case-days"), profile=args.profile)
+                            overwrite=args.overwrite, progress=counter("synth: case-days"), profile=args.profile,
+                            anatomy=args.anatomy)
     say(f"synth: wrote {summary['train_case_days']} labelled and {summary['test_case_days']} unlabelled "
         f"case-days ({summary['train_slices']} labelled slices; sizes {', '.join(summary['sizes'])}) to {args.out}")
     if args.dicom:
@@ -65,6 +66,9 @@ def add_commands(sub) -> None:
                    help="small: the options below (the default); uwmgi: the real training set's shape (85 cases, "
                         "274 case-days, 38,496 slices at the real sizes) and 50 unlabelled test cases; shapes: "
                         "--cases one-day cases of each real scan geometry")
+    p.add_argument("--anatomy", default="schematic", choices=("schematic", "realistic"),
+                   help="schematic: smooth organ shapes (the default for now); realistic: bowel loops, organ walls "
+                        "and contents, MRI contrast that varies between patients and days (docs/training.md)")
     p.add_argument("--cases", type=int, default=None, help="labelled cases (default 8)")
     p.add_argument("--days", type=int, default=None, help="scan days per case (default 3)")
     p.add_argument("--slices", type=int, default=None, help="slices per scan (default: 144, or 80 for 276 px scans)")

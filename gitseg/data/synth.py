@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from gitseg.data import phantom
 from gitseg.data.uwmgi import CLASSES, SLICE_THICKNESS_MM, case_day_name, rle_encode, slice_file_name, slice_id
 from gitseg.files import write_text_atomic
 from gitseg.tables import csv_text
@@ -263,17 +264,27 @@ class _Job:
     day_index: int
     geo: ScanGeometry
     seed: int
+    anatomy: str = "schematic"   # one of ANATOMIES
+
+
+def render_case_day(job: _Job) -> tuple[np.ndarray, np.ndarray]:
+    """The image and masks of one case-day: the case's anatomy (seeded by the case), on its day
+    (seeded by the day), with the job's anatomy model."""
+    case_rng = np.random.default_rng([job.seed, job.case_index])
+    day_rng = np.random.default_rng([job.seed, job.case_index, job.day_index + 1])
+    if job.anatomy == "realistic":
+        patient = phantom.sample_patient(case_rng)
+        return phantom.render_scan(patient, phantom.scan_day(patient, day_rng, job.day_index == 0), job.geo)
+    anatomy = sample_case(case_rng)
+    if job.day_index > 0:
+        anatomy = deform_for_day(anatomy, day_rng)
+    return render_scan(anatomy, job.geo, day_rng)
 
 
 def _write_scan(out: Path, job: _Job) -> tuple[str, list[tuple[str, str, str]]]:
     """Render and write one case-day; returns its split and its rows (id, class, RLE): train.csv's for
     the train split, sample_submission.csv's (RLE empty) for the test split."""
-    case_rng = np.random.default_rng([job.seed, job.case_index])
-    anatomy = sample_case(case_rng)
-    day_rng = np.random.default_rng([job.seed, job.case_index, job.day_index + 1])
-    if job.day_index > 0:
-        anatomy = deform_for_day(anatomy, day_rng)
-    image, masks = render_scan(anatomy, job.geo, day_rng)
+    image, masks = render_case_day(job)
     import cv2  # heavy: OpenCV loads only where PNGs are read or written
 
     case_day = case_day_name(job.case, job.day)
@@ -378,21 +389,26 @@ def plan_shapes(cases_per_shape: int, seed: int = 0, test_cases: int = 1) -> lis
 
 
 PROFILES = ("small", "uwmgi", "shapes")
+# schematic: this module's anatomy (smooth blobs and tubes); realistic: gitseg/data/phantom.py's
+# (bowel loops, walls and contents, MRI contrast that varies between patients and days).
+ANATOMIES = ("schematic", "realistic")
 
 
 def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None, size: int | None = None,
                   seed: int = 0, test_cases: int = 1, workers: int | None = None, overwrite: bool = False,
-                  progress=None, profile: str = "small") -> dict:
+                  progress=None, profile: str = "small", anatomy: str = "schematic") -> dict:
     """Write a synthetic UWMGI tree under `out` and return a short summary.
 
     `size` scales every scan so its longer side is `size` px (None: real sizes); `slices` fixes
     the slice count (None: 144, or 80 for the 276 px scans). Deterministic for a seed. `profile`
     "uwmgi" ignores `cases`, `days`, `slices` and `size`: the real training set's shape
     (`plan_uwmgi`), with `test_cases` unlabelled cases; "shapes" writes `cases` one-day cases of each
-    real scan geometry (`plan_shapes`).
+    real scan geometry (`plan_shapes`). `anatomy` picks the anatomy model (ANATOMIES).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown synth profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown synth anatomy {anatomy!r}; choose one of {', '.join(ANATOMIES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -410,6 +426,7 @@ def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None,
         jobs = plan_shapes(cases, seed, test_cases)
     else:
         jobs = plan_dataset(cases, days, slices, size, seed, test_cases)
+    jobs = [dataclasses.replace(job, anatomy=anatomy) for job in jobs]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
     if workers <= 1:
