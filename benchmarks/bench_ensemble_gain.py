@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_gain")
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--holdout", type=float, default=0.35)
+    parser.add_argument("--anatomy", default="schematic", choices=("schematic", "realistic"),
+                        help="the synthetic phantom (gitseg synth --anatomy; docs/phantom.md)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5],
                         help="latency budgets as shares of the default ensemble's measured ms per slice")
     parser.add_argument("--budgets-only", action="store_true",
@@ -41,7 +43,8 @@ def main() -> None:
         run_dir = Path(args.out) / "search" / "demo"
         headline = json.loads((run_dir / "demo.json").read_text())
     else:
-        headline = run_demo(out=args.out, data={**DATA, "cases": args.cases}, holdout=args.holdout)
+        headline = run_demo(out=args.out, data={**DATA, "cases": args.cases, "anatomy": args.anatomy},
+                            holdout=args.holdout)
         run_dir = Path(headline["ensemble"]).parent
     manifest = json.loads((run_dir / "ensemble" / "ensemble.json").read_text())
     holdout = manifest["scores"]["holdout"]
