@@ -66,9 +66,9 @@ def add_commands(sub) -> None:
                    help="small: the options below (the default); uwmgi: the real training set's shape (85 cases, "
                         "274 case-days, 38,496 slices at the real sizes) and 50 unlabelled test cases; shapes: "
                         "--cases one-day cases of each real scan geometry")
-    p.add_argument("--anatomy", default="schematic", choices=("schematic", "realistic"),
-                   help="schematic: smooth organ shapes (the default for now); realistic: bowel loops, organ walls "
-                        "and contents, MRI contrast that varies between patients and days (docs/training.md)")
+    p.add_argument("--anatomy", default="realistic", choices=("schematic", "realistic"),
+                   help="realistic (the default): bowel loops, organ walls and contents, MRI contrast that varies "
+                        "between patients and days; schematic: the earlier smooth organ shapes (docs/phantom.md)")
     p.add_argument("--cases", type=int, default=None, help="labelled cases (default 8)")
     p.add_argument("--days", type=int, default=None, help="scan days per case (default 3)")
     p.add_argument("--slices", type=int, default=None, help="slices per scan (default: 144, or 80 for 276 px scans)")

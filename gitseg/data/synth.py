@@ -396,7 +396,7 @@ ANATOMIES = ("schematic", "realistic")
 
 def write_dataset(out, cases: int = 8, days: int = 3, slices: int | None = None, size: int | None = None,
                   seed: int = 0, test_cases: int = 1, workers: int | None = None, overwrite: bool = False,
-                  progress=None, profile: str = "small", anatomy: str = "schematic") -> dict:
+                  progress=None, profile: str = "small", anatomy: str = "realistic") -> dict:
     """Write a synthetic UWMGI tree under `out` and return a short summary.
 
     `size` scales every scan so its longer side is `size` px (None: real sizes); `slices` fixes
