@@ -188,6 +188,8 @@ def to_dict(cfg) -> dict:
     """A dataclass as plain data, each field under its key (`key_of`)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return {key_of(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple) and hasattr(cfg, "_fields"):  # a NamedTuple, as dataclasses.asdict keeps it
+        return type(cfg)(*(to_dict(v) for v in cfg))
     if isinstance(cfg, (list, tuple)):
         return type(cfg)(to_dict(v) for v in cfg)
     if isinstance(cfg, dict):

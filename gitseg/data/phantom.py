@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from gitseg.data.acquisition import bias_field, rician_uint16, smooth_noise
 from gitseg.data.uwmgi import SLICE_THICKNESS_MM
 
 # Each organ's slice range as fractions of the scan (before a case's jitter and a day's shift): the
@@ -180,12 +181,6 @@ def _curve(points_mm: np.ndarray, step_mm: float) -> tuple[np.ndarray, np.ndarra
     return spline(s), s
 
 
-def _smooth(rng, shape, cells) -> np.ndarray:
-    coarse = rng.normal(0, 1, size=tuple(max(2, min(c, s)) for c, s in zip(cells, shape)))
-    return ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1, mode="nearest")[
-        : shape[0], : shape[1], : shape[2]]
-
-
 def render_scan(patient: dict, day: dict, geo) -> tuple[np.ndarray, np.ndarray]:
     """One scan of `patient` on `day` with geometry `geo` (synth.ScanGeometry)."""
     rng = np.random.default_rng(day["seed"])
@@ -297,18 +292,14 @@ def render_scan(patient: dict, day: dict, geo) -> tuple[np.ndarray, np.ndarray]:
     tissue[masks[2]] = value["wall"]
     lumen = masks[2] & np.broadcast_to(stomach_lumen, masks[2].shape)
     tissue[lumen] = np.where(np.broadcast_to(y > level, lumen.shape)[lumen], value["fluid"], value["air"])
-    tissue *= (1 + 0.10 * _smooth(rng, tissue.shape, (max(2, d // 4), 24, 24))).astype(np.float32)
+    tissue *= (1 + 0.10 * smooth_noise(rng, tissue.shape, (max(2, d // 4), 24, 24))).astype(np.float32)
 
     # Acquisition: partial volume across slices, breathing blur on some, bias, scale, Rician noise.
     tissue = ndimage.gaussian_filter(tissue, sigma=(0.6, 0.5 * 1.5 / sp, 0.5 * 1.5 / sp))
     for z in np.flatnonzero(rng.random(d) < 0.06):
         tissue[z] = ndimage.gaussian_filter1d(tissue[z], sigma=rng.uniform(1.5, 3.5) * 1.5 / sp, axis=0)
     u, v = (x / (w * sp / 2)).astype(np.float32), (y / (h * sp / 2)).astype(np.float32)
-    c = rng.normal(0, 0.25, size=5)
-    bias = np.exp(c[0] * u + c[1] * v + c[2] * u * v + c[3] * u**2 + c[4] * (zf - 0.5)).astype(np.float32)
+    bias = bias_field(u, v, zf, rng.normal(0, 0.25, size=5))
     scale = float(np.exp(rng.uniform(np.log(300), np.log(15000))))
     sigma = scale * 0.5 / rng.uniform(8, 40)  # SNR of a mid-grey tissue between 8 and 40
-    signal = tissue * bias * scale
-    noisy = np.sqrt((signal + rng.normal(0, sigma, signal.shape).astype(np.float32)) ** 2
-                    + rng.normal(0, sigma, signal.shape).astype(np.float32) ** 2)
-    return np.clip(np.round(noisy), 0, 65535).astype(np.uint16), masks
+    return rician_uint16(tissue * bias * scale, sigma, rng), masks

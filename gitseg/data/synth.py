@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
 from gitseg.data import phantom
+from gitseg.data.acquisition import bias_field, rician_uint16, smooth_noise
 from gitseg.data.uwmgi import CLASSES, SLICE_THICKNESS_MM, case_day_name, rle_encode, slice_file_name, slice_id
 from gitseg.files import write_text_atomic
 from gitseg.tables import csv_text
@@ -190,14 +191,6 @@ def _tube(grid: _Grid, points: np.ndarray, radius_mm: float, z_lo: float, z_hi: 
     return mask
 
 
-def _smooth_noise(rng, shape, cells=(6, 10, 10)) -> np.ndarray:
-    """Smooth random field of unit-ish amplitude, made at low resolution and upsampled."""
-    coarse = rng.normal(0, 1, size=tuple(max(2, min(c, s)) for c, s in zip(cells, shape)))
-    return ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1, mode="nearest")[
-        : shape[0], : shape[1], : shape[2]
-    ]
-
-
 def render_scan(anatomy: dict, geo: ScanGeometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One scan: image uint16 `(D, H, W)` and masks bool `(3, D, H, W)` in CLASSES order."""
     grid = _Grid(geo)
@@ -234,21 +227,16 @@ def render_scan(anatomy: dict, geo: ScanGeometry, rng: np.random.Generator) -> t
     for name, region in (("liver", liver), ("kidney", kidneys), ("spine", spine & inner),
                          ("small_bowel", masks[1]), ("large_bowel", masks[0]), ("stomach", masks[2])):
         tissue[region] = TISSUE[name]
-    texture = 1 + 0.12 * _smooth_noise(rng, tissue.shape, (max(2, d // 4), 24, 24))
+    texture = 1 + 0.12 * smooth_noise(rng, tissue.shape, (max(2, d // 4), 24, 24))
     tissue *= texture.astype(np.float32)
 
     # Acquisition: smooth bias field, a gain spanning the real range, Rician noise.
     u = (grid.x / (w * geo.spacing / 2)).astype(np.float32)
     v = (grid.y / (h * geo.spacing / 2)).astype(np.float32)
-    c = rng.normal(0, 0.18, size=5)
-    bias = np.exp(c[0] * u + c[1] * v + c[2] * u * v + c[3] * u**2 + c[4] * (grid.z - 0.5)).astype(np.float32)
+    bias = bias_field(u, v, grid.z, rng.normal(0, 0.18, size=5))
     gain = float(np.exp(rng.uniform(np.log(300), np.log(15000))))
     sigma = rng.uniform(0.01, 0.035) * gain
-    signal = tissue * bias * gain
-    noisy = np.sqrt((signal + rng.normal(0, sigma, signal.shape).astype(np.float32)) ** 2
-                    + rng.normal(0, sigma, signal.shape).astype(np.float32) ** 2)
-    image = np.clip(np.round(noisy), 0, 65535).astype(np.uint16)
-    return image, masks
+    return rician_uint16(tissue * bias * gain, sigma, rng), masks
 
 
 # ---------------------------------------------------------------------------------------------
