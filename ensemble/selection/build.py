@@ -142,7 +142,8 @@ def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_di
 
 
 def _ensemble_tta(tta: str | None, run: RefitRun, log) -> str:
-    """The ensemble's TTA: the one asked for, or the refit's."""
+    """The ensemble's TTA: the one asked for, or the refit's. First says the refit's problems and
+    refuses a run with no configuration that has every fold."""
     for p in run.problems:
         log(f"ensemble: {p}")
     if not run.configurations:
