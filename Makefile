@@ -3,12 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-faults bench rehearsal clean
+.PHONY: demo test test-faults test-sources peer-check bench rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	# rt-utils writes the foreign RT Structure Sets of tests/test_sources.py; without its dependencies:
+	# it asks for opencv-python, which would shadow the opencv-python-headless gitseg uses (same cv2).
+	$(VENV)/bin/python -m pip install --quiet --no-deps 'rt-utils>=1.2.7,<2'
 	touch $(STAMP)
+
+# nnU-Net, the peer of the benchmarks, in an environment of its own (it pins timm and others that
+# gitseg's would then share); gitseg never imports it. `make peer-check` runs nnU-Net's own dataset
+# check on gitseg's export (tests/test_sources.py).
+PEER := .venv-peer
+$(PEER)/.installed-stamp:
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet 'nnunetv2>=2.5,<3'
+	touch $@
+
+peer-check: $(STAMP) $(PEER)/.installed-stamp
+	$(VENV)/bin/python -m pytest tests/test_sources.py -k nnunet -ra
 
 # The main job on the embedded default: synth, prepare, search + refit on local Ray, ensemble, report.
 demo: $(STAMP)
@@ -25,6 +40,11 @@ test: $(STAMP)
 # than `make test` can afford (its budget is 6 minutes in all).
 test-faults: $(STAMP)
 	$(VENV)/bin/python -m pytest -m faults
+
+# The whole pipeline (prepare, search on local Ray, ensemble, report, predict) on a generated nnU-Net
+# data set and on generated contoured DICOM cases (issue 33): about 4 minutes, beside `make test`.
+test-sources: $(STAMP)
+	$(VENV)/bin/python -m pytest -m sources
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_hausdorff.py

@@ -668,6 +668,40 @@ def test_predict_a_dicom_series_and_a_nifti_volume(clinical, tmp_path):
                  "--out", str(tmp_path / "x")]) == 2
 
 
+def test_a_folder_of_nifti_volumes_in_any_axis_order_predicts_on_each_volumes_own_grid(clinical, tmp_path):
+    """`gitseg predict --nifti-in FOLDER` (an nnU-Net imagesTs/): `<CASE>_0000.nii.gz` gives `<CASE>.nii.gz`
+    with the input's shape and affine; the same scan stored in another axis order (columns and slices
+    swapped, rows flipped) gives the same labels at the same patient coordinates."""
+    import nibabel as nib
+
+    from gitseg.cli import main
+    from gitseg.data.geometry import axial_affine
+    from gitseg.data.nifti import write_volume
+
+    _, _, scan, folder = clinical
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    affine = axial_affine(scan.spacing)
+    write_volume(images / "plain_0000.nii.gz", scan.image, affine)
+    stored = np.ascontiguousarray(np.transpose(np.flip(scan.image, 1), (2, 1, 0)))  # (W, H flipped, D) as (D, H, W)
+    to_standard = np.zeros((4, 4))  # stored voxel (i, j, k) -> standard (column k, row H-1-j, slice i)
+    to_standard[0, 2] = to_standard[2, 0] = 1.0
+    to_standard[1, 1], to_standard[1, 3], to_standard[3, 3] = -1.0, scan.image.shape[1] - 1, 1.0
+    write_volume(images / "turned_0000.nii.gz", stored, affine @ to_standard)
+    assert main(["predict", "--ensemble", str(folder), "--nifti-in", str(images), "--out", str(tmp_path / "out")]) == 0
+    plain, turned = nib.load(tmp_path / "out" / "plain.nii.gz"), nib.load(tmp_path / "out" / "turned.nii.gz")
+    for name, out in (("plain", plain), ("turned", turned)):
+        source = nib.load(images / f"{name}_0000.nii.gz")
+        assert out.shape == source.shape and np.allclose(out.affine, source.affine)
+    labels = np.asarray(plain.dataobj)
+    assert labels.any()
+    # Voxel (x, y, z) of `turned` is voxel (z, H-1-y, x) of `plain`, in nibabel's (column, row, slice) order.
+    back = np.flip(np.transpose(np.asarray(turned.dataobj), (2, 1, 0)), 1)
+    assert np.array_equal(back, labels)
+    record = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert sorted(record["volumes"]) == ["plain", "turned"] and record["failed"] == {}
+
+
 def test_both_predict_paths_put_every_organ_on_the_same_side_of_the_patient(clinical, tmp_path):
     """One synthetic case-day predicted from the Kaggle tree (`--data --nifti`) and as a DICOM series
     (`--dicom`): the two label volumes hold the same voxels at the same patient coordinates, the SEG's

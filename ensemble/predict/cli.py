@@ -6,6 +6,8 @@ Part of the CLI layer (docs/ARCHITECTURE.md): the stage is imported when the com
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gitseg.arguments import add_verbose, log_in
 from gitseg.progress import error
 
@@ -19,8 +21,11 @@ def predict_command(args) -> int:
         if args.ray or args.nifti or args.split != "test":
             raise ValueError("--ray, --nifti and --split apply to a UWMGI tree (--data); one series is predicted "
                              "in this process and its NIfTI labels are written to --out")
-        from ensemble.predict.clinical import predict_series
+        from ensemble.predict.clinical import predict_nifti_folder, predict_series
 
+        if args.nifti_in and Path(args.nifti_in).is_dir():
+            result = predict_nifti_folder(args.ensemble, args.nifti_in, args.out, device=args.device, force=args.force)
+            return 1 if result["failed"] else 0
         predict_series(args.ensemble, args.out, dicom=args.dicom, nifti_in=args.nifti_in, device=args.device,
                        force=args.force)
         return 0
@@ -43,7 +48,9 @@ def add_commands(sub) -> None:
     p.add_argument("--dicom", default=None, metavar="SERIES_DIR",
                    help="a folder holding one MR series (files in any order, any names): writes seg.dcm, "
                         "rtstruct.dcm and labels.nii.gz to --out")
-    p.add_argument("--nifti-in", default=None, metavar="FILE", help="one NIfTI volume: writes labels.nii.gz to --out")
+    p.add_argument("--nifti-in", default=None, metavar="PATH",
+                   help="one NIfTI volume (writes labels.nii.gz to --out), or a folder of them such as an nnU-Net "
+                        "imagesTs/ (writes <CASE>.nii.gz per volume, on each volume's own grid)")
     p.add_argument("--out", required=True, help="folder for the outputs")
     p.add_argument("--nifti", default=None, help="folder for one NIfTI label volume (+ scan) per case-day")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which tree to read (default test)")

@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.model import EnsembleModel
-from ensemble.predict.input_checks import empty_organs, output_description, refuse_or_warn, scan_problems
+from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
-from gitseg.data.geometry import axis_codes, spacing_of
+from gitseg.data.geometry import Reorientation, axis_codes, plane_problem, spacing_of
 from gitseg.data.nifti import COLOURS, SLICER_TABLE, TG263, label_volume, read_volume, write_label_table, write_volume
+from gitseg.data.rtstruct import roi_names, structure_masks
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import atomic_path, write_text_atomic
 from gitseg.progress import say
@@ -212,48 +213,43 @@ def write_rtstruct(path, masks: np.ndarray, series: Series, warnings=()) -> int:
 
 
 def rtstruct_masks(path, series: Series) -> np.ndarray:
-    """bool `(3, D, H, W)` rasterised from an RT Structure Set on `series`' grid: each contour's
-    points mapped back to pixels, the slice's polygons filled with the even-odd rule."""
-    import cv2  # heavy: OpenCV loads only where contours are drawn
-    import pydicom  # heavy: only the DICOM outputs need pydicom
-
-    ds = pydicom.dcmread(path)
-    inverse = np.linalg.inv(series.affine)
-    slice_of = {str(d.SOPInstanceUID): z for z, d in enumerate(series.datasets)}
-    names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
-    shape = (len(series.datasets), *series.image.shape[1:])
-    masks = np.zeros((len(TG263), *shape), bool)
-    for roi in ds.ROIContourSequence:
-        c = TG263.index(names[int(roi.ReferencedROINumber)])
-        for item in roi.get("ContourSequence", []):
-            z = slice_of[str(item.ContourImageSequence[0].ReferencedSOPInstanceUID)]
-            points = np.asarray(item.ContourData, dtype=np.float64).reshape(-1, 3)
-            pixels = (inverse @ np.column_stack([points, np.ones(len(points))]).T).T[:, :2]
-            layer = np.zeros(shape[1:], np.uint8)
-            cv2.fillPoly(layer, [np.round(pixels).astype(np.int32)], 1)
-            if len(pixels) <= 2:  # a one- or two-pixel contour: its pixels
-                layer[np.round(pixels[:, 1]).astype(int), np.round(pixels[:, 0]).astype(int)] = 1
-            masks[c, z] ^= layer.astype(bool)
-    return masks
+    """bool `(3, D, H, W)` rasterised from an RT Structure Set gitseg wrote on `series`' grid (the reader
+    that `gitseg prepare` uses for contoured DICOM cases, gitseg/data/rtstruct.py)."""
+    return structure_masks(path, series, roi_names({}), allow_empty=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # The command
 
 
+def axial_reorientation(affine, shape) -> Reorientation | None:
+    """How to bring a NIfTI volume with this affine to the axial display (its axis order is only how it
+    is stored); None for an oblique volume (the input checks then refuse it, or `--force` predicts it
+    as it is)."""
+    try:
+        reorient = Reorientation(affine, shape)
+    except ValueError:
+        return None
+    return None if plane_problem(reorient.affine) else reorient
+
+
 def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, force: bool = False,
-                   log=say) -> dict:
+                   log=say, model: EnsembleModel | None = None, labels_name: str = "labels.nii.gz",
+                   timings_name: str | None = "timings.json") -> dict:
     """Predict one series (`dicom` folder or `nifti_in` file) into `out`; returns the timings in
     seconds (read, models, inference, write), the files written, the input checks' warnings (with
     `force`) and the empty organs, also saved as OUT/timings.json.
 
     A scan unlike the ensemble's training scans raises InputRefused before anything is written,
     unless `force` (ensemble/predict/input_checks.py)."""
-    log(f"predict: {RESEARCH_USE}")
-    model = EnsembleModel.load(ensemble_dir, device)  # checked before anything is read
+    loaded = model is not None
+    if not loaded:
+        log(f"predict: {RESEARCH_USE}")
+        model = EnsembleModel.load(ensemble_dir, device)  # checked before anything is read
     training = model.manifest.training_data
     out = Path(out)
     start = time.perf_counter()
+    reorient = None
     if dicom is not None:
         series = read_series(dicom)
         image, affine = series.image, series.affine
@@ -266,13 +262,19 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
         image, affine = read_volume(nifti_in)
         series, name = None, str(nifti_in)
         source = f"{nifti_in} ({image.shape[0]} slices)"
+        # NIfTI volumes are stored in any axis order: brought to the axial display by their affine (as
+        # prepare does for NIfTI training data), and the labels go back to the file's own grid.
+        reorient = axial_reorientation(affine, image.shape)
+        if reorient is not None:
+            image, affine = reorient.forward(image), reorient.affine
     read_s = time.perf_counter() - start
     spacing = spacing_of(affine)
     warnings = refuse_or_warn(scan_problems(image.shape, spacing, model.members, training, affine), name, force, log)
 
     start = time.perf_counter()
-    log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
-    model.load_networks()
+    if not loaded:
+        log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
+        model.load_networks()
     models_s = time.perf_counter() - start
     start = time.perf_counter()
     probs, masks = model.predict_scan(image)
@@ -280,8 +282,13 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    files = {"labels": out / "labels.nii.gz"}
-    write_volume(files["labels"], label_volume(probs, masks), affine, output_description(bool(warnings)))
+    files = {"labels": out / labels_name}
+    labels = label_volume(probs, masks)
+    if series is None and reorient is not None:
+        labels, label_affine = reorient.backward(labels), reorient.source_affine
+    else:
+        label_affine = affine
+    write_volume(files["labels"], labels, label_affine, output_description(bool(warnings)))
     files["label_tables"] = write_label_table(out)
     contours = None
     if series is not None:
@@ -298,8 +305,37 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
                "voxels": {cls: int(masks[c].sum()) for c, cls in enumerate(CLASSES)},
                "warnings": warnings, "empty_organs": empty, "notice": RESEARCH_USE,
                "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()}}
-    write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
+    if timings_name:
+        write_text_atomic(out / timings_name, json.dumps(timings, indent=1))
     log(f"predict: {source}: read {read_s:.1f} s, networks {models_s:.1f} s, inference {infer_s:.1f} s, "
         f"writing {write_s:.1f} s; wrote {', '.join(p.name for p in files.values() if isinstance(p, Path))} "
         f"(label names in {SLICER_TABLE}) to {out}")
     return timings
+
+
+def predict_nifti_folder(ensemble_dir, folder, out, device=None, force: bool = False, log=say) -> dict:
+    """Predict every NIfTI volume of `folder` (an nnU-Net imagesTs/, say) into OUT/<name>.nii.gz on
+    the volume's own grid, as nnU-Net names its predictions (`<CASE>_0000.nii.gz` gives `<CASE>.nii.gz`);
+    OUT/predict.json holds each volume's record. A volume the input checks refuse is listed under
+    `failed` and the others go on."""
+    folder, out = Path(folder), Path(out)
+    files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no NIfTI volume (.nii.gz, .nii)")
+    log(f"predict: {RESEARCH_USE}")
+    model = EnsembleModel.load(ensemble_dir, device)
+    log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
+    model.load_networks()
+    out.mkdir(parents=True, exist_ok=True)
+    records, failed = {}, {}
+    for path in files:
+        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+        name = stem[: -len("_0000")] if stem.endswith("_0000") else stem
+        try:
+            records[name] = predict_series(ensemble_dir, out, nifti_in=path, force=force, log=log, model=model,
+                                           labels_name=f"{name}.nii.gz", timings_name=None)
+        except (InputRefused, ValueError) as exc:
+            failed[name] = str(exc)
+            log(f"predict: {path}: {exc}")
+    write_text_atomic(out / "predict.json", json.dumps({"volumes": records, "failed": failed}, indent=1))
+    return {"written": sorted(records), "failed": failed}

@@ -16,10 +16,9 @@ import numpy as np
 from ensemble.model import EnsembleModel
 from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE
-from gitseg.data.cache import problems_by_case_day
 from gitseg.data.geometry import axial_affine
 from gitseg.data.nifti import SLICER_TABLE, label_volume, write_label_table, write_volume
-from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, rle_encode, volume_from_rows
+from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, problems_by_case_day, rle_encode, volume_from_rows
 from gitseg.files import scratch_folder, write_text_atomic
 from gitseg.progress import bar, say
 

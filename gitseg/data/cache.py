@@ -9,30 +9,28 @@ Layout of a cache folder:
     volumes/<case_day>.orig.npy        uint8 (3, D, H, ceil(W/8)): packed masks at the original size
     volumes/<case_day>.json            the entry; written last, so it marks the arrays as complete
 
-An entry is reused when its key (cache format, size, the PNGs' names, sizes and mtimes, the
-case-day's RLE text) is unchanged, so re-running prepare on the same inputs does no work. New
+An entry of a NIfTI or DICOM source also holds its `origin` (the files it came from) and `affine`
+(the LPS geometry of the stored volume, brought to the axial display) and `source_affine`.
+
+An entry is reused when its key (cache format, size, the input files' names, sizes and mtimes, for
+the Kaggle tree the case-day's RLE text) is unchanged, so re-running prepare on the same inputs does no work. New
 entries are written under a staging folder and moved in only after every case-day succeeded (or
 was skipped on request): a failed or interrupted run leaves nothing that a later run trusts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, volume_from_rows
+from gitseg.data.sources import index_source, job_key
+from gitseg.data.uwmgi import CLASSES, DataFormatError
 from gitseg.files import folder_lock, load_array, write_text_atomic
 from gitseg.progress import say
 
@@ -41,7 +39,6 @@ MANIFEST = "manifest.json"
 # Intensity scale: this percentile of the volume maps to 1.0. Robust to the 100x gain range
 # between scans and to a few hot pixels.
 NORM_PERCENTILE = 99.5
-_CASE_DAY_IN_TEXT = re.compile(r"case\d+_day\d+")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,15 +102,6 @@ def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
 # Building the cache
 
 
-def _entry_key(rows: pd.DataFrame, size: int) -> str:
-    digest = hashlib.sha1(json.dumps([CACHE_FORMAT, size, NORM_PERCENTILE]).encode())
-    for path, *rles in rows[["path", *CLASSES]].itertuples(index=False, name=None):
-        stat = os.stat(path)
-        digest.update(f"{Path(path).name}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
-        digest.update("|".join("" if not isinstance(r, str) else r for r in rles).encode())
-    return digest.hexdigest()
-
-
 def open_volume(path: Path, mmap: bool = True) -> np.ndarray:
     """A cache array (memory-mapped by default); a truncated or damaged file raises CorruptFileError."""
     return load_array(path, "run `gitseg prepare` again: it rebuilds damaged entries", mmap=mmap)
@@ -131,21 +119,19 @@ def _read_entry(volumes: Path, case_day: str) -> dict | None:
     return entry
 
 
-def _build_entry(rows: pd.DataFrame, size: int, key: str, staging: Path) -> dict:
-    """Decode, normalise, resize and write one case-day into `staging`; returns its entry."""
-    volume = volume_from_rows(rows)
-    case_day = volume.case_day
+def _build_entry(case_day: str, job, size: int, key: str, staging: Path) -> dict:
+    """Load, normalise, resize and write one case-day into `staging`; returns its entry."""
+    volume, extra = job.load()
     image = preprocess_volume(volume.image, size)
     masks_small = resize_masks(volume.masks, (size, size))
     files = {"image": f"{case_day}.image.npy", "masks": f"{case_day}.masks.npy", "orig": f"{case_day}.orig.npy"}
     np.save(staging / files["image"], image)
     np.save(staging / files["masks"], pack_masks(masks_small))
     np.save(staging / files["orig"], pack_masks(volume.masks))
-    first = rows.iloc[0]
-    return {
+    entry = {
         "case_day": case_day,
-        "case": int(first["case"]),
-        "day": int(first["day"]),
+        "case": job.case,
+        "day": job.day,
         "slices": int(volume.image.shape[0]),
         "height": int(volume.image.shape[1]),
         "width": int(volume.image.shape[2]),
@@ -158,31 +144,26 @@ def _build_entry(rows: pd.DataFrame, size: int, key: str, staging: Path) -> dict
         "organ_slices": [int(m.any(axis=(1, 2)).sum()) for m in volume.masks],
         "empty_slices": int((~volume.masks.any(axis=(0, 2, 3))).sum()),
     }
+    if job.origin is not None:  # a NIfTI or DICOM source: where the scan is, and its geometry
+        entry["origin"] = job.origin
+        entry.update(extra)
+    return entry
 
 
 def _build_job(args):
-    rows, size, key, staging = args
+    case_day, job, size, key, staging = args
     try:
-        return _build_entry(rows, size, key, Path(staging)), []
+        return _build_entry(case_day, job, size, key, Path(staging)), []
     except DataFormatError as exc:
-        return None, [str(exc), *exc.problems]
-
-
-def problems_by_case_day(problems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    by_case_day: dict[str, list[str]] = {}
-    loose = []
-    for problem in problems:
-        match = _CASE_DAY_IN_TEXT.search(problem)
-        if match:
-            by_case_day.setdefault(match.group(0), []).append(problem)
-        else:
-            loose.append(problem)
-    return by_case_day, loose
+        return None, [f"{case_day}: {exc}" if case_day not in str(exc) else str(exc), *exc.problems]
 
 
 def prepare(data_root, out, size: int = 256, folds: int = 5, holdout: float = 0.15, seed: int = 0,
-            skip_bad: bool = False, workers: int | None = None, progress=None, log=say) -> dict:
-    """Build (or update) the volume cache for the labelled train/ tree of a UWMGI root.
+            skip_bad: bool = False, workers: int | None = None, progress=None, log=say, fmt: str = "auto",
+            labels: str | None = None, case_pattern: str | None = None, rois: str | None = None) -> dict:
+    """Build (or update) the volume cache of the labelled case-days of a data set: a UWMGI root's
+    train/ tree, an nnU-Net raw data set or a folder of DICOM patients with RT Structure Sets
+    (gitseg/data/sources.py; `fmt` "auto" tells them apart).
 
     Returns the manifest. With skip_bad=False any bad file stops the run before anything is
     written into the cache; with skip_bad=True the affected case-days are left out and listed.
@@ -194,8 +175,8 @@ def prepare(data_root, out, size: int = 256, folds: int = 5, holdout: float = 0.
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be a fraction in [0, 1) (got {holdout})")
     out = Path(out)
-    slices, problems = index_root(data_root, "train")
-    bad, loose = problems_by_case_day(problems)
+    fmt, jobs, bad, loose = index_source(data_root, fmt, labels=labels, case_pattern=case_pattern, rois=rois)
+    problems = [p for ps in bad.values() for p in ps] + loose
     if problems and not skip_bad:
         raise DataFormatError(
             f"{len(problems)} problem(s) in {data_root} across {len(bad)} case-day(s); fix them or pass "
@@ -208,23 +189,22 @@ def prepare(data_root, out, size: int = 256, folds: int = 5, holdout: float = 0.
         for stale in out.glob(".staging-*"):  # left by a run that crashed (the lock rules out a live one)
             shutil.rmtree(stale, ignore_errors=True)
 
-        groups = {cd: rows for cd, rows in slices.groupby("case_day", sort=False) if cd not in bad}
         entries: dict[str, dict] = {}
         todo = []
-        for case_day, rows in groups.items():
-            key = _entry_key(rows, size)
+        for case_day, job in jobs.items():
+            key = job_key(job, [CACHE_FORMAT, size, NORM_PERCENTILE])
             entry = _read_entry(volumes, case_day)
             if entry is not None and entry["key"] == key:
                 entries[case_day] = entry
             else:
-                todo.append((case_day, rows, key))
-        log(f"prepare: {len(groups)} case-days, {len(entries)} cached, {len(todo)} to build"
-            + (f", {len(bad)} skipped for bad files" if bad else ""))
+                todo.append((case_day, job, key))
+        log(f"prepare: {len(jobs)} case-days ({fmt}), {len(entries)} cached, {len(todo)} to build"
+            + (f", {len(bad) or len(loose)} skipped for bad files" if problems else ""))
 
         staging = out / f".staging-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            built = _run_jobs([(rows, size, key, str(staging)) for _, rows, key in todo], workers, progress)
+            built = _run_jobs([(cd, job, size, key, str(staging)) for cd, job, key in todo], workers, progress)
             failed = {}
             for (case_day, _, _), (entry, errors) in zip(todo, built):
                 if entry is None:

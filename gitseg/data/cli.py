@@ -43,9 +43,17 @@ def prepare_command(args) -> None:
 
     manifest = prepare(args.data, args.out, size=args.size, folds=args.folds, holdout=args.holdout,
                        seed=args.seed, skip_bad=args.skip_bad, workers=args.workers,
-                       progress=counter("prepare: case-days"))
+                       progress=counter("prepare: case-days"), fmt=args.format, labels=args.labels,
+                       case_pattern=args.case_pattern, rois=args.rois)
     say(format_table(split_summary(manifest)))
     say(f"prepare: cache ready in {args.out}")
+
+
+def export_command(args) -> None:
+    from gitseg.data.export import export_nnunet
+
+    export_nnunet(args.cache, args.out, overlap=args.overlap, name=args.name, overwrite=args.overwrite,
+                  progress=counter("export: case-days"), log=say)
 
 
 def summary_command(args) -> None:
@@ -82,8 +90,24 @@ def add_commands(sub) -> None:
                    help="also write the unlabelled case-days as DICOM MR series under OUT/dicom/<case_day>/")
     p.set_defaults(func=synth_command, log=None)
 
-    p = sub.add_parser("prepare", help="build the volume cache, folds and holdout from a UWMGI root")
-    p.add_argument("--data", required=True, help="UWMGI root: the folder holding train.csv and train/")
+    p = sub.add_parser("prepare", help="build the volume cache, folds and holdout from a data set (UWMGI, nnU-Net "
+                                       "NIfTI, DICOM + RTSTRUCT)")
+    p.add_argument("--data", required=True, help="a UWMGI root (train.csv, train/), an nnU-Net raw data set "
+                                                 "(dataset.json, imagesTr/, labelsTr/) or a folder of DICOM "
+                                                 "patients with RT Structure Sets (docs/your-data.md)")
+    p.add_argument("--format", default="auto", choices=("auto", "uwmgi", "nnunet", "dicom"),
+                   help="the layout of --data (default: told from its files)")
+    p.add_argument("--labels", default=None,
+                   help="nnU-Net: which labels are the organs, e.g. large_bowel=1,small_bowel=2,stomach=3+5 (values, "
+                        "label names, or none); default: labels named like the organs")
+    p.add_argument("--case-pattern", default=None,
+                   help="nnU-Net: a regular expression with groups (?P<case>...) and optionally (?P<day>...) on the "
+                        "image names, for scan days of one patient (folds keep a patient together); default: "
+                        "gitseg's own caseN_dayM names, any other image its own case")
+    p.add_argument("--rois", default=None,
+                   help="DICOM: which ROIs are the organs, e.g. large_bowel=Colon,stomach=Magen|Stomach (either "
+                        "name) or stomach=none; default: the TG-263 names Bowel_Large, Bowel_Small, Stomach "
+                        "(case-insensitive)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--size", type=int, default=256, help="square network input size in px (default 256)")
     p.add_argument("--folds", type=int, default=5)
@@ -92,6 +116,17 @@ def add_commands(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave out case-days with bad files instead of stopping")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.set_defaults(func=prepare_command, log=None)
+
+    p = sub.add_parser("export", help="write a cache's case-days as an nnU-Net raw data set with gitseg's folds")
+    p.add_argument("--to", required=True, choices=("nnunet",), help="the layout to write")
+    p.add_argument("--cache", required=True, help="a cache folder of `gitseg prepare`")
+    p.add_argument("--out", required=True, help="the data set folder to write (e.g. nnUNet_raw/Dataset501_Gitseg)")
+    p.add_argument("--overlap", default="regions", choices=("regions", "priority"),
+                   help="where organs overlap: regions (the default) keeps every organ's voxels as nnU-Net region "
+                        "labels; priority writes one label per voxel and counts what it loses")
+    p.add_argument("--name", default="gitseg", help="dataset.json's name")
+    p.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
+    p.set_defaults(func=export_command, log=None)
 
     p = sub.add_parser("summary", help="print the splits and class frequencies of a cache")
     p.add_argument("--cache", required=True)

@@ -91,16 +91,18 @@ def _vector(ds, key: str, path: Path, size: int) -> np.ndarray:
     return np.asarray([float(v) for v in value])
 
 
-def read_series(folder) -> Series:
-    """Read every DICOM file of `folder` as one MR series; files that are not DICOM (a README, an index)
-    and a DICOMDIR are skipped and listed in `Series.skipped`. DicomSeriesError names the file and the
-    problem (not an MR image, several series, mixed or non-parallel orientations, a missing slice)."""
+def read_series(folder, files=None) -> Series:
+    """Read every DICOM file of `folder` (or the given `files` of it) as one MR series; files that are not
+    DICOM (a README, an index) and a DICOMDIR are skipped and listed in `Series.skipped`.
+    DicomSeriesError names the file and the problem (not an MR image, several series, mixed or
+    non-parallel orientations, a missing slice)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; --dicom takes the folder of one series")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if files is None:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     slices, skipped = [], []
-    for path in files:
+    for path in map(Path, files):
         try:
             ds = _read(path)
         except NotDicom:

@@ -57,18 +57,26 @@ def axis_codes(affine_lps: np.ndarray) -> tuple[str, str, str]:
     return tuple(codes)
 
 
-def orientation_problems(affine_lps: np.ndarray) -> list[str]:
-    """What keeps a volume from being the standard axial display the models learnt: slices that are
-    not axial, or rows and columns that run another way in-plane. Empty when it is standard."""
+def plane_problem(affine_lps: np.ndarray) -> str:
+    """Empty when the slices are axial (within MAX_TILT_DEGREES); else what plane they are."""
     affine = np.asarray(affine_lps, dtype=float)
     unit = [affine[:3, a] / (np.linalg.norm(affine[:3, a]) or 1.0) for a in range(3)]
     normal = np.cross(unit[0], unit[1])
     main = int(np.argmax(np.abs(normal)))
     tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
     if tilt > MAX_TILT_DEGREES:
-        return [f"the slices are {_PLANES[main]} (normal {np.round(normal, 2).tolist()}, {tilt:.0f} degrees from "
-                f"the head-feet axis); the ensemble was trained on axial slices"]
-    codes = axis_codes(affine)
+        return (f"the slices are {_PLANES[main]} (normal {np.round(normal, 2).tolist()}, {tilt:.0f} degrees from "
+                f"the head-feet axis)")
+    return ""
+
+
+def orientation_problems(affine_lps: np.ndarray) -> list[str]:
+    """What keeps a volume from being the standard axial display the models learnt: slices that are
+    not axial, or rows and columns that run another way in-plane. Empty when it is standard."""
+    plane = plane_problem(affine_lps)
+    if plane:
+        return [f"{plane}; the ensemble was trained on axial slices"]
+    codes = axis_codes(affine_lps)
     if codes[:2] != ("L", "P"):
         return [f"in-plane, columns run toward the patient's {_word(codes[0])} and rows toward {_word(codes[1])} "
                 f"(axes {''.join(codes[:2])}); the ensemble was trained on the standard axial display (LP: the "
@@ -79,3 +87,59 @@ def orientation_problems(affine_lps: np.ndarray) -> list[str]:
 
 def _word(letter: str) -> str:
     return {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "S": "head", "I": "feet"}[letter]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bringing a volume to the standard axial display (training data from NIfTI and DICOM sources)
+
+
+class Reorientation:
+    """The axis permutation and flips that bring a volume stored `(D, H, W)` with LPS affine `affine`
+    to the standard axial display (columns toward the patient's left, rows toward posterior, slices
+    head to feet: axes LPI), and back. Only whole-axis permutations and flips: no resampling, so the
+    voxels are the source's own and `backward` gives an output on exactly the source's grid.
+
+    Each voxel axis goes to the patient axis it runs most along; a volume whose slices lie more than
+    MAX_TILT_DEGREES from axial is refused by `orientation_problems` before this is used."""
+
+    def __init__(self, affine_lps, shape):
+        affine = np.asarray(affine_lps, dtype=float)
+        mains = [int(np.argmax(np.abs(affine[:3, c]))) for c in range(3)]  # voxel axis (col, row, slice) -> LPS axis
+        if sorted(mains) != [0, 1, 2]:
+            raise ValueError(f"the voxel axes of affine {np.round(affine[:3, :3], 3).tolist()} do not run along "
+                             f"three different patient axes; cannot bring the volume to axial slices")
+        self.source_of = [mains.index(t) for t in range(3)]  # standard voxel axis t <- source voxel axis
+        # target directions: +x (left), +y (posterior), -z (feet)
+        self.flips = [(affine[t, self.source_of[t]] > 0) != (t < 2) for t in range(3)]
+        self.shape = tuple(int(n) for n in shape)  # the source's (D, H, W)
+        sizes = {c: self.shape[2 - c] for c in range(3)}  # voxel axis -> length
+        to_source = np.zeros((4, 4))
+        to_source[3, 3] = 1.0
+        for t, s in enumerate(self.source_of):
+            to_source[s, t] = -1.0 if self.flips[t] else 1.0
+            to_source[s, 3] = sizes[s] - 1.0 if self.flips[t] else 0.0
+        self.source_affine = affine
+        self.affine = affine @ to_source  # the standard volume's LPS affine
+        # array axes: (D, H, W) is (slice, row, column) = voxel axes (2, 1, 0)
+        self._axes = tuple(2 - self.source_of[2 - a] for a in range(3))
+        self._flip_axes = tuple(2 - t for t in range(3) if self.flips[t])
+
+    @property
+    def identity(self) -> bool:
+        return self._axes == (0, 1, 2) and not self._flip_axes
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        """Source `(..., D, H, W)` -> standard order."""
+        lead = array.ndim - 3
+        out = np.transpose(array, (*range(lead), *(lead + a for a in self._axes)))
+        if self._flip_axes:
+            out = np.flip(out, tuple(lead + a for a in self._flip_axes))
+        return np.ascontiguousarray(out)
+
+    def backward(self, array: np.ndarray) -> np.ndarray:
+        """Standard `(..., D, H, W)` -> the source's order and grid."""
+        lead = array.ndim - 3
+        if self._flip_axes:
+            array = np.flip(array, tuple(lead + a for a in self._flip_axes))
+        inverse = tuple(int(i) for i in np.argsort(self._axes))
+        return np.ascontiguousarray(np.transpose(array, (*range(lead), *(lead + a for a in inverse))))

@@ -24,6 +24,7 @@ SLICE_THICKNESS_MM = 3.0
 # slice_0001_360_310_1.50_1.50.png: width 360 (columns), height 310 (rows), pixel spacing in mm.
 SLICE_NAME = re.compile(r"^slice_(\d{4})_(\d+)_(\d+)_(\d+\.\d{2})_(\d+\.\d{2})\.png$")
 CASE_DAY = re.compile(r"^case(\d+)_day(\d+)$")
+CASE_DAY_IN_TEXT = re.compile(r"case\d+_day\d+")
 CSV_COLUMNS = ("id", "class", "segmentation")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -277,6 +278,19 @@ def index_root(root, split: str = "train", case_days=None) -> tuple[pd.DataFrame
         for name in CLASSES:
             slices[name] = [rle.get((i, name), np.nan) for i in slices["id"]]
     return slices, problems
+
+
+def problems_by_case_day(problems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Problems grouped by the case-day they name; those that name none apart."""
+    by_case_day: dict[str, list[str]] = {}
+    loose = []
+    for problem in problems:
+        match = CASE_DAY_IN_TEXT.search(problem)
+        if match:
+            by_case_day.setdefault(match.group(0), []).append(problem)
+        else:
+            loose.append(problem)
+    return by_case_day, loose
 
 
 def _check_volume_consistency(slices: pd.DataFrame) -> list[str]:
