@@ -62,9 +62,9 @@ def entries_equal(a: Cache, b: Cache, names: dict[str, str] | None = None):
         assert b.entries[other]["spacing"] == pytest.approx(a.entries[cd]["spacing"], rel=1e-6)
 
 
-def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(synth_root, tmp_path):
-    first = prepare(synth_root, tmp_path / "c1", size=48, folds=2, holdout=0.2, seed=0, **QUIET)
-    record = export_nnunet(tmp_path / "c1", tmp_path / "nn", **QUIET)
+def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(cache_dir, tmp_path):
+    first = Cache(cache_dir).manifest  # the tiny Kaggle tree at 48 px, 2 folds, holdout 0.2, seed 0
+    record = export_nnunet(cache_dir, tmp_path / "nn", **QUIET)
     nn = tmp_path / "nn"
     spec = json.loads((nn / "dataset.json").read_text())
     assert spec["labels"]["large_bowel"] == [1, 3, 5, 7] and spec["regions_class_order"] == [1, 2, 4]
@@ -81,7 +81,7 @@ def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(synth_root, tm
     assert record["overlapping_voxels"] > 0 and set(record["lost_voxels"].values()) == {0}
 
     second = prepare(nn, tmp_path / "c2", size=48, folds=2, holdout=0.2, seed=0, **QUIET)
-    a, b = Cache(tmp_path / "c1"), Cache(tmp_path / "c2")
+    a, b = Cache(cache_dir), Cache(tmp_path / "c2")
     assert sorted(a.entries) == sorted(b.entries)
     entries_equal(a, b)
     assert [(e["case_day"], e["fold"], e["holdout"]) for e in first["entries"]] == [
@@ -91,7 +91,7 @@ def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(synth_root, tm
     assert "0 to build" in lines[0]  # the NIfTI files are the entries' keys: unchanged, nothing rebuilt
 
     # One label per voxel loses, of each organ, its voxels that a later organ also holds.
-    record = export_nnunet(tmp_path / "c1", tmp_path / "nn1", overlap="priority", **QUIET)
+    record = export_nnunet(cache_dir, tmp_path / "nn1", overlap="priority", **QUIET)
     lost = np.zeros(3, int)
     for cd in a.entries:
         m = a.original_masks(cd)
@@ -99,7 +99,7 @@ def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(synth_root, tm
     assert list(record["lost_voxels"].values()) == lost.tolist() and lost.sum() > 0
     assert json.loads((tmp_path / "nn1" / "dataset.json").read_text())["labels"]["stomach"] == 3
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export_nnunet(tmp_path / "c1", tmp_path / "nn1", **QUIET)
+        export_nnunet(cache_dir, tmp_path / "nn1", **QUIET)
 
 
 def another_tools_data_set(synth_root, root, case_days, label_names=("colon", "ileum", "stomach"),
@@ -288,3 +288,28 @@ def test_the_export_passes_nnunets_own_dataset_check(cache_dir, tmp_path):
         done = subprocess.run([str(PEER_PYTHON), "-c", VERIFY, str(out)], capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0 and "verified" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_holes_islands_and_contours_in_any_order_rasterise_as_drawn(tmp_path):
+    """A ring with an island in its hole and a separate blob on one slice, its contours written in
+    reverse order: the even-odd fill gives the masks back exactly."""
+    import pydicom
+
+    from ensemble.predict.clinical import write_rtstruct
+    from gitseg.data.rtstruct import roi_names, structure_masks
+
+    image = np.full((3, 40, 40), 100, np.uint16)
+    masks = np.zeros((3, 3, 40, 40), bool)
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 15, xx - 15)
+    masks[1, 1] = ((r <= 10) & (r > 5)) | (r <= 2) | ((yy > 30) & (xx > 30))  # ring, island, blob
+    masks[0, 0, 5:9, 5:9] = masks[2, 2, 20:30, 22:25] = True
+    write_series(tmp_path / "MR", image, (3.0, 1.5, 1.5), "case1_day1")
+    series = read_series(tmp_path / "MR")
+    write_rtstruct(tmp_path / "RS.dcm", masks, series)
+    ds = pydicom.dcmread(tmp_path / "RS.dcm")
+    roi = ds.ROIContourSequence[1]
+    assert len(roi.ContourSequence) == 4  # ring outline, hole outline, island, blob
+    roi.ContourSequence = pydicom.Sequence(list(roi.ContourSequence)[::-1])
+    ds.save_as(tmp_path / "RS.dcm")
+    assert np.array_equal(structure_masks(tmp_path / "RS.dcm", series, roi_names({})), masks)
