@@ -122,6 +122,24 @@ def test_topk_picks_the_best_cross_validated_configurations():
         select_topk(configs, 0)
 
 
+def test_topk_stops_where_the_oof_score_stops_rising():
+    """--topk 3 over a ranking whose second configuration lowers the OOF score and whose third brings
+    it back only to a tie: one configuration is kept (ties go to fewer). Where more help, all stay."""
+    from ensemble.selection.latency import Candidate, stop_where_oof_stops_rising
+
+    ranked = [fake_config(0, 0.86), fake_config(1, 0.84), fake_config(2, 0.80)]
+
+    def front(scores, tta="hflip"):
+        return [Candidate(tuple(f"rank{i}" for i in range(n)), tta, 2, score, 1.0) for n, score in scores.items()]
+
+    keep, path = stop_where_oof_stops_rising(ranked, front({1: 0.8642, 2: 0.8603, 3: 0.8642}), "hflip")
+    assert keep == 1 and path == [(1, 0.8642), (2, 0.8603), (3, 0.8642)]
+    assert stop_where_oof_stops_rising(ranked, front({1: 0.80, 2: 0.81, 3: 0.82}), "hflip")[0] == 3
+    assert stop_where_oof_stops_rising(ranked, front({1: 0.80, 2: 0.83, 3: 0.82}), "hflip")[0] == 2
+    # Scores of another TTA say nothing about this one: the k asked for stay.
+    assert stop_where_oof_stops_rising(ranked, front({1: 0.9, 2: 0.5, 3: 0.5}, "none"), "hflip")[0] == 3
+
+
 def test_greedy_selection_follows_caruana_and_keeps_the_best_prefix():
     configs = [fake_config(0, 0.8), fake_config(1, 0.7), fake_config(2, 0.6)]
     # rank0 alone is best; then every addition scores lower (0.79) until rank0 x2 + rank2 x1 (0.83).

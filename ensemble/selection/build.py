@@ -45,6 +45,7 @@ from ensemble.selection.latency import (
     measure_members,
     member_ms,
     pareto_front,
+    stop_where_oof_stops_rising,
 )
 from ensemble.selection.members import (
     Configuration,
@@ -221,8 +222,18 @@ def select(configs: list[Configuration], front: Front, cache: Cache, topk: int, 
                          for c in front.front])
     elif method == "topk":
         chosen, weights, lines = select_topk(configs, topk)
-        choice = Choice(chosen, weights, folds, tta, method,
-                        f"the {len(chosen)} configuration(s) with the best OOF score (--topk {topk})", lines)
+        why = f"the {len(chosen)} configuration(s) with the best OOF score (--topk {topk})"
+        # Never more configurations than the OOF says help: the top k stop where the score stops rising.
+        keep, path = stop_where_oof_stops_rising(chosen, front.candidates, tta if tta in {
+            c.tta for c in front.candidates} else refit_tta)
+        if keep < len(chosen):
+            shown = ", ".join(f"top {n} {score:.4f}" for n, score in path)
+            lines.append(f"the top {len(chosen)} score lower on OOF than the top {keep} (thresholds tuned: {shown}): "
+                         f"the ensemble keeps {keep} configuration(s)")
+            why = (f"the {keep} configuration(s) with the best OOF score: --topk {topk} asked for {len(chosen)}, "
+                   f"but adding configurations past {keep} lowered the OOF score ({shown})")
+            chosen, weights = chosen[:keep], weights[:keep]
+        choice = Choice(chosen, weights, folds, tta, method, why, lines)
     else:
         chosen, weights, lines = select_greedy(configs, topk, lambda c, w: oof_score(c, w, cache))
         choice = Choice(chosen, weights, folds, tta, method,

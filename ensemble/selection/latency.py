@@ -140,6 +140,22 @@ def candidate_scores(sets: list[tuple[Configuration, ...]], ttas, cache: Cache) 
     return {key: best_thresholds(total)[1] for key, total in sums.items()}
 
 
+def stop_where_oof_stops_rising(ranked: list[Configuration], candidates: list[Candidate],
+                                tta: str) -> tuple[int, list[tuple[int, float]]]:
+    """How many of the OOF ranking's first configurations to keep: the fewest whose ensemble (every
+    fold, TTA `tta`, thresholds tuned on its OOF) scores best among the prefixes, so that a larger
+    ensemble is kept only where the OOF says it is better. Returns that count and each prefix's score."""
+    scores = {c.configurations: c.oof_score for c in candidates if c.tta == tta}
+    path = []
+    for n in range(1, len(ranked) + 1):
+        key = tuple(c.name for c in ranked[:n])
+        if key not in scores:  # not scored (another TTA than the OOF's): keep what was asked
+            return len(ranked), path
+        path.append((n, scores[key]))
+    best = max(path, key=lambda p: (p[1], -p[0]))  # the best score; of equal ones, the fewest configurations
+    return best[0], path
+
+
 def folds_by_score(conf: Configuration) -> list[int]:
     """The configuration's folds, best validation score first (ties: lower fold first)."""
     return sorted(conf.folds, key=lambda f: (-conf.folds[f].score, f))
