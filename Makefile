@@ -5,11 +5,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test test-faults test-sources peer-check bench rehearsal clean
 
+# rt-utils writes the foreign RT Structure Sets of tests/test_sources.py; it is installed without its
+# dependencies: it asks for opencv-python, which would shadow the opencv-python-headless gitseg uses.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
-	# rt-utils writes the foreign RT Structure Sets of tests/test_sources.py; without its dependencies:
-	# it asks for opencv-python, which would shadow the opencv-python-headless gitseg uses (same cv2).
 	$(VENV)/bin/python -m pip install --quiet --no-deps 'rt-utils>=1.2.7,<2'
 	touch $(STAMP)
 
