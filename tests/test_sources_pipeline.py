@@ -1,5 +1,6 @@
 """The whole pipeline on a data set of each new layout: prepare, a small search on local Ray (with its
-refit), the ensemble, the report and predict, the predictions in the source's own geometry.
+refit), the ensemble, the report, robustness and predict, the predictions in the source's own
+geometry.
 
 About two minutes per layout: more than `make test` can afford beside the demo's own search, so they
 are their own target, `make test-sources` (marker `sources`)."""
@@ -44,6 +45,8 @@ def test_an_nnunet_data_set_through_search_ensemble_and_predict(synth_root, tmp_
                  "--holdout", "0.2", "--labels", "small_bowel=ileum",
                  "--case-pattern", r"(?P<case>pat\d+)_visit(?P<day>\d+)"]) == 0
     ensemble = search_ensemble_report(tmp_path / "cache", tmp_path)
+    # The robustness report reads the holdout's scans from the source's NIfTI files.
+    assert main(["robustness", "--ensemble", str(ensemble), "--corruptions", "bias_field", "--severities", "1"]) == 0
     images = root / "imagesTr"
     assert main(["predict", "--ensemble", str(ensemble), "--nifti-in", str(images), "--out",
                  str(tmp_path / "pred")]) == 0

@@ -26,6 +26,7 @@ from ensemble.selection.evaluate import paired_gain, scores_from_rows
 from gitseg import records
 from gitseg.data.artefacts import ARTEFACTS, SEVERITIES, check_names, corrupt
 from gitseg.data.cache import NORM_PERCENTILE, Cache
+from gitseg.data.sources import source_volume
 from gitseg.data.uwmgi import CLASSES, index_root, volume_from_rows
 from gitseg.files import staged_folder, write_text_atomic
 from gitseg.metrics import ScoreSums
@@ -62,21 +63,31 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
     if not holdout:
         raise ValueError(f"the cache {cache.root} has no holdout case-days; prepare it with --holdout > 0")
     root = Path(data_root or cache.manifest["source"])
-    slices, problems = index_root(root, "train", case_days=holdout)
-    missing = sorted(set(holdout) - set(slices["case_day"]))
-    if missing or problems:
-        raise FileNotFoundError(f"the raw scans of the holdout are not readable in {root} ({(problems or missing)[0]}"
-                                f"); pass --data with the UWMGI root the cache was prepared from")
+    if any("origin" in cache.entries[cd] for cd in holdout):  # an nnU-Net or DICOM source: its files
+        at_root = {**cache.manifest, "source": str(root)}
+
+        def scan_of(case_day):
+            return source_volume(at_root, cache.entries[case_day])[0]
+    else:
+        slices, problems = index_root(root, "train", case_days=holdout)
+        missing = sorted(set(holdout) - set(slices["case_day"]))
+        if missing or problems:
+            raise FileNotFoundError(f"the raw scans of the holdout are not readable in {root} "
+                                    f"({(problems or missing)[0]}); pass --data with the UWMGI root the cache was "
+                                    f"prepared from")
+
+        def scan_of(case_day):
+            return volume_from_rows(slices[slices["case_day"] == case_day]).image
     variants = [(CLEAN, 0)] + [(c, s) for c in corruptions for s in severities]
     rows: dict[tuple, list] = {v: [] for v in variants}
     progress = bar(len(holdout) * len(variants), "robustness", unit="volume")
     for i, case_day in enumerate(holdout):
         entry = cache.entries[case_day]
-        volume = volume_from_rows(slices[slices["case_day"] == case_day])
+        image = scan_of(case_day)
         gt = cache.original_masks(case_day)
         for name, severity in variants:
-            scan = volume.image if name == CLEAN else corrupt(volume.image, entry["spacing"], name, severity,
-                                                               seed + 1000 * i, NORM_PERCENTILE)
+            scan = image if name == CLEAN else corrupt(image, entry["spacing"], name, severity, seed + 1000 * i,
+                                                       NORM_PERCENTILE)
             _, masks = model.predict_scan(scan)
             rows[(name, severity)] += _rows(masks, gt, entry)
             progress.update()
