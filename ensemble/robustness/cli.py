@@ -25,7 +25,7 @@ def add_commands(sub) -> None:
                                           "motion, ghosting, spike, blur, lower resolution, gamma), 3 severities each")
     p.add_argument("--ensemble", required=True, help="ensemble folder made by `gitseg ensemble` or `gitseg distill`")
     p.add_argument("--cache", default=None, help="prepared cache whose holdout is scored (default: the ensemble's)")
-    p.add_argument("--data", default=None, help="UWMGI root of the raw scans (default: the one the cache was "
+    p.add_argument("--data", default=None, help="the data set of the raw scans (default: the one the cache was "
                                                 "prepared from)")
     p.add_argument("--out", default=None, help="output folder (default ENSEMBLE/robustness; `gitseg report` shows it)")
     p.add_argument("--corruptions", nargs="+", default=None, metavar="NAME", help="a subset (default: all)")
