@@ -313,3 +313,29 @@ def test_holes_islands_and_contours_in_any_order_rasterise_as_drawn(tmp_path):
     roi.ContourSequence = pydicom.Sequence(list(roi.ContourSequence)[::-1])
     ds.save_as(tmp_path / "RS.dcm")
     assert np.array_equal(structure_masks(tmp_path / "RS.dcm", series, roi_names({})), masks)
+
+
+def test_a_peers_label_maps_are_scored_by_gitsegs_metric_on_every_holdout_case_day(cache_dir, tmp_path):
+    """What bench_nnunet.py scores nnU-Net with: the export's own holdout labels as a prediction score
+    perfectly (regions: nothing lost); one label per voxel scores the overlap it loses; a mirrored
+    prediction scores lower; a missing case-day is an error, not a smaller holdout."""
+    from ensemble.selection.evaluate import score_label_volumes
+
+    cache = Cache(cache_dir)
+    export_nnunet(cache_dir, tmp_path / "regions", **QUIET)
+    scores, rows = score_label_volumes(cache, tmp_path / "regions" / "labelsTs")
+    assert scores["score"] == pytest.approx(1.0) and scores["dice"] == pytest.approx(1.0)
+    assert len(rows) == 3 * len(cache.case_days(holdout=True))
+    export_nnunet(cache_dir, tmp_path / "priority", overlap="priority", **QUIET)
+    lossy, _ = score_label_volumes(cache, tmp_path / "priority" / "labelsTs", overlap="priority")
+    assert lossy["dice/large_bowel"] < 1.0 and lossy["dice/stomach"] == pytest.approx(1.0)
+    first = sorted((tmp_path / "regions" / "labelsTs").iterdir())[0]
+    import nibabel as nib
+
+    image = nib.load(first)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine), first)  # mirrored left-right
+    mirrored, _ = score_label_volumes(cache, tmp_path / "regions" / "labelsTs")
+    assert mirrored["score"] < scores["score"] - 0.01
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match=first.name):
+        score_label_volumes(cache, tmp_path / "regions" / "labelsTs")

@@ -19,6 +19,9 @@ from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.config import to_dict
 from gitseg.data.cache import Cache
+from gitseg.data.geometry import Reorientation
+from gitseg.data.nifti import read_volume
+from gitseg.data.nnunet import decode_labels
 from gitseg.data.uwmgi import CLASSES
 from gitseg.files import write_text_atomic
 from gitseg.metrics import ScoreSums, assd_mm, class_scores, dice_3d, hd95_mm, sum_rows
@@ -70,6 +73,30 @@ def best_single_configuration(configs: list[Configuration]) -> Configuration:
 def scores_from_rows(rows: list[dict]) -> dict:
     """Score, Dice, Hausdorff overall and per class from per-(case-day, class) evaluation rows."""
     return class_scores(sum_rows(((r["class"], r["sums"]) for r in rows), CLASSES))
+
+
+def score_label_volumes(cache: Cache, folder, overlap: str = "regions") -> tuple[dict, list[dict]]:
+    """Another system's holdout predictions scored by gitseg's metric: `folder/<case_day>.nii.gz` label
+    maps in the labels of `gitseg export --to nnunet --overlap OVERLAP` (as nnU-Net writes them after
+    training on that export), each on its scan's grid. Returns the scores (as `scores_from_rows`) and
+    the per-(case-day, class) rows, to pair with gitseg's own. A missing or misshapen file is an error
+    that names it: a peer is never scored on fewer case-days than gitseg."""
+    folder = Path(folder)
+    rows = []
+    for case_day in cache.case_days(holdout=True):
+        path = folder / f"{case_day}.nii.gz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no prediction for holdout case-day {case_day}")
+        value, affine = read_volume(path)
+        reorient = Reorientation(affine, value.shape)
+        masks = decode_labels(reorient.forward(value), overlap)
+        gt = cache.original_masks(case_day)
+        if masks.shape != gt.shape:
+            raise ValueError(f"{path}: shape {masks.shape[1:]} in the axial display, the scan's is {gt.shape[1:]}")
+        e = cache.entries[case_day]
+        rows += [{"case_day": case_day, "case": e["case"], "class": cls,
+                  "sums": list(ScoreSums.of_volume(masks[c], gt[c]))} for c, cls in enumerate(CLASSES)]
+    return scores_from_rows(rows), rows
 
 
 def _finite_mean(values) -> float:

@@ -265,6 +265,14 @@ def encode_labels(masks: np.ndarray, overlap: str) -> tuple[np.ndarray, list[int
     return value, [int((masks[c] & (value != c + 1)).sum()) for c in range(len(CLASSES))]
 
 
+def decode_labels(value: np.ndarray, overlap: str) -> np.ndarray:
+    """bool `(3, ...)` masks of a label map written with `encode_labels` (or predicted in its labels)."""
+    value = np.rint(np.asarray(value)).astype(np.int64)
+    if overlap == "regions":
+        return np.stack([(value >> c) & 1 == 1 for c in range(len(CLASSES))])
+    return np.stack([value == c + 1 for c in range(len(CLASSES))])
+
+
 def dataset_labels(overlap: str) -> tuple[dict, dict]:
     """dataset.json's `labels` (and `regions_class_order` for regions) of an export."""
     if overlap == "regions":
