@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-faults test-sources peer-check bench rehearsal clean
+.PHONY: demo test test-faults test-sources peer peer-check bench rehearsal clean
 
 # rt-utils writes the foreign RT Structure Sets of tests/test_sources.py; it is installed without its
 # dependencies: it asks for opencv-python, which would shadow the opencv-python-headless gitseg uses.
@@ -21,6 +21,8 @@ $(PEER)/.installed-stamp:
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
 	$(PEER)/bin/python -m pip install --quiet 'nnunetv2>=2.5,<3'
 	touch $@
+
+peer: $(PEER)/.installed-stamp
 
 peer-check: $(STAMP) $(PEER)/.installed-stamp
 	$(VENV)/bin/python -m pytest tests/test_sources.py -k nnunet -ra

@@ -1,0 +1,194 @@
+"""gitseg against nnU-Net on the same data, split, metric and compute (issue 34).
+
+    make peer                                   # nnU-Net in its own environment, .venv-peer
+    python benchmarks/bench_nnunet.py --out runs/bench_nnunet --epochs 3 9 30
+
+For each gitseg budget (`--epochs E`: `gitseg demo`'s pipeline, `run_demo`, with E epochs per trial
+on the data below), in one session on one machine, nothing else running:
+
+1. **gitseg**: search, refit and the top-2 ensemble (which keeps fewer configurations where the OOF
+   says so), wall time T. Its holdout rows: the tuned ensemble, the best single configuration and
+   the best single fold model, each with TTA and its own tuned post-processing.
+2. **nnU-Net, given the same wall time T** for its whole run: the gitseg cache exported with
+   `gitseg export --to nnunet` (regions: the overlapping masks kept; gitseg's folds in
+   `splits_final.json`, copied to nnU-Net's preprocessed folder), `nnUNetv2_plan_and_preprocess -c
+   2d`, then both folds trained with `nnUNetTrainer_gitsegBudget` (this file writes it into the
+   peer environment: nnU-Net's own trainer with `num_epochs` and iterations per epoch set from the
+   budget, nothing else changed), `nnUNetv2_find_best_configuration` (its post-processing). The
+   epochs: T minus the measured preprocessing time, divided by 2 folds x the time of one epoch,
+   measured by a 1-epoch run of fold 0 first (calibration, reported, not counted in T).
+   Then `nnUNetv2_predict` of the holdout with both folds and `nnUNetv2_apply_postprocessing`.
+3. Both systems' holdout predictions scored by gitseg's metric (`score_label_volumes` for nnU-Net's
+   label maps, tested in tests/test_sources.py), and the paired bootstrap over holdout cases of
+   gitseg's ensemble minus nnU-Net's fold ensemble.
+
+Data: the realistic phantom, `--cases` cases x 3 days (64 slices, 128 px, as the demo), `--holdout` of
+the cases held out, 2 folds, gitseg's cache at the demo's 64 px. Writes `<out>/bench_nnunet.json` and
+prints the table. Protocol and results: BENCHMARKS.md, "Head to head with nnU-Net".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT / ".venv-peer"
+DATASET_ID = 534
+TRAINER = "nnUNetTrainer_gitsegBudget"
+TRAINER_CODE = '''"""Written by gitseg's benchmarks/bench_nnunet.py: nnU-Net's own trainer, its length set by the
+benchmark's budget (GITSEG_NNUNET_EPOCHS, GITSEG_NNUNET_ITERATIONS per epoch); nothing else differs."""
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_gitsegBudget(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ["GITSEG_NNUNET_EPOCHS"])
+        self.num_iterations_per_epoch = int(os.environ.get("GITSEG_NNUNET_ITERATIONS", 250))
+        self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 5)
+'''
+
+
+def peer(tool: str) -> str:
+    path = PEER / "bin" / tool
+    if not path.is_file():
+        sys.exit(f"{path} not found: run `make peer` first (nnU-Net in its own environment)")
+    return str(path)
+
+
+def install_trainer() -> Path:
+    """The budget trainer inside the peer environment's nnU-Net package (nnU-Net finds trainers by
+    class name in its own package)."""
+    site = next((PEER / "lib").glob("python3*/site-packages/nnunetv2/training/nnUNetTrainer/variants"))
+    path = site / "gitseg_budget.py"
+    path.write_text(TRAINER_CODE)
+    return path
+
+
+def timed(cmd: list[str], env: dict, log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"{cmd[0]} failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def nnunet_env(work: Path, **extra) -> dict:
+    env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
+           "nnUNet_results": str(work / "results"), "nnUNet_n_proc_DA": "2", "OMP_NUM_THREADS": "2",
+           **{k: str(v) for k, v in extra.items()}}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -> dict:
+    """nnU-Net's whole run within `budget_s`; returns its times, epochs and the holdout prediction folder."""
+    from gitseg.data.export import export_nnunet
+
+    if work.exists():
+        shutil.rmtree(work)
+    name = f"Dataset{DATASET_ID}_Gitseg"
+    raw = work / "raw" / name
+    export_nnunet(cache, raw, overlap="regions", log=log)
+    install_trainer()
+    logfile = work / "nnunet.log"
+    env = nnunet_env(work)
+    times = {"preprocess_s": timed([peer("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
+                                    "--verify_dataset_integrity", "-np", "2"], env, logfile)}
+    shutil.copy2(raw / "splits_final.json", work / "preprocessed" / name / "splits_final.json")
+    train = [peer("nnUNetv2_train"), str(DATASET_ID), "2d"]
+    calib = timed([*train, "0", "-tr", TRAINER, "-device", "cpu"], nnunet_env(work, GITSEG_NNUNET_EPOCHS=1,
+                                                                              GITSEG_NNUNET_ITERATIONS=iterations),
+                  logfile)
+    shutil.rmtree(work / "results" / name)  # the calibration's model is not used
+    epochs = max(1, int((budget_s - times["preprocess_s"]) / (2 * calib)))
+    log(f"bench: nnU-Net calibration: one epoch of {iterations} iterations (with its start-up) {calib:.0f} s; "
+        f"{epochs} epoch(s) per fold fit {budget_s:.0f} s")
+    env = nnunet_env(work, GITSEG_NNUNET_EPOCHS=epochs, GITSEG_NNUNET_ITERATIONS=iterations)
+    times["train_s"] = sum(timed([*train, str(f), "-tr", TRAINER, "-device", "cpu", "--npz"], env, logfile)
+                           for f in (0, 1))
+    times["find_best_s"] = timed([peer("nnUNetv2_find_best_configuration"), str(DATASET_ID), "-c", "2d",
+                                  "-tr", TRAINER, "-f", "0", "1"], env, logfile)
+    crossval = next((work / "results" / name).glob(f"{TRAINER}__*__2d/crossval_results_folds_0_1"), None) or next(
+        (work / "results" / name).glob("**/crossval_results_folds_0_1"))
+    pred, post = work / "pred", work / "pred_pp"
+    times["predict_s"] = timed([peer("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
+                                str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-f", "0", "1", "-device", "cpu"],
+                               env, logfile)
+    times["postprocess_s"] = timed([peer("nnUNetv2_apply_postprocessing"), "-i", str(pred), "-o", str(post),
+                                    "-pp_pkl_file", str(crossval / "postprocessing.pkl"), "-np", "2",
+                                    "-plans_json", str(crossval / "plans.json")], env, logfile)
+    times["whole_run_s"] = times["preprocess_s"] + times["train_s"] + times["find_best_s"]
+    return {"times": times, "calibration_epoch_s": calib, "epochs": epochs, "iterations": iterations,
+            "pred": str(pred), "pred_pp": str(post)}
+
+
+def main() -> None:
+    from ensemble.selection.evaluate import paired_gain, score_label_volumes
+    from gitseg.data.cache import Cache
+    from gitseg.demo import DATA, run_demo
+    from gitseg.infer import cpu_has_native_bf16
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench_nnunet")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[3, 9, 30], help="gitseg's budgets")
+    parser.add_argument("--cases", type=int, default=16)
+    parser.add_argument("--holdout", type=float, default=0.375, help="share of the cases held out (6 of 16)")
+    parser.add_argument("--iterations", type=int, default=50, help="nnU-Net iterations per epoch (its default 250)")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    machine = f"{platform.processor() or platform.machine()}; native bf16: {cpu_has_native_bf16()}"
+    print(f"commit {commit}; {machine}")
+    out = Path(args.out)
+    results = []
+    for epochs in args.epochs:
+        point = out / f"e{epochs}"
+        start = time.perf_counter()
+        headline = run_demo(out=point / "gitseg", epochs=epochs, holdout=args.holdout,
+                            data={**DATA, "cases": args.cases, "anatomy": "realistic"})
+        gitseg_s = time.perf_counter() - start
+        run_dir = Path(headline["ensemble"]).parent
+        cache = Cache(point / "gitseg" / "cache")
+        rows = json.loads((run_dir / "ensemble" / "evaluation.json").read_text())["rows"]
+        manifest = json.loads((run_dir / "ensemble" / "ensemble.json").read_text())
+        peer_run = run_nnunet(point / "gitseg" / "cache", point / "nnunet", gitseg_s, args.iterations, print)
+        nn, nn_rows = score_label_volumes(cache, peer_run["pred_pp"])
+        nn_raw, _ = score_label_volumes(cache, peer_run["pred"])
+        tuned = {r["variant"]: r["score"] for r in manifest["scores"]["holdout"]["ablation"]}
+        ensemble_rows = rows["ensemble + TTA + tuned post-processing"] if (
+            "ensemble + TTA + tuned post-processing" in rows) else rows["ensemble, no TTA + tuned post-processing"]
+        gain = paired_gain(ensemble_rows, nn_rows)
+        result = {"epochs": epochs, "gitseg_s": gitseg_s, "nnunet": peer_run, "commit": commit, "machine": machine,
+                  "holdout_case_days": len(cache.case_days(holdout=True)),
+                  "gitseg": tuned, "nnunet_scores": nn, "nnunet_no_postprocessing": nn_raw,
+                  "ensemble_minus_nnunet": {"gain": gain.gain, "ci95": list(gain.ci95)}}
+        results.append(result)
+        (out / "bench_nnunet.json").write_text(json.dumps(results, indent=1))
+        print(f"\nbudget {gitseg_s / 60:.1f} min (gitseg {epochs} epochs; nnU-Net {peer_run['epochs']} epochs of "
+              f"{args.iterations} iterations, whole run {peer_run['times']['whole_run_s'] / 60:.1f} min):")
+        for variant, score in tuned.items():
+            print(f"  gitseg {variant:<56} {score:.4f}")
+        print(f"  nnU-Net fold ensemble + its post-processing{'':<17} {nn['score']:.4f} "
+              f"(without: {nn_raw['score']:.4f})")
+        print(f"  gitseg ensemble - nnU-Net: {gain.gain:+.4f} [{gain.ci95[0]:+.4f}, {gain.ci95[1]:+.4f}]")
+
+
+if __name__ == "__main__":
+    main()
