@@ -135,8 +135,14 @@ def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -
                                     "-pp_pkl_file", str(crossval / "postprocessing.pkl"), "-np", "2",
                                     "-plans_json", str(crossval / "plans.json")], env, logfile)
     times["whole_run_s"] = times["preprocess_s"] + times["train_s"] + times["find_best_s"]
+    # The cross-check: nnU-Net's own Dice of the same predictions (per region, its summary.json).
+    summary = work / "summary.json"
+    timed([peer("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(post), "-djfile", str(raw / "dataset.json"),
+           "-pfile", str(crossval / "plans.json"), "-o", str(summary), "-np", "2"], env, logfile)
+    own = json.loads(summary.read_text())
     return {"times": times, "calibration_epoch_s": calib, "epochs": epochs, "iterations": iterations,
-            "pred": str(pred), "pred_pp": str(post)}
+            "pred": str(pred), "pred_pp": str(post), "own_dice": {k: v.get("Dice") for k, v in own["mean"].items()},
+            "own_foreground_dice": own.get("foreground_mean", {}).get("Dice")}
 
 
 def main() -> None:
@@ -188,6 +194,9 @@ def main() -> None:
         print(f"  nnU-Net fold ensemble + its post-processing{'':<17} {nn['score']:.4f} "
               f"(without: {nn_raw['score']:.4f})")
         print(f"  gitseg ensemble - nnU-Net: {gain.gain:+.4f} [{gain.ci95[0]:+.4f}, {gain.ci95[1]:+.4f}]")
+        print(f"  cross-check: gitseg's Dice of nnU-Net's prediction {nn['dice']:.4f} (per class: "
+              + ", ".join(f"{c} {nn[f'dice/{c}']:.4f}" for c in ("large_bowel", "small_bowel", "stomach"))
+              + f"); nnU-Net's own Dice per region {peer_run['own_dice']}")
 
 
 if __name__ == "__main__":
