@@ -62,10 +62,18 @@ def entries_equal(a: Cache, b: Cache, names: dict[str, str] | None = None):
         assert b.entries[other]["spacing"] == pytest.approx(a.entries[cd]["spacing"], rel=1e-6)
 
 
-def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(cache_dir, tmp_path):
-    first = Cache(cache_dir).manifest  # the tiny Kaggle tree at 48 px, 2 folds, holdout 0.2, seed 0
-    record = export_nnunet(cache_dir, tmp_path / "nn", **QUIET)
-    nn = tmp_path / "nn"
+@pytest.fixture(scope="module")
+def exports(cache_dir, tmp_path_factory):
+    """The tiny Kaggle tree's cache (48 px, 2 folds, holdout 0.2, seed 0) exported both ways:
+    {overlap: (folder, export.json's record)}. Read-only."""
+    tmp = tmp_path_factory.mktemp("exports")
+    return {overlap: (tmp / overlap, export_nnunet(cache_dir, tmp / overlap, overlap=overlap, **QUIET))
+            for overlap in ("regions", "priority")}
+
+
+def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(cache_dir, exports, tmp_path):
+    first = Cache(cache_dir).manifest
+    nn, record = exports["regions"]
     spec = json.loads((nn / "dataset.json").read_text())
     assert spec["labels"]["large_bowel"] == [1, 3, 5, 7] and spec["regions_class_order"] == [1, 2, 4]
     assert spec["numTraining"] == len(list((nn / "imagesTr").iterdir())) == record["training_case_days"]
@@ -91,15 +99,15 @@ def test_kaggle_tree_to_cache_to_nnunet_to_cache_is_the_same_data(cache_dir, tmp
     assert "0 to build" in lines[0]  # the NIfTI files are the entries' keys: unchanged, nothing rebuilt
 
     # One label per voxel loses, of each organ, its voxels that a later organ also holds.
-    record = export_nnunet(cache_dir, tmp_path / "nn1", overlap="priority", **QUIET)
+    nn1, record = exports["priority"]
     lost = np.zeros(3, int)
     for cd in a.entries:
         m = a.original_masks(cd)
         lost += [(m[0] & (m[1] | m[2])).sum(), (m[1] & m[2]).sum(), 0]
     assert list(record["lost_voxels"].values()) == lost.tolist() and lost.sum() > 0
-    assert json.loads((tmp_path / "nn1" / "dataset.json").read_text())["labels"]["stomach"] == 3
+    assert json.loads((nn1 / "dataset.json").read_text())["labels"]["stomach"] == 3
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export_nnunet(cache_dir, tmp_path / "nn1", **QUIET)
+        export_nnunet(cache_dir, nn1, **QUIET)
 
 
 def another_tools_data_set(synth_root, root, case_days, label_names=("colon", "ileum", "stomach"),
@@ -315,19 +323,18 @@ def test_holes_islands_and_contours_in_any_order_rasterise_as_drawn(tmp_path):
     assert np.array_equal(structure_masks(tmp_path / "RS.dcm", series, roi_names({})), masks)
 
 
-def test_a_peers_label_maps_are_scored_by_gitsegs_metric_on_every_holdout_case_day(cache_dir, tmp_path):
+def test_a_peers_label_maps_are_scored_by_gitsegs_metric_on_every_holdout_case_day(cache_dir, exports, tmp_path):
     """What bench_nnunet.py scores nnU-Net with: the export's own holdout labels as a prediction score
     perfectly (regions: nothing lost); one label per voxel scores the overlap it loses; a mirrored
     prediction scores lower; a missing case-day is an error, not a smaller holdout."""
     from ensemble.selection.evaluate import score_label_volumes
 
     cache = Cache(cache_dir)
-    export_nnunet(cache_dir, tmp_path / "regions", **QUIET)
+    shutil.copytree(exports["regions"][0] / "labelsTs", tmp_path / "regions" / "labelsTs")  # damaged below
     scores, rows = score_label_volumes(cache, tmp_path / "regions" / "labelsTs")
     assert scores["score"] == pytest.approx(1.0) and scores["dice"] == pytest.approx(1.0)
     assert len(rows) == 3 * len(cache.case_days(holdout=True))
-    export_nnunet(cache_dir, tmp_path / "priority", overlap="priority", **QUIET)
-    lossy, _ = score_label_volumes(cache, tmp_path / "priority" / "labelsTs", overlap="priority")
+    lossy, _ = score_label_volumes(cache, exports["priority"][0] / "labelsTs", overlap="priority")
     assert lossy["dice/large_bowel"] < 1.0 and lossy["dice/stomach"] == pytest.approx(1.0)
     first = sorted((tmp_path / "regions" / "labelsTs").iterdir())[0]
     import nibabel as nib
