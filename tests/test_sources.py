@@ -346,3 +346,18 @@ def test_a_peers_label_maps_are_scored_by_gitsegs_metric_on_every_holdout_case_d
     first.unlink()
     with pytest.raises(FileNotFoundError, match=first.name):
         score_label_volumes(cache, tmp_path / "regions" / "labelsTs")
+
+
+def test_the_layout_is_told_from_the_files(synth_root, cache_dir, exports, tmp_path):
+    """--format auto: a Kaggle tree, an nnU-Net data set, DICOM files without a suffix (as exports
+    often name them); anything else is an error that names --format."""
+    from gitseg.data.sources import detect_format
+
+    assert detect_format(synth_root) == "uwmgi" and detect_format(exports["regions"][0]) == "nnunet"
+    for path in write_series(tmp_path / "export" / "p1", np.ones((2, 8, 8), np.uint16), (3.0, 1.5, 1.5), "case1_day1"):
+        path.rename(path.with_suffix(""))
+    assert detect_format(tmp_path / "export") == "dicom"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("no scans here")
+    with pytest.raises(DataFormatError, match="--format"):
+        detect_format(tmp_path / "other")

@@ -57,10 +57,20 @@ def detect_format(root) -> str:
         return "nnunet"
     if (root / "train.csv").is_file() or (root / "train").is_dir():
         return "uwmgi"
-    if any(p.suffix.lower() == ".dcm" or p.name.upper().startswith("IM") for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file())
+    if any(p.suffix.lower() == ".dcm" or _dicom_preamble(p) for _, p in zip(range(200), files)):
         return "dicom"
     raise DataFormatError(f"{root}: not a UWMGI root (train.csv), an nnU-Net data set (dataset.json) or a folder "
                           f"of DICOM files; say which with --format")
+
+
+def _dicom_preamble(path: Path) -> bool:
+    """Whether a file starts as a DICOM file does (128 bytes, then "DICM"): exports often have no suffix."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _file_key(paths) -> list[str]:
