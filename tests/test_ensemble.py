@@ -98,10 +98,21 @@ def refit_run(train_cache, tmp_path_factory):
     return write_refit_run(train_cache, tmp_path_factory.mktemp("search") / "demo")
 
 
+def keep_what_is_asked(mp):
+    """The tests of a two-configuration ensemble's contents read one; whether the OOF says the second
+    configuration helps is up to one-epoch models, so there the top-k stopping rule (tested on its own
+    below, and through the CLI) keeps the k asked for."""
+    import ensemble.selection.build as build
+
+    mp.setattr(build, "stop_where_oof_stops_rising", lambda ranked, *_: (len(ranked), []))
+
+
 @pytest.fixture(scope="module")
 def built(refit_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ens") / "ensemble"
-    manifest = build_ensemble(refit_run, topk=2, out=out, **QUIET)
+    with pytest.MonkeyPatch.context() as mp:
+        keep_what_is_asked(mp)
+        manifest = build_ensemble(refit_run, topk=2, out=out, **QUIET)
     return out, manifest
 
 
@@ -278,6 +289,7 @@ def test_each_ablation_variant_is_tuned_on_its_own_oof(refit_run, train_cache, t
 
     monkeypatch.setattr(build, "oof_volumes", tagged_volumes)
     monkeypatch.setattr(build, "tune", stand_in_tune)
+    keep_what_is_asked(monkeypatch)
     manifest = build_ensemble(refit_run, topk=2, out=tmp_path / "ens", **QUIET)
     cache, oof = Cache(train_cache), manifest.scores.oof
     chosen = tuple(c.name for c in manifest.selection.configurations if c.selected)
@@ -538,15 +550,23 @@ def test_predict_reports_bad_files_and_keeps_the_rest(built, synth_copy, tmp_pat
 def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capfd):
     from gitseg.cli import main
 
-    assert main(["ensemble", "--run", str(refit_run), "--topk", "1", "--method", "greedy",
-                 "--out", str(tmp_path / "ens"), "--tta", "none"]) == 0
+    assert main(["ensemble", "--run", str(refit_run), "--topk", "2", "--out", str(tmp_path / "ens"),
+                 "--tta", "none"]) == 0
     # On the terminal: the results, and where the rest of the output went (the run's log file).
     text = capfd.readouterr().out
     assert "best single fold model" in text and "holdout score" in text
     log = tmp_path / "ens" / "ensemble.log"  # in the folder the command wrote, not in the search it read
     assert f"is in {log}; --verbose" in text and log.is_file() and not (refit_run / "ensemble.log").exists()
     manifest = records.load(EnsembleManifest, tmp_path / "ens" / ENSEMBLE_MANIFEST)
-    assert manifest.selection.method == "greedy" and manifest.tta == "none"
+    assert manifest.selection.method == "topk" and manifest.tta == "none"
+    # --topk 2 keeps the prefix of the OOF ranking that scores best (thresholds tuned: the latency
+    # front's candidates), the fewer configurations on a tie, and says why when that is one.
+    ranked = [c.name for c in sorted(manifest.selection.configurations, key=lambda c: -c.oof_score)]
+    prefix = {tuple(c.configurations): c.oof_score for c in manifest.latency.candidates if c.tta == "none"}
+    scores = [prefix[tuple(ranked[:n])] for n in (1, 2)]
+    keep = 1 if scores[0] >= scores[1] else 2
+    assert sorted({m.configuration for m in manifest.members}) == sorted(ranked[:keep])
+    assert ("lowered the OOF score" in manifest.selection.why) == (keep == 1)
     assert main(["predict", "--ensemble", str(tmp_path / "ens"), "--data", str(synth_root),
                  "--out", str(tmp_path / "p")]) == 0
     # Not a search folder: the error, and nothing written into that folder nor left in the temporary one.
