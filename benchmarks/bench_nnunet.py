@@ -22,8 +22,9 @@ on the data below), in one session on one machine, nothing else running:
    label maps, tested in tests/test_sources.py), and the paired bootstrap over holdout cases of
    gitseg's ensemble minus nnU-Net's fold ensemble.
 
-Data: the realistic phantom, `--cases` cases x 3 days (64 slices, 128 px, as the demo), `--holdout` of
-the cases held out, 2 folds, gitseg's cache at the demo's 64 px. Writes `<out>/bench_nnunet.json` and
+Data: the realistic phantom, `--cases` cases x 3 days (the demo's slices, `--size` 256 px: pixels finer
+than the slices, as in the real data), `--holdout` of the cases held out, 2 folds, gitseg's cache at
+the demo's 64 px. Writes `<out>/bench_nnunet.json` and
 prints the table. Protocol and results: BENCHMARKS.md, "Head to head with nnU-Net".
 """
 
@@ -155,6 +156,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_nnunet")
     parser.add_argument("--epochs", type=int, nargs="+", default=[3, 9, 30], help="gitseg's budgets")
     parser.add_argument("--cases", type=int, default=16)
+    parser.add_argument("--size", type=int, default=256,
+                        help="the scans' longer side in px (256: 2.1 mm pixels, finer than the 3 mm slices, as in "
+                             "the real data; gitseg's cache stays at the demo's 64 px)")
     parser.add_argument("--holdout", type=float, default=0.375, help="share of the cases held out (6 of 16)")
     parser.add_argument("--iterations", type=int, default=50, help="nnU-Net iterations per epoch (its default 250)")
     args = parser.parse_args()
@@ -168,7 +172,7 @@ def main() -> None:
         point = out / f"e{epochs}"
         start = time.perf_counter()
         headline = run_demo(out=point / "gitseg", epochs=epochs, holdout=args.holdout,
-                            data={**DATA, "cases": args.cases, "anatomy": "realistic"})
+                            data={**DATA, "cases": args.cases, "size": args.size, "anatomy": "realistic"})
         gitseg_s = time.perf_counter() - start
         run_dir = Path(headline["ensemble"]).parent
         cache = Cache(point / "gitseg" / "cache")
