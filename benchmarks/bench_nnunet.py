@@ -15,8 +15,10 @@ on the data below), in one session on one machine, nothing else running:
    2d`, then both folds trained with `nnUNetTrainer_gitsegBudget` (this file writes it into the
    peer environment: nnU-Net's own trainer with `num_epochs` and iterations per epoch set from the
    budget, nothing else changed), `nnUNetv2_find_best_configuration` (its post-processing). The
-   epochs: T minus the measured preprocessing time, divided by 2 folds x the time of one epoch,
-   measured by a 1-epoch run of fold 0 first (calibration, reported, not counted in T).
+   epochs: a 1-epoch run of fold 0 first (calibration, reported, not counted in T) gives the time of
+   an epoch (nnU-Net's "Epoch time") and of a run's start-up and final validation; both folds get
+   (T - preprocessing) / 2 minus that overhead. Where fewer than 3 epochs fit, a plans variant with
+   the largest 2d batch that fits 3 (`fit_budget`; the same preprocessed data) is used and reported.
    Then `nnUNetv2_predict` of the holdout with both folds and `nnUNetv2_apply_postprocessing`.
 3. Both systems' holdout predictions scored by gitseg's metric (`score_label_volumes` for nnU-Net's
    label maps, tested in tests/test_sources.py), and the paired bootstrap over holdout cases of
@@ -98,6 +100,34 @@ def nnunet_env(work: Path, **extra) -> dict:
     return env
 
 
+def fit_budget(preprocessed: Path, calibration_log: str, calib_s: float, budget_s: float):
+    """(plans name, 2d batch size, epochs per fold, seconds per epoch, seconds of a run's start-up and
+    final validation) so that both folds fit `budget_s`. The epoch's own time is the "Epoch time" nnU-Net
+    logs; the rest of the calibration run is the per-fold overhead. With fewer than 3 epochs at the
+    planned batch, a plans variant: the planned plans with the largest 2d batch that fits 3 epochs
+    (an epoch's time taken as proportional to the batch), the same preprocessed data."""
+    import re
+
+    times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", calibration_log)]
+    if not times:
+        sys.exit("the calibration run logged no epoch time; see nnunet.log")
+    epoch_s = times[-1]
+    overhead_s = max(0.0, calib_s - epoch_s)
+    per_fold = budget_s / 2 - overhead_s
+    planned = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    batch0 = int(planned["configurations"]["2d"]["batch_size"])
+    if per_fold >= 3 * epoch_s:
+        return "nnUNetPlans", batch0, int(per_fold / epoch_s), epoch_s, overhead_s
+    batch = max(2, int(batch0 * per_fold / (3 * epoch_s)))
+    name = f"nnUNetPlans_gitsegBatch{batch}"
+    variant = {**planned, "plans_name": name}
+    variant["configurations"] = {**planned["configurations"],
+                                 "2d": {**planned["configurations"]["2d"], "batch_size": batch}}
+    (preprocessed / f"{name}.json").write_text(json.dumps(variant, indent=1))
+    epochs = max(1, int(per_fold / (epoch_s * batch / batch0)))
+    return name, batch, epochs, epoch_s, overhead_s
+
+
 def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -> dict:
     """nnU-Net's whole run within `budget_s`; returns its times, epochs and the holdout prediction folder."""
     from gitseg.data.export import export_nnunet
@@ -114,23 +144,26 @@ def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -
                                     "--verify_dataset_integrity", "-np", "2"], env, logfile)}
     shutil.copy2(raw / "splits_final.json", work / "preprocessed" / name / "splits_final.json")
     train = [peer("nnUNetv2_train"), str(DATASET_ID), "2d"]
+    before = logfile.read_text()
     calib = timed([*train, "0", "-tr", TRAINER, "-device", "cpu"], nnunet_env(work, GITSEG_NNUNET_EPOCHS=1,
                                                                               GITSEG_NNUNET_ITERATIONS=iterations),
                   logfile)
     shutil.rmtree(work / "results" / name)  # the calibration's model is not used
-    epochs = max(1, int((budget_s - times["preprocess_s"]) / (2 * calib)))
-    log(f"bench: nnU-Net calibration: one epoch of {iterations} iterations (with its start-up) {calib:.0f} s; "
-        f"{epochs} epoch(s) per fold fit {budget_s:.0f} s")
+    plans, batch, epochs, epoch_s, overhead_s = fit_budget(
+        work / "preprocessed" / name, logfile.read_text()[len(before):], calib, budget_s - times["preprocess_s"])
+    log(f"bench: nnU-Net calibration: {calib:.0f} s for one epoch of {iterations} iterations ({epoch_s:.0f} s) with "
+        f"its start-up and final validation; {plans} (2d batch {batch}), {epochs} epoch(s) per fold for "
+        f"{budget_s:.0f} s")
     env = nnunet_env(work, GITSEG_NNUNET_EPOCHS=epochs, GITSEG_NNUNET_ITERATIONS=iterations)
-    times["train_s"] = sum(timed([*train, str(f), "-tr", TRAINER, "-device", "cpu", "--npz"], env, logfile)
-                           for f in (0, 1))
+    times["train_s"] = sum(timed([*train, str(f), "-tr", TRAINER, "-p", plans, "-device", "cpu", "--npz"], env,
+                                 logfile) for f in (0, 1))
     times["find_best_s"] = timed([peer("nnUNetv2_find_best_configuration"), str(DATASET_ID), "-c", "2d",
-                                  "-tr", TRAINER, "-f", "0", "1"], env, logfile)
-    crossval = next((work / "results" / name).glob(f"{TRAINER}__*__2d/crossval_results_folds_0_1"), None) or next(
-        (work / "results" / name).glob("**/crossval_results_folds_0_1"))
+                                  "-tr", TRAINER, "-p", plans, "-f", "0", "1"], env, logfile)
+    crossval = work / "results" / name / f"{TRAINER}__{plans}__2d" / "crossval_results_folds_0_1"
     pred, post = work / "pred", work / "pred_pp"
     times["predict_s"] = timed([peer("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
-                                str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-f", "0", "1", "-device", "cpu"],
+                                str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-p", plans, "-f", "0", "1",
+                                "-device", "cpu"],
                                env, logfile)
     times["postprocess_s"] = timed([peer("nnUNetv2_apply_postprocessing"), "-i", str(pred), "-o", str(post),
                                     "-pp_pkl_file", str(crossval / "postprocessing.pkl"), "-np", "2",
@@ -141,7 +174,8 @@ def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -
     timed([peer("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(post), "-djfile", str(raw / "dataset.json"),
            "-pfile", str(crossval / "plans.json"), "-o", str(summary), "-np", "2"], env, logfile)
     own = json.loads(summary.read_text())
-    return {"times": times, "calibration_epoch_s": calib, "epochs": epochs, "iterations": iterations,
+    return {"times": times, "calibration_epoch_s": calib, "epoch_s": epoch_s, "overhead_s": overhead_s,
+            "plans": plans, "batch_size": batch, "epochs": epochs, "iterations": iterations,
             "pred": str(pred), "pred_pp": str(post), "own_dice": {k: v.get("Dice") for k, v in own["mean"].items()},
             "own_foreground_dice": own.get("foreground_mean", {}).get("Dice")}
 
