@@ -36,7 +36,7 @@ from ensemble.model import EnsembleModel
 from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
-from gitseg.data.geometry import Reorientation, axis_codes, plane_problem, spacing_of
+from gitseg.data.geometry import axis_codes, nifti_reorientation, spacing_of
 from gitseg.data.nifti import COLOURS, SLICER_TABLE, TG263, label_volume, read_volume, write_label_table, write_volume
 from gitseg.data.rtstruct import roi_names, structure_masks
 from gitseg.data.uwmgi import CLASSES
@@ -222,17 +222,6 @@ def rtstruct_masks(path, series: Series) -> np.ndarray:
 # The command
 
 
-def axial_reorientation(affine, shape) -> Reorientation | None:
-    """How to bring a NIfTI volume with this affine to the axial display (its axis order is only how it
-    is stored); None for an oblique volume (the input checks then refuse it, or `--force` predicts it
-    as it is)."""
-    try:
-        reorient = Reorientation(affine, shape)
-    except ValueError:
-        return None
-    return None if plane_problem(reorient.affine) else reorient
-
-
 def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, force: bool = False,
                    log=say, model: EnsembleModel | None = None, labels_name: str = "labels.nii.gz",
                    timings_name: str | None = "timings.json") -> dict:
@@ -264,9 +253,11 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
         source = f"{nifti_in} ({image.shape[0]} slices)"
         # NIfTI volumes are stored in any axis order: brought to the axial display by their affine (as
         # prepare does for NIfTI training data), and the labels go back to the file's own grid.
-        reorient = axial_reorientation(affine, image.shape)
-        if reorient is not None:
+        try:
+            reorient = nifti_reorientation(affine, image.shape)
             image, affine = reorient.forward(image), reorient.affine
+        except ValueError:  # oblique: the input checks refuse it, or --force predicts it as it is
+            reorient = None
     read_s = time.perf_counter() - start
     spacing = spacing_of(affine)
     warnings = refuse_or_warn(scan_problems(image.shape, spacing, model.members, training, affine), name, force, log)

@@ -143,3 +143,14 @@ class Reorientation:
             array = np.flip(array, tuple(lead + a for a in self._flip_axes))
         inverse = tuple(int(i) for i in np.argsort(self._axes))
         return np.ascontiguousarray(np.transpose(array, (*range(lead), *(lead + a for a in inverse))))
+
+
+def nifti_reorientation(affine_lps, shape) -> Reorientation:
+    """How to bring a NIfTI volume to the axial display: its axis order is only how it is stored, so any
+    order will do; ValueError for an oblique volume, whose axes lie more than MAX_TILT_DEGREES off the
+    patient's. (A DICOM series' rows and columns are its acquisition plane: read_series keeps them.)"""
+    reorient = Reorientation(affine_lps, shape)
+    plane = plane_problem(reorient.affine)
+    if plane:
+        raise ValueError(f"brought to axial order, {plane}; gitseg's models read axial slices")
+    return reorient

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gitseg.data.geometry import Reorientation, plane_problem, spacing_of
+from gitseg.data.geometry import Reorientation, nifti_reorientation, spacing_of
 from gitseg.data.nifti import read_volume
 from gitseg.data.uwmgi import CASE_DAY, CLASSES, DataFormatError, Volume, case_day_name
 
@@ -213,16 +213,11 @@ def index_nnunet(root, labels: str | None = None, case_pattern: str | None = Non
 
 
 def standard_volume(image: np.ndarray, affine: np.ndarray, where: str) -> tuple[np.ndarray, Reorientation]:
-    """The volume in the standard axial display, and how to undo it. A NIfTI volume's axis order is only
-    how it is stored: any order comes to axial slices, unless its axes lie more than
-    MAX_TILT_DEGREES off the patient's (an oblique volume), which is refused."""
+    """The volume in the standard axial display, and how to undo it (geometry.nifti_reorientation)."""
     try:
-        reorient = Reorientation(affine, image.shape)
+        reorient = nifti_reorientation(affine, image.shape)
     except ValueError as exc:
         raise DataFormatError(f"{where}: {exc}") from None
-    plane = plane_problem(reorient.affine)
-    if plane:
-        raise DataFormatError(f"{where}: brought to axial order, {plane}; gitseg trains on axial slices")
     return reorient.forward(image), reorient
 
 
