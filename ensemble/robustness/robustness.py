@@ -14,6 +14,7 @@ group, a stand-in for scanners) and figures/robustness.png (score against severi
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ from ensemble.selection.evaluate import paired_gain, scores_from_rows
 from gitseg import records
 from gitseg.data.artefacts import ARTEFACTS, SEVERITIES, check_names, corrupt
 from gitseg.data.cache import NORM_PERCENTILE, Cache
-from gitseg.data.sources import source_volume
-from gitseg.data.uwmgi import CLASSES, index_root, volume_from_rows
+from gitseg.data.sources import source_volumes
+from gitseg.data.uwmgi import CLASSES
 from gitseg.files import staged_folder, write_text_atomic
 from gitseg.metrics import ScoreSums
 from gitseg.progress import bar, say
@@ -63,27 +64,16 @@ def run_robustness(ensemble_dir, cache_dir=None, out=None, corruptions=CORRUPTIO
     if not holdout:
         raise ValueError(f"the cache {cache.root} has no holdout case-days; prepare it with --holdout > 0")
     root = Path(data_root or cache.manifest["source"])
-    if any("origin" in cache.entries[cd] for cd in holdout):  # an nnU-Net or DICOM source: its files
-        at_root = {**cache.manifest, "source": str(root)}
-
-        def scan_of(case_day):
-            return source_volume(at_root, cache.entries[case_day])[0]
-    else:
-        slices, problems = index_root(root, "train", case_days=holdout)
-        missing = sorted(set(holdout) - set(slices["case_day"]))
-        if missing or problems:
-            raise FileNotFoundError(f"the raw scans of the holdout are not readable in {root} "
-                                    f"({(problems or missing)[0]}); pass --data with the UWMGI root the cache was "
-                                    f"prepared from")
-
-        def scan_of(case_day):
-            return volume_from_rows(slices[slices["case_day"] == case_day]).image
+    try:
+        scans = source_volumes({**cache.manifest, "source": str(root)}, [cache.entries[cd] for cd in holdout])
+        first = next(scans)  # the source is checked here, before any prediction
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; pass --data with the data set the cache was prepared from") from None
     variants = [(CLEAN, 0)] + [(c, s) for c in corruptions for s in severities]
     rows: dict[tuple, list] = {v: [] for v in variants}
     progress = bar(len(holdout) * len(variants), "robustness", unit="volume")
-    for i, case_day in enumerate(holdout):
-        entry = cache.entries[case_day]
-        image = scan_of(case_day)
+    for i, (entry, image, _) in enumerate(itertools.chain([first], scans)):
+        case_day = entry["case_day"]
         gt = cache.original_masks(case_day)
         for name, severity in variants:
             scan = image if name == CLEAN else corrupt(image, entry["spacing"], name, severity, seed + 1000 * i,

@@ -19,7 +19,7 @@ import numpy as np
 from gitseg.data.cache import Cache
 from gitseg.data.nifti import write_volume
 from gitseg.data.nnunet import CHANNEL, DATASET_JSON, OVERLAP_CHOICES, SPLITS, dataset_labels, encode_labels
-from gitseg.data.sources import source_volume
+from gitseg.data.sources import source_volumes
 from gitseg.data.uwmgi import CLASSES, DataFormatError
 from gitseg.files import staged_folder, write_text_atomic
 
@@ -44,8 +44,7 @@ def export_nnunet(cache_dir, out, overlap: str = "regions", name: str = "gitseg"
     with staged_folder(out) as stage:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (stage / sub).mkdir()
-        for i, e in enumerate(entries):
-            image, affine = source_volume(cache.manifest, e)
+        for i, (e, image, affine) in enumerate(source_volumes(cache.manifest, entries)):
             masks = cache.original_masks(e["case_day"])
             if masks.shape[1:] != image.shape:
                 raise DataFormatError(f"{e['case_day']}: the source scan is {image.shape}, the cache's masks "

@@ -30,7 +30,6 @@ from gitseg.data.uwmgi import (
     DataFormatError,
     Volume,
     index_root,
-    load_volume,
     parse_case_day,
     problems_by_case_day,
     volume_from_rows,
@@ -130,19 +129,32 @@ def job_key(job: Job, settings) -> str:
     return digest.hexdigest()
 
 
-def source_volume(manifest: dict, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The scan of a cache entry as read from its source, in the standard display: `(D, H, W)` and its
-    LPS affine (the Kaggle tree's spacing as geometry.axial_affine gives it)."""
-    origin = entry.get("origin")
+def source_volumes(manifest: dict, entries: list[dict]):
+    """Each entry's scan as read from its source, in the standard display: yields (entry, `(D, H, W)`
+    image, its LPS affine; for the Kaggle tree, its spacing as geometry.axial_affine gives it). One
+    at a time; the Kaggle tree is indexed once for all of them. A scan the source no longer holds is
+    a FileNotFoundError naming it."""
     root = Path(manifest["source"])
-    if origin is None:
-        volume = load_volume(root, entry["case_day"], split="train")
-        return volume.image, axial_affine(volume.spacing)
-    if origin["format"] == "nnunet":
-        volume, extra = load_nnunet_case(str(root / origin["image"]), str(root / origin["label"]),
-                                         [tuple(v) for v in origin["values"]])
-    elif origin["format"] == "dicom":
-        volume, extra = load_dicom_case(str(root), origin)
-    else:
-        raise DataFormatError(f"{entry['case_day']}: unknown source format {origin['format']!r}")
-    return volume.image, np.asarray(extra["affine"])
+    kaggle = {e["case_day"] for e in entries if e.get("origin") is None}
+    slices = None
+    if kaggle:
+        slices, problems = index_root(root, "train", case_days=kaggle)
+        missing = sorted(kaggle - set(slices["case_day"]))
+        if missing or problems:
+            raise FileNotFoundError(f"the scans of {len(missing) or len(problems)} case-day(s) are not readable in "
+                                    f"{root} ({(problems or missing)[0]}); is it the data set the cache was prepared "
+                                    f"from?")
+    for entry in entries:
+        origin = entry.get("origin")
+        if origin is None:
+            volume = volume_from_rows(slices[slices["case_day"] == entry["case_day"]])
+            yield entry, volume.image, axial_affine(volume.spacing)
+            continue
+        if origin["format"] == "nnunet":
+            volume, extra = load_nnunet_case(str(root / origin["image"]), str(root / origin["label"]),
+                                             [tuple(v) for v in origin["values"]])
+        elif origin["format"] == "dicom":
+            volume, extra = load_dicom_case(str(root), origin)
+        else:
+            raise DataFormatError(f"{entry['case_day']}: unknown source format {origin['format']!r}")
+        yield entry, volume.image, np.asarray(extra["affine"])
