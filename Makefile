@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-faults test-sources peer peer-check bench rehearsal clean
+.PHONY: demo test test-faults test-sources peer peer-check bench-nnunet bench rehearsal clean
 
 # rt-utils writes the foreign RT Structure Sets of tests/test_sources.py; it is installed without its
 # dependencies: it asks for opencv-python, which would shadow the opencv-python-headless gitseg uses.
@@ -23,6 +23,12 @@ $(PEER)/.installed-stamp:
 	touch $@
 
 peer: $(PEER)/.installed-stamp
+
+# The head to head with nnU-Net (issue 34; BENCHMARKS.md): hours on 2 cores. `make bench-nnunet EPOCHS=3`
+# measures one point; points already in runs/bench_nnunet/bench_nnunet.json stay.
+EPOCHS ?= 3 9 30
+bench-nnunet: $(STAMP) $(PEER)/.installed-stamp
+	$(VENV)/bin/python benchmarks/bench_nnunet.py --out runs/bench_nnunet --epochs $(EPOCHS)
 
 peer-check: $(STAMP) $(PEER)/.installed-stamp
 	$(VENV)/bin/python -m pytest tests/test_sources.py -k nnunet -ra

@@ -1,7 +1,7 @@
 """gitseg against nnU-Net on the same data, split, metric and compute (issue 34).
 
-    make peer                                   # nnU-Net in its own environment, .venv-peer
-    python benchmarks/bench_nnunet.py --out runs/bench_nnunet --epochs 3 9 30
+    make bench-nnunet                  # .venv, nnU-Net in its own .venv-peer, then --epochs 3 9 30
+    make bench-nnunet EPOCHS=9         # one point; the points already measured in the folder stay
 
 For each gitseg budget (`--epochs E`: `gitseg demo`'s pipeline, `run_demo`, with E epochs per trial
 on the data below), in one session on one machine, nothing else running:
@@ -201,8 +201,13 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}; native bf16: {cpu_has_native_bf16()}"
     print(f"commit {commit}; {machine}")
     out = Path(args.out)
-    results = []
+    # Points already measured (in this folder, by an earlier session) stay unless this run measures them again:
+    # each point compares both systems within one session; a curve may join points of several sessions, and
+    # every point names its commit, machine and date.
+    record = out / "bench_nnunet.json"
+    results = json.loads(record.read_text()) if record.is_file() else []
     for epochs in args.epochs:
+        results = [r for r in results if r["epochs"] != epochs]
         point = out / f"e{epochs}"
         start = time.perf_counter()
         headline = run_demo(out=point / "gitseg", epochs=epochs, holdout=args.holdout,
@@ -220,11 +225,12 @@ def main() -> None:
             "ensemble + TTA + tuned post-processing" in rows) else rows["ensemble, no TTA + tuned post-processing"]
         gain = paired_gain(ensemble_rows, nn_rows)
         result = {"epochs": epochs, "gitseg_s": gitseg_s, "nnunet": peer_run, "commit": commit, "machine": machine,
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "holdout_case_days": len(cache.case_days(holdout=True)),
                   "gitseg": tuned, "nnunet_scores": nn, "nnunet_no_postprocessing": nn_raw,
                   "ensemble_minus_nnunet": {"gain": gain.gain, "ci95": list(gain.ci95)}}
-        results.append(result)
-        (out / "bench_nnunet.json").write_text(json.dumps(results, indent=1))
+        results = sorted([*results, result], key=lambda r: r["epochs"])
+        record.write_text(json.dumps(results, indent=1))
         print(f"\nbudget {gitseg_s / 60:.1f} min (gitseg {epochs} epochs; nnU-Net {peer_run['epochs']} epochs of "
               f"{args.iterations} iterations, whole run {peer_run['times']['whole_run_s'] / 60:.1f} min):")
         for variant, score in tuned.items():
