@@ -25,10 +25,10 @@ $(PEER)/.installed-stamp:
 peer: $(PEER)/.installed-stamp
 
 # The head to head with nnU-Net (issue 34; BENCHMARKS.md): hours on 2 cores. `make bench-nnunet EPOCHS=3`
-# measures one point; points already in runs/bench_nnunet/bench_nnunet.json stay.
+# measures one point; points already in runs/bench_nnunet/bench_nnunet.json stay; ARGS=... passes options on.
 EPOCHS ?= 3 9 30
 bench-nnunet: $(STAMP) $(PEER)/.installed-stamp
-	$(VENV)/bin/python benchmarks/bench_nnunet.py --out runs/bench_nnunet --epochs $(EPOCHS)
+	$(VENV)/bin/python benchmarks/bench_nnunet.py --out runs/bench_nnunet --epochs $(EPOCHS) $(ARGS)
 
 peer-check: $(STAMP) $(PEER)/.installed-stamp
 	$(VENV)/bin/python -m pytest tests/test_sources.py -k nnunet -ra

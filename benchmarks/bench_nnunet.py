@@ -100,19 +100,24 @@ def nnunet_env(work: Path, **extra) -> dict:
     return env
 
 
-def fit_budget(preprocessed: Path, calibration_log: str, calib_s: float, budget_s: float):
-    """(plans name, 2d batch size, epochs per fold, seconds per epoch, seconds of a run's start-up and
-    final validation) so that both folds fit `budget_s`. The epoch's own time is the "Epoch time" nnU-Net
-    logs; the rest of the calibration run is the per-fold overhead. With fewer than 3 epochs at the
-    planned batch, a plans variant: the planned plans with the largest 2d batch that fits 3 epochs
-    (an epoch's time taken as proportional to the batch), the same preprocessed data."""
+CALIBRATION_ITERATIONS = 5  # one epoch of this many iterations measures a step; a full epoch can take half an hour
+
+
+def fit_budget(preprocessed: Path, calibration_log: str, calib_s: float, budget_s: float, iterations: int):
+    """(plans name, 2d batch size, epochs per fold, seconds per epoch of `iterations`, seconds of a run's
+    start-up and final validation) so that both folds fit `budget_s`. The calibration run trains one
+    epoch of CALIBRATION_ITERATIONS iterations (and a fifth as many validation iterations, as every
+    epoch here): the "Epoch time" nnU-Net logs for it, scaled to `iterations`, is an epoch's time;
+    the rest of the run is the per-fold overhead. With fewer than 3 epochs at the planned batch, a
+    plans variant: the planned plans with the largest 2d batch that fits 3 epochs (an epoch's time
+    taken as proportional to the batch), the same preprocessed data."""
     import re
 
     times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", calibration_log)]
     if not times:
         sys.exit("the calibration run logged no epoch time; see nnunet.log")
-    epoch_s = times[-1]
-    overhead_s = max(0.0, calib_s - epoch_s)
+    overhead_s = max(0.0, calib_s - times[-1])
+    epoch_s = times[-1] * iterations / CALIBRATION_ITERATIONS
     per_fold = budget_s / 2 - overhead_s
     planned = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     batch0 = int(planned["configurations"]["2d"]["batch_size"])
@@ -145,15 +150,15 @@ def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -
     shutil.copy2(raw / "splits_final.json", work / "preprocessed" / name / "splits_final.json")
     train = [peer("nnUNetv2_train"), str(DATASET_ID), "2d"]
     before = logfile.read_text()
-    calib = timed([*train, "0", "-tr", TRAINER, "-device", "cpu"], nnunet_env(work, GITSEG_NNUNET_EPOCHS=1,
-                                                                              GITSEG_NNUNET_ITERATIONS=iterations),
-                  logfile)
+    calib = timed([*train, "0", "-tr", TRAINER, "-device", "cpu"],
+                  nnunet_env(work, GITSEG_NNUNET_EPOCHS=1, GITSEG_NNUNET_ITERATIONS=CALIBRATION_ITERATIONS), logfile)
     shutil.rmtree(work / "results" / name)  # the calibration's model is not used
     plans, batch, epochs, epoch_s, overhead_s = fit_budget(
-        work / "preprocessed" / name, logfile.read_text()[len(before):], calib, budget_s - times["preprocess_s"])
-    log(f"bench: nnU-Net calibration: {calib:.0f} s for one epoch of {iterations} iterations ({epoch_s:.0f} s) with "
-        f"its start-up and final validation; {plans} (2d batch {batch}), {epochs} epoch(s) per fold for "
-        f"{budget_s:.0f} s")
+        work / "preprocessed" / name, logfile.read_text()[len(before):], calib, budget_s - times["preprocess_s"],
+        iterations)
+    log(f"bench: nnU-Net calibration: {calib:.0f} s for one epoch of {CALIBRATION_ITERATIONS} iterations with its "
+        f"start-up and final validation ({overhead_s:.0f} s); an epoch of {iterations} iterations {epoch_s:.0f} s at "
+        f"the planned batch; {plans} (2d batch {batch}), {epochs} epoch(s) per fold for {budget_s:.0f} s")
     env = nnunet_env(work, GITSEG_NNUNET_EPOCHS=epochs, GITSEG_NNUNET_ITERATIONS=iterations)
     times["train_s"] = sum(timed([*train, str(f), "-tr", TRAINER, "-p", plans, "-device", "cpu", "--npz"], env,
                                  logfile) for f in (0, 1))
@@ -180,6 +185,41 @@ def run_nnunet(cache: Path, work: Path, budget_s: float, iterations: int, log) -
             "own_foreground_dice": own.get("foreground_mean", {}).get("Dice")}
 
 
+CURVES = (("gitseg", "ensemble + TTA + tuned post-processing", "gitseg tuned ensemble"),
+          ("gitseg", "best single configuration + TTA + tuned post-processing", "gitseg best configuration"),
+          ("gitseg", "best single fold model + TTA + tuned post-processing", "gitseg best fold model"),
+          ("nnunet", "score", "nnU-Net fold ensemble + its post-processing"))
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Holdout score against each system's own wall time (gitseg's whole run; nnU-Net's preprocessing,
+    training and configuration selection), one point per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for system, key, label in CURVES:
+        if system == "gitseg":
+            points = [(r["gitseg_s"], r["gitseg"].get(key)) for r in results]
+        else:
+            points = [(r["nnunet"]["times"]["whole_run_s"], r["nnunet_scores"][key]) for r in results]
+        points = [(t / 60, y) for t, y in points if y is not None]
+        if not points:
+            continue
+        ax.plot(*zip(*points), marker="o", ls="-" if system == "nnunet" or "ensemble" in key else ":", label=label)
+    for r in results:
+        ax.annotate(f"{r['epochs']} ep.", (r["gitseg_s"] / 60, r["gitseg"].get(CURVES[0][1], 0)), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="wall time of the whole run (min, this machine)", ylabel="holdout score (competition metric)",
+           title="gitseg against nnU-Net at equal compute")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     from ensemble.selection.evaluate import paired_gain, score_label_volumes
     from gitseg.data.cache import Cache
@@ -195,7 +235,14 @@ def main() -> None:
                              "the real data; gitseg's cache stays at the demo's 64 px)")
     parser.add_argument("--holdout", type=float, default=0.375, help="share of the cases held out (6 of 16)")
     parser.add_argument("--iterations", type=int, default=50, help="nnU-Net iterations per epoch (its default 250)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the curve from <out>/bench_nnunet.json")
+    parser.add_argument("--reuse-gitseg", action="store_true",
+                        help="where a point's gitseg arm finished (its demo.json), keep it and run nnU-Net's arm only "
+                             "(for a peer run that stopped; both arms still in one session)")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((Path(args.out) / "bench_nnunet.json").read_text()), Path(args.out) / "bench_nnunet.png")
+        return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     machine = f"{platform.processor() or platform.machine()}; native bf16: {cpu_has_native_bf16()}"
@@ -209,10 +256,16 @@ def main() -> None:
     for epochs in args.epochs:
         results = [r for r in results if r["epochs"] != epochs]
         point = out / f"e{epochs}"
-        start = time.perf_counter()
-        headline = run_demo(out=point / "gitseg", epochs=epochs, holdout=args.holdout,
-                            data={**DATA, "cases": args.cases, "size": args.size, "anatomy": "realistic"})
-        gitseg_s = time.perf_counter() - start
+        done = next((point / "gitseg" / "search").glob("*/demo.json"), None) if args.reuse_gitseg else None
+        if done is not None:  # this point's gitseg arm, finished earlier in this session: its wall time stands
+            headline = json.loads(done.read_text())
+            gitseg_s = headline["elapsed_s"]
+            print(f"bench: reusing {done} ({gitseg_s / 60:.1f} min)")
+        else:
+            start = time.perf_counter()
+            headline = run_demo(out=point / "gitseg", epochs=epochs, holdout=args.holdout,
+                                data={**DATA, "cases": args.cases, "size": args.size, "anatomy": "realistic"})
+            gitseg_s = time.perf_counter() - start
         run_dir = Path(headline["ensemble"]).parent
         cache = Cache(point / "gitseg" / "cache")
         rows = json.loads((run_dir / "ensemble" / "evaluation.json").read_text())["rows"]
@@ -225,12 +278,13 @@ def main() -> None:
             "ensemble + TTA + tuned post-processing" in rows) else rows["ensemble, no TTA + tuned post-processing"]
         gain = paired_gain(ensemble_rows, nn_rows)
         result = {"epochs": epochs, "gitseg_s": gitseg_s, "nnunet": peer_run, "commit": commit, "machine": machine,
-                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gitseg_reused": done is not None,
                   "holdout_case_days": len(cache.case_days(holdout=True)),
                   "gitseg": tuned, "nnunet_scores": nn, "nnunet_no_postprocessing": nn_raw,
                   "ensemble_minus_nnunet": {"gain": gain.gain, "ci95": list(gain.ci95)}}
         results = sorted([*results, result], key=lambda r: r["epochs"])
         record.write_text(json.dumps(results, indent=1))
+        plot(results, out / "bench_nnunet.png")
         print(f"\nbudget {gitseg_s / 60:.1f} min (gitseg {epochs} epochs; nnU-Net {peer_run['epochs']} epochs of "
               f"{args.iterations} iterations, whole run {peer_run['times']['whole_run_s'] / 60:.1f} min):")
         for variant, score in tuned.items():
