@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from gitseg.data.dataset import window_indices
+from gitseg.data.cache import window_indices, windows_per_forward
 from gitseg.models import split_outputs
 
 # A view and its inverse on (N, C, H, W) tensors. No vertical flip in the default set: anatomy
@@ -149,9 +149,7 @@ def default_batch_size(device: torch.device, size: int = 128) -> int:
     and run slower per slice, smaller ones leave the cores idle between forwards (2 cores, Unet/resnet18
     with flip TTA, ms per slice at batch 4/8/16/32: 64 px 7.0/5.3/4.3/4.6, 128 px 21.0/16.4/17.2/18.5,
     256 px 65/71/71/77)."""
-    if device.type == "cuda":
-        return 32
-    return max(4, min(32, (8 * 128 * 128) // (size * size)))
+    return windows_per_forward(size, gpu=device.type == "cuda")
 
 
 def predict_volume(models, volume: np.ndarray, channels: int, stride: int, out_size=None, tta: str = "hflip",

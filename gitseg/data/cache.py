@@ -70,6 +70,23 @@ def _resize_to_input(stack: np.ndarray, size: int) -> np.ndarray:
     return _resize_stack(stack, (size, size), cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def window_indices(depth: int, channels: int, stride: int) -> np.ndarray:
+    """Slice indices `(depth, channels)` of the 2.5D window around every slice, clamped to the volume (here, not
+    in dataset.py, so that the ONNX runtime reads it without PyTorch)."""
+    if channels < 1 or channels % 2 == 0:
+        raise ValueError(f"2.5D channels must be odd and at least 1 (got {channels}): the window is centred on a slice")
+    if stride < 1:
+        raise ValueError(f"2.5D stride must be at least 1 (got {stride})")
+    offsets = (np.arange(channels) - channels // 2) * stride
+    return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
+
+
+def windows_per_forward(size: int, gpu: bool = False) -> int:
+    """2.5D windows of `size` px per network forward (gitseg.infer.default_batch_size explains the CPU rule;
+    here so that the ONNX runtime shares it without PyTorch)."""
+    return 32 if gpu else max(4, min(32, (8 * 128 * 128) // (size * size)))
+
+
 def preprocess_volume(image: np.ndarray, size: int) -> np.ndarray:
     """uint16 `(D, H, W)` scan → float16 `(D, size, size)` network input."""
     return _resize_to_input(normalise_volume(image), size).astype(np.float16)

@@ -11,17 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gitseg.data.cache import Cache
-
-
-def window_indices(depth: int, channels: int, stride: int) -> np.ndarray:
-    """Slice indices `(depth, channels)` of the 2.5D window around every slice, clamped to the volume."""
-    if channels < 1 or channels % 2 == 0:
-        raise ValueError(f"2.5D channels must be odd and at least 1 (got {channels}): the window is centred on a slice")
-    if stride < 1:
-        raise ValueError(f"2.5D stride must be at least 1 (got {stride})")
-    offsets = (np.arange(channels) - channels // 2) * stride
-    return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
+from gitseg.data.cache import Cache, window_indices  # noqa: F401 - window_indices: also imported from here
 
 
 class SliceDataset(Dataset):
