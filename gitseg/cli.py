@@ -58,7 +58,7 @@ def add_train_command(sub) -> None:
 def demo_command(args) -> None:
     from gitseg.demo import run_demo
 
-    run_demo(out=args.out, config=args.config, trials=args.trials, epochs=args.epochs)
+    run_demo(out=args.out, config=args.config, trials=args.trials, epochs=args.epochs, overrides=args.set)
 
 
 def add_demo_command(sub) -> None:
@@ -68,6 +68,8 @@ def add_demo_command(sub) -> None:
     p.add_argument("--config", default="configs/search_demo.yaml", help="search config (default %(default)s)")
     p.add_argument("--trials", type=int, default=None, help="search trials (default: configs/search_demo.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a search config key, e.g. tracking.mlflow=true (repeatable)")
     add_verbose(p)
     p.set_defaults(func=demo_command, log=lambda args: log_in(args.out, "demo"))
 

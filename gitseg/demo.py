@@ -25,10 +25,10 @@ FOLDS = 2
 
 def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | None = None,
              epochs: int | None = None, data: dict | None = None, folds: int | None = None, topk: int = 2,
-             holdout: float | None = None, log=say) -> dict:
+             holdout: float | None = None, overrides: list[str] | None = None, log=say) -> dict:
     """Run every stage into `out`; returns the headline numbers. `trials`, `epochs`, `data`, `folds` and
     `holdout` (the share of cases held out) change its size (the test suite runs a small one, a
-    benchmark a larger holdout), `config` is the search config."""
+    benchmark a larger holdout), `config` is the search config and `overrides` its `key=value` changes."""
     # The stages are imported here, as in gitseg.cli: the core never imports them at module level.
     from ensemble.report.report import build_report
     from ensemble.selection.build import build_ensemble
@@ -51,7 +51,7 @@ def run_demo(out="runs/demo", config="configs/search_demo.yaml", trials: int | N
     split = {"holdout": holdout} if holdout is not None else {}
     stage("prepare", lambda: prepare(out / "data", out / "cache", size=CACHE_SIZE, folds=folds or FOLDS, log=log,
                                      **split))
-    settings = load_search_config(config)
+    settings = load_search_config(config, overrides)
     settings.storage_path = str(out / "search")
     settings.set = [*settings.set, f"data.cache={out / 'cache'}", f"out={out / 'train'}"]
     if epochs:

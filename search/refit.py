@@ -15,13 +15,16 @@ from search.leaderboard import error_line
 from search.progress import tune_progress
 from search.settings import SearchConfig
 from search.storage import experiment_root, filesystem, write_text
+from search.tracking import trial_logger
 from search.trial import refit_trial
 
 REFIT_EXPERIMENT = "refit"
 
 
-def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: Cache, log=say) -> list[RefitModel]:
-    """Refit (or resume refitting) the top `settings.refit.topk` rows on every fold; writes refit.json."""
+def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: Cache, log=say,
+              tracker=None) -> list[RefitModel]:
+    """Refit (or resume refitting) the top `settings.refit.topk` rows on every fold; writes refit.json.
+    `tracker` (search/tracking.py): each refit run logged as a child of the search's MLflow run."""
     ok = [r for r in rows if r.status != "failed" and not math.isnan(r.best_score)]
     if settings.refit.select == "pareto":  # the score-latency front, best score first (rows are sorted)
         ok = [r for r in ok if r.pareto]
@@ -40,7 +43,8 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
     which = "the score-latency front's" if settings.refit.select == "pareto" else "the top"
     log(f"search: refit of {which} {len(top)} configuration(s) on folds {folds}: {len(jobs)} Train runs"
         + (f", {reused} of them continuing the search trial's run on fold {settings.fold}" if reused else ""))
-    refits = train_fold_jobs(settings, jobs, base, root, REFIT_EXPERIMENT, "refit_runs", settings.refit.tta, "refit")
+    refits = train_fold_jobs(settings, jobs, base, root, REFIT_EXPERIMENT, "refit_runs", settings.refit.tta, "refit",
+                             callbacks=[trial_logger(tracker, "refit")] if tracker is not None else [])
     write_text(f"{root}/{REFIT_RECORD}", to_json(RefitRecord(folds=folds, tta=settings.refit.tta, models=refits)))
     failed = [e for e in refits if e.error]
     log(f"search: refit wrote {len(refits) - len(failed)} fold models with out-of-fold probabilities to "
@@ -49,7 +53,7 @@ def run_refit(settings: SearchConfig, rows: list[TrialRow], base: dict, cache: C
 
 
 def train_fold_jobs(settings: SearchConfig, jobs: list[dict], base: dict, root: str, experiment: str, runs: str,
-                    tta: str, label: str) -> list[RefitModel]:
+                    tta: str, label: str, callbacks: list | None = None) -> list[RefitModel]:
     """One Ray Train run per job {rank, trial_id, values, fold, start_from} (the configuration `base`
     with the job's values, on the job's fold), each leaving its best checkpoint and the out-of-fold
     probabilities of its fold with TTA `tta`, as one Tune experiment `<root>/<experiment>` (its Train
@@ -68,7 +72,7 @@ def train_fold_jobs(settings: SearchConfig, jobs: list[dict], base: dict, root: 
             param_space={"job": ray.tune.grid_search(jobs)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(settings)),
             run_config=ray.tune.RunConfig(name=experiment, storage_path=fs_root, storage_filesystem=fs,
-                                          verbose=1, callbacks=[tune_progress(label, len(jobs))]),
+                                          verbose=1, callbacks=[tune_progress(label, len(jobs)), *(callbacks or [])]),
         )
     refits = []
     for result in tuner.fit():

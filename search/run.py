@@ -32,6 +32,7 @@ from search.refit import run_refit
 from search.settings import SearchConfig
 from search.space import DefineByRun, base_values, check_space, encode, max_epochs, parse_space
 from search.storage import experiment_root, filesystem, write_text
+from search.tracking import forget_study, optuna_storage, start_tracker, trial_logger
 from search.trial import LATENCY_METRIC, search_trial
 
 SEARCH_EXPERIMENT = "tune"
@@ -124,17 +125,19 @@ def make_scheduler(settings: SearchConfig, epochs: int):
                          reduction_factor=settings.asha.reduction_factor, brackets=settings.asha.brackets)
 
 
-def make_searcher(settings: SearchConfig, params, points: list[dict]):
+def make_searcher(settings: SearchConfig, params, points: list[dict], storage=None):
     """Optuna's TPE through Ray Tune: single-objective (the score), or with `objectives: [score,
     latency]` multi-objective, told each finished trial's last score and its latency. ASHA, the
-    scheduler, ranks trials by the score alone either way."""
+    scheduler, ranks trials by the score alone either way. `storage`: an Optuna RDB storage holding
+    the study under the search's name (None: in memory)."""
     from ray.tune.search.optuna import OptunaSearch  # heavy: Ray's Optuna bridge
 
+    study = {"storage": storage, "study_name": settings.name} if storage is not None else {}
     if LATENCY in settings.objectives:
         return OptunaSearch(space=DefineByRun(params), metric=[settings.metric, LATENCY_METRIC], mode=["max", "min"],
-                            points_to_evaluate=points, seed=settings.seed)
+                            points_to_evaluate=points, seed=settings.seed, **study)
     return OptunaSearch(space=DefineByRun(params), metric=settings.metric, mode="max", points_to_evaluate=points,
-                        seed=settings.seed)
+                        seed=settings.seed, **study)
 
 
 def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache: Cache, log,
@@ -147,14 +150,27 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
                    workers=settings.workers, max_failures=settings.max_failures, latency_tta=latency_tta)
     fs, fs_root = filesystem(root)
     experiment = f"{fs_root}/{SEARCH_EXPERIMENT}"
-    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+    resume = ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+    tracker = start_tracker(settings, root, resume, log)
+    storage, url = optuna_storage(settings, root)
+    if url:
+        log(f"search: Optuna study {settings.name!r} in {url} (follow it with `optuna-dashboard {url}`)")
+    elif settings.tracking.optuna_storage == "sqlite":
+        log("search: the Optuna study stays in this driver's memory (no local folder for SQLite on an object "
+            "store; set tracking.optuna_storage to a database URL to keep it)")
+    if resume:
+        # Tune restores the searcher (its study in the same database) and the callbacks it started with.
         log(f"search: resuming {root}/{SEARCH_EXPERIMENT} (finished trials are kept, unfinished ones continue)")
         tuner = ray.tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=fs)
     else:
+        if storage is not None:
+            forget_study(storage, settings.name)
+        if tracker is not None:
+            callbacks = [*callbacks, trial_logger(tracker, "trial", params)]
         epochs = max_epochs(params, base)
         scheduler = make_scheduler(settings, epochs)
-        searcher, stopper = budget_objects(settings, epochs, make_searcher(settings, params, points))
+        searcher, stopper = budget_objects(settings, epochs, make_searcher(settings, params, points, storage))
         tuner = ray.tune.Tuner(
             fn,
             tune_config=ray.tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,
@@ -175,6 +191,10 @@ def _search_and_refit(settings: SearchConfig, base: dict, params, points, cache:
     spent = compute(settings, rows)
     limit = f" of a budget of {spent['budget_trial_epochs']}" if spent["budget_trial_epochs"] else ""
     log(f"search: leaderboard in {root}/leaderboard.csv; {spent['trial_epochs']} trial-epochs spent{limit}")
+    if tracker is not None:
+        tracker.finish_search(root, rows)
     if settings.refit.topk > 0:
-        run_refit(settings, rows, base, cache, log)
+        run_refit(settings, rows, base, cache, log, tracker)
+    if tracker is not None:
+        tracker.end()
     return rows

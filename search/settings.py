@@ -48,6 +48,19 @@ class RefitConfig:
 
 
 @dataclasses.dataclass
+class TrackingConfig:
+    # MLflow: the search as a parent run, one child run per trial and per refit run (parameters, every
+    # epoch's metrics, the checkpoint), the ensemble's and the report's figures (search/tracking.py)
+    mlflow: bool = False
+    mlflow_uri: str | None = None   # None: sqlite:///<search folder>/mlflow.db; or a server's http://host:5000
+    experiment: str | None = None   # the MLflow experiment (None: the search's name)
+    # Optuna's study (the sampler's trials, what optuna-dashboard shows): "sqlite" keeps it in
+    # <search folder>/optuna.db (an in-memory study for a search on an object store), "memory" in the
+    # driver only, or any Optuna RDB URL (postgresql://... on a cluster)
+    optuna_storage: str = "sqlite"
+
+
+@dataclasses.dataclass
 class SearchConfig:
     name: str = "search"                      # experiment name: the folder under storage_path
     base: str = "configs/demo.yaml"           # experiment config every trial starts from
@@ -67,6 +80,7 @@ class SearchConfig:
     asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
     refit: RefitConfig = dataclasses.field(default_factory=RefitConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     points: list[dict] = dataclasses.field(default_factory=list)  # extra configurations evaluated first
     space: dict = dataclasses.field(default_factory=dict)
 
@@ -94,4 +108,7 @@ def load_search_config(path, overrides: list[str] | None = None) -> SearchConfig
         raise ConfigError(f"refit.select must be topk or pareto (got {cfg.refit.select!r})")
     if cfg.refit.select == "pareto" and "latency" not in cfg.objectives:
         raise ConfigError("refit.select: pareto needs objectives: [score, latency] (a front of score and latency)")
+    if cfg.tracking.optuna_storage not in ("sqlite", "memory") and "://" not in cfg.tracking.optuna_storage:
+        raise ConfigError(f"tracking.optuna_storage must be sqlite, memory or a database URL such as "
+                          f"postgresql://user@host/db (got {cfg.tracking.optuna_storage!r})")
     return cfg

@@ -120,7 +120,8 @@ def small_demo(tmp_path_factory):
                            points=[{"train.lr": 1e30}, {"train.lr": 1e-7}], objectives=["score", "latency"],
                            num_cpus=5, max_concurrent_trials=2,
                            refit={"topk": 1, "select": "pareto"},
-                           budget={"trial_epochs": 100})  # not binding: the Tune objects run, nothing stops
+                           budget={"trial_epochs": 100},  # not binding: the Tune objects run, nothing stops
+                           tracking={"mlflow": True})  # tests/test_tracking.py reads the MLflow store
     out = tmp / "demo"
     subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV)
     done = subprocess.run([sys.executable, "-c", DEMO_SCRIPT.format(out=str(out), config=str(config))], env=ENV,

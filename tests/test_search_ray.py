@@ -282,7 +282,7 @@ def test_killed_driver_resumes_and_a_job_on_a_head_node_finishes_it(train_cache,
     # from, whichever Ray instance runs the driver).
     config = write_configs(tmp_path, train_cache, "resume", epochs=2, num_samples=2,
                            asha={"enabled": False}, space={"train.lr": {"loguniform": [1e-3, 5e-3]}},
-                           refit={"topk": 0})
+                           refit={"topk": 0}, tracking={"mlflow": True})
     root = tmp_path / "storage" / "resume"
     script = tmp_path / "killed_search.py"
     script.write_text(KILLED_SEARCH)
@@ -350,3 +350,20 @@ def test_killed_driver_resumes_and_a_job_on_a_head_node_finishes_it(train_cache,
     trained = [json.loads(line) for line in epoch_lines(root, interrupted)]
     assert [h["epoch"] for h in row.history] == [1, 2]
     assert row.best_score == max(m["score"] for m in trained)
+
+    # The Optuna study and the MLflow runs went on across both kills (search/tracking.py): one study
+    # trial per search trial, both complete; one MLflow run per trial under the one search run, the
+    # interrupted trial's holding each epoch once, as its own metrics.jsonl does.
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    kinds = sorted(r.data.tags["gitseg.kind"] for r in runs)
+    assert kinds == ["search", "trial", "trial"], kinds
+    (run,) = [r for r in runs if r.data.tags.get("gitseg.trial_id") == interrupted]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "score")) == [
+        (m["epoch"] + 1, m["score"]) for m in trained]
+    assert all(r.info.status == "FINISHED" for r in runs)

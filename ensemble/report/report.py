@@ -55,6 +55,7 @@ from gitseg.records import (
     SearchRecord,
 )
 from gitseg.tables import label
+from gitseg.tracking import log_stage
 
 PACKAGES = ("gitseg", "torch", "torchvision", "segmentation-models-pytorch", "ray", "optuna", "numpy", "scipy",
             "albumentations", "nibabel")
@@ -126,6 +127,7 @@ def build_report(run_dir, ensemble_dir=None, out=None, log=say) -> Path:
     with staged_folder(out) as staging:
         _write(run_dir, search, Path(ensemble_dir) if ensemble_dir else None, staging, log)
     log(f"report: {out / 'index.html'}")
+    log_stage(run_dir, "report", {"folder": str(out)}, {}, [out], log)
     return out / "index.html"
 
 

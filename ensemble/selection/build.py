@@ -82,6 +82,7 @@ from gitseg.records import (
     Source,
     Tuned,
 )
+from gitseg.tracking import ensemble_figures, log_stage
 
 METHODS = ("topk", "greedy")
 
@@ -96,7 +97,11 @@ def build_ensemble(run_dir, topk: int = 5, out=None, tta: str | None = None, met
     """
     out = Path(out) if out is not None else Path(run_dir) / "ensemble"
     with folder_lock(out, "gitseg ensemble"):
-        return _build(run_dir, topk, out, tta, method, cache_dir, latency_budget, log)
+        manifest = _build(run_dir, topk, out, tta, method, cache_dir, latency_budget, log)
+    log_stage(run_dir, "ensemble", {"method": method if latency_budget is None else "latency budget", "topk": topk,
+                                    "tta": manifest.tta, "folder": str(out)},
+              ensemble_figures(manifest), [out / ENSEMBLE_MANIFEST, out / "evaluation.json"], log)
+    return manifest
 
 
 def _build(run_dir, topk: int, out: Path, tta: str | None, method: str, cache_dir, latency_budget: float | None,
