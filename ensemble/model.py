@@ -51,6 +51,7 @@ class EnsembleModel:
         self._models: dict[str, torch.nn.Module] = {}
         self.manifest: EnsembleManifest | None = None  # set by `load`
         self._verified: set[str] = set()  # member files whose sha256 `load` checked
+        self.amp = True  # bfloat16 on a CPU that has it, float16 on a GPU (gitseg.infer.autocast); False: float32
 
     @classmethod
     def load(cls, folder, device=None, verify: bool = True) -> "EnsembleModel":
@@ -119,7 +120,8 @@ class EnsembleModel:
                 raise ValueError(f"no input at {size} px for members {[m.file for m in group]}")
             weights = [m.weight for m in group]
             probs, gates = predict_volume_sets([self.network(m) for m in group], inputs[size], channels, stride,
-                                               (tta,), out_size=out_size, weights=weights, device=self.device)
+                                               (tta,), out_size=out_size, weights=weights, device=self.device,
+                                               amp=self.amp)
             p = probs[tta].astype(np.float32) * sum(weights)
             total = p if total is None else total + p
             gate = gates.get(tta)  # None when a member has no gate head: then the ensemble has none

@@ -24,15 +24,16 @@ def predict_command(args) -> int:
         from ensemble.predict.clinical import predict_nifti_folder, predict_series
 
         if args.nifti_in and Path(args.nifti_in).is_dir():
-            result = predict_nifti_folder(args.ensemble, args.nifti_in, args.out, device=args.device, force=args.force)
+            result = predict_nifti_folder(args.ensemble, args.nifti_in, args.out, device=args.device, force=args.force,
+                                          runtime=args.runtime)
             return 1 if result["failed"] else 0
         predict_series(args.ensemble, args.out, dicom=args.dicom, nifti_in=args.nifti_in, device=args.device,
-                       force=args.force)
+                       force=args.force, runtime=args.runtime)
         return 0
     from ensemble.predict.tree import predict_tree
 
     result = predict_tree(args.ensemble, args.data, args.out, nifti=args.nifti, split=args.split,
-                          device=args.device, ray_address=args.ray, force=args.force)
+                          device=args.device, ray_address=args.ray, force=args.force, runtime=args.runtime)
     if result["failed"]:
         error(f"gitseg predict: {len(result['failed'])} case-day(s) failed (listed above); the others are in "
               f"{result['submission']}")
@@ -55,6 +56,9 @@ def add_commands(sub) -> None:
     p.add_argument("--nifti", default=None, help="folder for one NIfTI label volume (+ scan) per case-day")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which tree to read (default test)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"),
+                   help="torch (PyTorch), onnx (ONNX Runtime, for a folder of `gitseg export --onnx`), or auto "
+                        "(the default: onnx for such a folder, else torch)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="spread volumes over a Ray cluster: auto (the running cluster), an address, or local")
     p.add_argument("--force", action="store_true",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.model import EnsembleModel
+from ensemble.deploy.runtime import load_engine
 from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
@@ -223,8 +223,8 @@ def rtstruct_masks(path, series: Series) -> np.ndarray:
 
 
 def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, force: bool = False,
-                   log=say, model: EnsembleModel | None = None, labels_name: str = "labels.nii.gz",
-                   timings_name: str | None = "timings.json") -> dict:
+                   log=say, model=None, labels_name: str = "labels.nii.gz",
+                   timings_name: str | None = "timings.json", runtime: str = "auto") -> dict:
     """Predict one series (`dicom` folder or `nifti_in` file) into `out`; returns the timings in
     seconds (read, models, inference, write), the files written, the input checks' warnings (with
     `force`) and the empty organs, also saved as OUT/timings.json.
@@ -234,7 +234,7 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
     loaded = model is not None
     if not loaded:
         log(f"predict: {RESEARCH_USE}")
-        model = EnsembleModel.load(ensemble_dir, device)  # checked before anything is read
+        model = load_engine(ensemble_dir, device, runtime)  # checked before anything is read
     training = model.manifest.training_data
     out = Path(out)
     start = time.perf_counter()
@@ -304,7 +304,8 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
     return timings
 
 
-def predict_nifti_folder(ensemble_dir, folder, out, device=None, force: bool = False, log=say) -> dict:
+def predict_nifti_folder(ensemble_dir, folder, out, device=None, force: bool = False, log=say,
+                         runtime: str = "auto") -> dict:
     """Predict every NIfTI volume of `folder` (an nnU-Net imagesTs/, say) into OUT/<name>.nii.gz on
     the volume's own grid, as nnU-Net names its predictions (`<CASE>_0000.nii.gz` gives `<CASE>.nii.gz`);
     OUT/predict.json holds each volume's record. A volume the input checks refuse is listed under
@@ -314,7 +315,7 @@ def predict_nifti_folder(ensemble_dir, folder, out, device=None, force: bool = F
     if not files:
         raise FileNotFoundError(f"{folder} holds no NIfTI volume (.nii.gz, .nii)")
     log(f"predict: {RESEARCH_USE}")
-    model = EnsembleModel.load(ensemble_dir, device)
+    model = load_engine(ensemble_dir, device, runtime)
     log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
     model.load_networks()
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.model import EnsembleModel
+from ensemble.deploy.runtime import load_engine
 from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
 from gitseg import RESEARCH_USE
 from gitseg.data.geometry import axial_affine
@@ -25,25 +25,27 @@ from gitseg.progress import bar, say
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
 
 
-def predict_case_day(model: EnsembleModel, image: np.ndarray,
+def predict_case_day(model, image: np.ndarray,
                      with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Masks bool `(3, D, H, W)` and, if asked, the NIfTI label volume of one raw scan."""
+    """Masks bool `(3, D, H, W)` and, if asked, the NIfTI label volume of one raw scan (`model`: an
+    `EnsembleModel` or an `OnnxEnsemble`)."""
     probs, masks = model.predict_scan(image)
     return masks, (label_volume(probs, masks) if with_labels else None)
 
 
 def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", device=None, ray_address=None,
-                 force: bool = False, log=say) -> dict:
+                 force: bool = False, log=say, runtime: str = "auto") -> dict:
     """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]},
     warnings, empty_organs, submission}, also saved as OUT/predict.json.
 
     A case-day unlike the ensemble's training scans (ensemble/predict/input_checks.py) fails with the reason,
     unless `force`: then it is predicted and its warnings are recorded. `ray_address` ("auto" for a
     running cluster, "local" for a local instance) spreads the volumes over the cluster's workers, one
-    GPU each where the cluster has GPUs; None predicts in-process.
+    GPU each where the cluster has GPUs; None predicts in-process. `runtime`: torch, onnx (an export of
+    `gitseg export --onnx`) or auto (onnx for such an export).
     """
     # The ensemble is checked (files, checksums) before anything is read or written.
-    model = EnsembleModel.load(ensemble_dir, device)
+    model = load_engine(ensemble_dir, device, runtime)
     training = model.manifest.training_data
     slices, problems = index_root(data_root, split)
     bad, loose = problems_by_case_day(problems)
@@ -71,7 +73,7 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
                 yield case_day, exc
 
     if ray_address:
-        results = _predict_on_ray(ensemble_dir, volumes(), ray_address, nifti is not None, log)
+        results = _predict_on_ray(ensemble_dir, volumes(), ray_address, nifti is not None, log, runtime)
     else:
         if case_days:
             log(f"predict: loading {len(model.members)} network(s) of {ensemble_dir} ...")
@@ -131,29 +133,28 @@ def _guard(fn, *args):
 # On a Ray cluster: the driver reads the scans (so workers need no access to the data), each
 # worker rebuilds the ensemble once from its files in the object store and predicts whole volumes.
 
-_WORKER_MODELS: dict[str, EnsembleModel] = {}
+_WORKER_MODELS: dict[str, object] = {}
 
 
 def _ensemble_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-            and (p.name == "ensemble.json" or p.parent.name == "models")}
+            and (p.name in ("ensemble.json", "onnx.json") or p.parent.name == "models")}
 
 
-def _worker_predict(files: dict, image: np.ndarray, with_labels: bool):
+def _worker_predict(files: dict, image: np.ndarray, with_labels: bool, runtime: str = "auto"):
     key = hashlib.sha256(files["ensemble.json"]).hexdigest()
     if key not in _WORKER_MODELS:  # once per worker process
         with scratch_folder("ensemble") as folder:
             for rel, data in files.items():
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                 (folder / rel).write_bytes(data)
-            model = EnsembleModel.load(folder)
-            for member in model.members:  # every network in memory, so the files can go
-                model.network(member)
+            model = load_engine(folder, runtime=runtime)
+            model.load_networks()  # every network in memory, so the files can go
         _WORKER_MODELS[key] = model
     return predict_case_day(_WORKER_MODELS[key], image, with_labels)
 
 
-def _predict_on_ray(ensemble_dir, volumes, address: str, with_labels: bool, log):
+def _predict_on_ray(ensemble_dir, volumes, address: str, with_labels: bool, log, runtime: str = "auto"):
     """Yield (case_day, volume, result) in input order, predicting up to 2 volumes per slot at once."""
     import ray  # heavy: only prediction spread over a cluster loads it
 
@@ -176,7 +177,7 @@ def _predict_on_ray(ensemble_dir, volumes, address: str, with_labels: bool, log)
             return case_day, volume, RuntimeError(str(exc).strip().splitlines()[-1])
 
     for case_day, volume in volumes:
-        ref = None if isinstance(volume, Exception) else task.remote(files, volume.image, with_labels)
+        ref = None if isinstance(volume, Exception) else task.remote(files, volume.image, with_labels, runtime)
         pending.append((case_day, volume, ref))
         if len(pending) >= 2 * slots:
             yield result_of(pending.pop(0))

@@ -50,6 +50,16 @@ def prepare_command(args) -> None:
 
 
 def export_command(args) -> None:
+    if (args.onnx is None) == (args.to is None):
+        raise ValueError("give one of --to nnunet --cache CACHE (a data set for nnU-Net) or --onnx ENSEMBLE_DIR "
+                         "(an ensemble for ONNX Runtime)")
+    if args.onnx is not None:
+        from ensemble.deploy.export import export_onnx
+
+        export_onnx(args.onnx, args.out, log=say)
+        return
+    if args.cache is None:
+        raise ValueError("--to nnunet needs --cache (a cache folder of `gitseg prepare`)")
     from gitseg.data.export import export_nnunet
 
     export_nnunet(args.cache, args.out, overlap=args.overlap, name=args.name, overwrite=args.overwrite,
@@ -117,10 +127,13 @@ def add_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.set_defaults(func=prepare_command, log=None)
 
-    p = sub.add_parser("export", help="write a cache's case-days as an nnU-Net raw data set with gitseg's folds")
-    p.add_argument("--to", required=True, choices=("nnunet",), help="the layout to write")
-    p.add_argument("--cache", required=True, help="a cache folder of `gitseg prepare`")
-    p.add_argument("--out", required=True, help="the data set folder to write (e.g. nnUNet_raw/Dataset501_Gitseg)")
+    p = sub.add_parser("export", help="write a cache's case-days as an nnU-Net raw data set with gitseg's folds, or "
+                                      "an ensemble's members as ONNX models")
+    p.add_argument("--to", default=None, choices=("nnunet",), help="the data set layout to write (with --cache)")
+    p.add_argument("--cache", default=None, help="a cache folder of `gitseg prepare`")
+    p.add_argument("--onnx", default=None, metavar="ENSEMBLE_DIR",
+                   help="an ensemble (or distilled student) folder to export for `gitseg predict --runtime onnx`")
+    p.add_argument("--out", required=True, help="the folder to write (e.g. nnUNet_raw/Dataset501_Gitseg)")
     p.add_argument("--overlap", default="regions", choices=("regions", "priority"),
                    help="where organs overlap: regions (the default) keeps every organ's voxels as nnU-Net region "
                         "labels; priority writes one label per voxel and counts what it loses")
