@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / ".venv-peer"
 DATASET_ID = 534
+KEPT = ROOT / "benchmarks" / "records" / "bench_nnunet.json"  # the points of record so far, kept in the repository
 TRAINER = "nnUNetTrainer_gitsegBudget"
 TRAINER_CODE = '''"""Written by gitseg's benchmarks/bench_nnunet.py: nnU-Net's own trainer, its length set by the
 benchmark's budget (GITSEG_NNUNET_EPOCHS, GITSEG_NNUNET_ITERATIONS per epoch); nothing else differs."""
@@ -252,6 +253,9 @@ def main() -> None:
     # each point compares both systems within one session; a curve may join points of several sessions, and
     # every point names its commit, machine and date.
     record = out / "bench_nnunet.json"
+    if not record.is_file() and KEPT.is_file():  # the points of record measured in earlier sessions
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(KEPT, record)
     results = json.loads(record.read_text()) if record.is_file() else []
     for epochs in args.epochs:
         results = [r for r in results if r["epochs"] != epochs]
