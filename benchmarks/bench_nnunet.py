@@ -3,6 +3,9 @@
     make bench-nnunet                  # .venv, nnU-Net in its own .venv-peer, then --epochs 3 9 30
     make bench-nnunet EPOCHS=9         # one point; the points already measured in the folder stay
 
+The points of record so far are kept in benchmarks/records/bench_nnunet.json (copied into a new
+`--out` folder first; copy the folder's file back there after a point of record).
+
 For each gitseg budget (`--epochs E`: `gitseg demo`'s pipeline, `run_demo`, with E epochs per trial
 on the data below), in one session on one machine, nothing else running:
 
