@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ensemble.deploy.runtime import combine_groups
 from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
@@ -111,26 +112,14 @@ class EnsembleModel:
         """
         members = self.members if members is None else members
         tta = self.tta if tta is None else tta
-        groups: dict[tuple, list[Member]] = {}
-        for m in members:
-            groups.setdefault((m.size, m.channels, m.stride), []).append(m)
-        total, gate_total, weight_sum = None, 0.0, 0.0
-        for (size, channels, stride), group in groups.items():
-            if size not in inputs:
-                raise ValueError(f"no input at {size} px for members {[m.file for m in group]}")
-            weights = [m.weight for m in group]
-            probs, gates = predict_volume_sets([self.network(m) for m in group], inputs[size], channels, stride,
-                                               (tta,), out_size=out_size, weights=weights, device=self.device,
-                                               amp=self.amp)
-            p = probs[tta].astype(np.float32) * sum(weights)
-            total = p if total is None else total + p
-            gate = gates.get(tta)  # None when a member has no gate head: then the ensemble has none
-            if gate is None or gate_total is None:
-                gate_total = None
-            else:
-                gate_total = gate_total + gate.astype(np.float32) * sum(weights)
-            weight_sum += sum(weights)
-        return total / weight_sum, None if gate_total is None else gate_total / weight_sum
+
+        def run(group, volume, channels, stride):
+            probs, gates = predict_volume_sets([self.network(m) for m in group], volume, channels, stride, (tta,),
+                                               out_size=out_size, weights=[m.weight for m in group],
+                                               device=self.device, amp=self.amp)
+            return probs[tta], gates.get(tta)  # no gates when a member has no gate head: then the ensemble has none
+
+        return combine_groups(members, inputs, run)
 
     def predict_scan(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`."""

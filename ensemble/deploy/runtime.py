@@ -201,20 +201,8 @@ class OnnxEnsemble:
         tta = self.tta if tta is None else tta
         if tta not in TTA_SETS:
             raise ValueError(f"unknown TTA set {tta!r}; choose one of {', '.join(TTA_SETS)}")
-        groups: dict[tuple, list[Member]] = {}
-        for m in members:
-            groups.setdefault((m.size, m.channels, m.stride), []).append(m)
-        total, gate_total, weight_sum = None, 0.0, 0.0
-        for (size, channels, stride), group in groups.items():
-            if size not in inputs:
-                raise ValueError(f"no input at {size} px for members {[m.file for m in group]}")
-            weights = sum(m.weight for m in group)
-            probs, gate = self._group(group, inputs[size], channels, stride, tta, out_size)
-            p = probs.astype(np.float32) * weights
-            total = p if total is None else total + p
-            gate_total = None if gate is None or gate_total is None else gate_total + gate.astype(np.float32) * weights
-            weight_sum += weights
-        return total / weight_sum, None if gate_total is None else gate_total / weight_sum
+        return combine_groups(members, inputs, lambda group, volume, channels, stride: self._group(
+            group, volume, channels, stride, tta, out_size))
 
     def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
         return self.predict(inputs, out_size, tta, members)[0]
@@ -227,6 +215,27 @@ class OnnxEnsemble:
 
 
 RUNTIMES = ("auto", "torch", "onnx")
+
+
+def combine_groups(members: list[Member], inputs: dict[int, np.ndarray], predict_group):
+    """Both engines' ensemble average: members sharing an input size and 2.5D window run together
+    (`predict_group(group, volume, channels, stride)` -> (probabilities float16 `(3, D, H, W)`, gates
+    `(3, D)` or None), each group's weighted mean), then the groups weighted by their members' total
+    weight. Returns probabilities float32 and gates float32, None unless every member has a gate head."""
+    groups: dict[tuple, list[Member]] = {}
+    for m in members:
+        groups.setdefault((m.size, m.channels, m.stride), []).append(m)
+    total, gate_total, weight_sum = None, 0.0, 0.0
+    for (size, channels, stride), group in groups.items():
+        if size not in inputs:
+            raise ValueError(f"no input at {size} px for members {[m.file for m in group]}")
+        weight = sum(m.weight for m in group)
+        probs, gate = predict_group(group, inputs[size], channels, stride)
+        p = probs.astype(np.float32) * weight
+        total = p if total is None else total + p
+        gate_total = None if gate is None or gate_total is None else gate_total + gate.astype(np.float32) * weight
+        weight_sum += weight
+    return total / weight_sum, None if gate_total is None else gate_total / weight_sum
 
 
 def load_engine(folder, device=None, runtime: str = "auto"):
