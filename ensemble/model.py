@@ -10,27 +10,18 @@ each checkpoint carries its own config and preprocessing.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ensemble.deploy.runtime import combine_groups
+from ensemble.deploy.runtime import combine_groups, sha256
 from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.checkpoint import default_device, load_checkpoint, model_from_checkpoint
 from gitseg.data.cache import preprocess_volume
 from gitseg.infer import predict_volume_sets, prepare_for_inference
 from gitseg.records import ENSEMBLE_MANIFEST, MANIFEST_FORMAT, EnsembleManifest, Member
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def member_from_checkpoint(path: Path, file: str, weight: float, configuration: str) -> Member:
