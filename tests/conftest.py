@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gitseg import infer
 from gitseg.data.cache import prepare
 from gitseg.data.synth import write_dataset
 
@@ -21,6 +22,17 @@ from gitseg.data.synth import write_dataset
 # spread hides most of it). Set before any process here starts Ray, so the local instances of the
 # tests and their subprocesses inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Each Train run also starts a PreemptionWatcher actor (a process) that polls Ray Core for nodes being
+# drained, as spot instances are: a local instance never drains. Off, a lone 2-worker TorchTrainer
+# took 13.7 s against 15.1 s with it (same run; BENCHMARKS.md, the test suite's time). gitseg's own
+# preemption path (SIGTERM, gitseg/train.py) does not use it and is tested as before.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# Every `gitseg ensemble` (and distill's holdout table) times each fold model: a warm-up, then the
+# median of TIMING_REPEATS runs. The tests need a measured time, not a precise one (none asserts a
+# duration): one run each (test_ensemble.py: 73 s against 92 s with 3). Here and in the small demo's
+# driver below; Train workers time their trial's model as users' do.
+infer.TIMING_REPEATS = 1
 
 TINY = dict(cases=5, days=2, slices=40, size=64, seed=3, test_cases=1)
 
@@ -104,9 +116,11 @@ def write_configs(tmp: Path, cache: Path, name: str, epochs: int, **settings) ->
 DEMO_SCRIPT = """
 import sys
 import gitseg.demo
+import gitseg.infer
 from gitseg.cli import main
 gitseg.demo.DATA = dict(cases=4, days=2, slices=24, size=64, seed=0, test_cases=1)
 gitseg.demo.FOLDS = 2
+gitseg.infer.TIMING_REPEATS = 1
 sys.exit(main(["demo", "--out", {out!r}, "--config", {config!r}]))
 """
 
