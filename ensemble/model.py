@@ -89,17 +89,19 @@ class EnsembleModel:
         for member in self.members:
             self.network(member)
 
-    def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
+    def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None,
+              votes=None) -> np.ndarray:
         """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size` (see `predict`)."""
-        return self.predict(inputs, out_size, tta, members)[0]
+        return self.predict(inputs, out_size, tta, members, votes)[0]
 
     def predict(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None,
-                members=None) -> tuple[np.ndarray, np.ndarray | None]:
+                members=None, votes=None) -> tuple[np.ndarray, np.ndarray | None]:
         """Weighted mean probabilities float32 `(3, D, H, W)` at `out_size`, and gate probabilities
         float32 `(3, D)` averaged the same way (None unless every member has a gate head).
 
         `inputs` maps each input size to the preprocessed volume `(D, S, S)`; `members` defaults to
-        all (pass a subset for ablations). Members sharing a window are run together.
+        all (pass a subset for ablations). Members sharing a window are run together. `votes`
+        (ensemble.predict.review.Votes) receives every member's own masks from the same passes.
         """
         members = self.members if members is None else members
         tta = self.tta if tta is None else tta
@@ -107,13 +109,14 @@ class EnsembleModel:
         def run(group, volume, channels, stride):
             probs, gates = predict_volume_sets([self.network(m) for m in group], volume, channels, stride, (tta,),
                                                out_size=out_size, weights=[m.weight for m in group],
-                                               device=self.device, amp=self.amp)
+                                               device=self.device, amp=self.amp, votes=votes)
             return probs[tta], gates.get(tta)  # no gates when a member has no gate head: then the ensemble has none
 
         return combine_groups(members, inputs, run)
 
-    def predict_scan(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`."""
+    def predict_scan(self, image: np.ndarray, votes=None) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`;
+        `votes` as in `predict`."""
         inputs = {size: preprocess_volume(image, size) for size in self.sizes}
-        probs, gate = self.predict(inputs, out_size=image.shape[1:])
+        probs, gate = self.predict(inputs, out_size=image.shape[1:], votes=votes)
         return probs.astype(np.float16), apply(probs, self.post, gate)

@@ -124,15 +124,19 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Mo
     return chosen
 
 
-def view_probs(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor, views):
+def view_probs(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor, views, each=None):
     """Per TTA view, the models' weighted mean probabilities `(B, 3, S, S)`, mapped back by the view's
     inverse, and their gate probabilities `(B, 3)` (None unless every model has a gate head); all
-    views go through each model in one forward."""
+    views go through each model in one forward. `each(probs)`, if given, sees every model's own
+    probabilities per view (mapped back, unweighted) in turn."""
     batch = torch.cat([view(x) for view, _ in views])  # (T*B, C, S, S)
     total, gate_total = None, []
     for model, weight in zip(models, weights):
         logits, gate_logits = split_outputs(model(batch))
-        probs = [weight * inverse(p) for (_, inverse), p in zip(views, torch.sigmoid(logits.float()).chunk(len(views)))]
+        own = [inverse(p) for (_, inverse), p in zip(views, torch.sigmoid(logits.float()).chunk(len(views)))]
+        if each is not None:
+            each(own)
+        probs = [weight * p for p in own]
         total = probs if total is None else [t + p for t, p in zip(total, probs)]
         if gate_total is not None and gate_logits is not None:
             # Organ presence does not change under a flip: a view's gate needs no inverse.
@@ -167,12 +171,15 @@ def predict_volume(models, volume: np.ndarray, channels: int, stride: int, out_s
 
 def predict_volume_sets(models, volume: np.ndarray, channels: int, stride: int, tta_sets=("none", "hflip"),
                         out_size=None, weights=None, batch_size: int | None = None, device=None, amp: bool = True,
-                        channels_last: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                        channels_last: bool = True, votes=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """`predict_volume` for several TTA sets at once: ({set: probabilities float16 `(3, D, H, W)`},
     {set: gate probabilities float16 `(3, D)`}); the second is empty unless every model has a gate head.
 
     Each view of the sets' union is computed once, so the refit's out-of-fold files with and
-    without TTA cost the forward passes of the larger set alone.
+    without TTA cost the forward passes of the larger set alone. `votes` (with one TTA set: an
+    `ensemble.predict.review.Votes`, or anything with its `thresholds` and `add(start, masks)`)
+    receives each model's own masks at the thresholds, at the output size: the members' vote for the
+    review list, from the same forward passes.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     weights = list(weights) if weights is not None else [1.0] * len(models)
@@ -192,10 +199,23 @@ def predict_volume_sets(models, volume: np.ndarray, channels: int, stride: int, 
     gates = {name: np.empty((3, depth), dtype=np.float16) for name in tta_sets}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = [prepare_for_inference(m, channels_last) for m in models]
+    if votes is not None:
+        if len(tta_sets) != 1:
+            raise ValueError("votes need exactly one TTA set (the ensemble's)")
+        thresholds = torch.as_tensor(votes.thresholds, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        voted = [names.index(v) for v in TTA_SETS[tta_sets[0]]]
+        votes.members += len(models)
     with torch.inference_mode(), autocast(device, amp, cpu=True):
         for start in range(0, depth, batch_size):
             x = slices[windows[start:start + batch_size]].contiguous(memory_format=fmt)  # (B, C, S, S)
-            masks, gate = view_probs(models, weights, x, views)
+
+            def vote(own, start=start):  # one model's views: its mean over the set, resized, thresholded
+                p = sum(own[i] for i in voted) / len(voted)
+                if (out_h, out_w) != (size, size):
+                    p = F.interpolate(p, size=(out_h, out_w), mode="bilinear", align_corners=False)
+                votes.add(start, (p >= thresholds).permute(1, 0, 2, 3).cpu().numpy())
+
+            masks, gate = view_probs(models, weights, x, views, each=None if votes is None else vote)
             per_view = dict(zip(names, masks))  # each (B, 3, S, S)
             for name in list(gates):
                 if gate is None:

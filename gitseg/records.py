@@ -183,6 +183,9 @@ class HoldoutScores:
     best_single_configuration: str
     final: str = "ensemble + TTA + tuned post-processing"  # the ablation row that is the ensemble as built
     ensemble_gain: Gain | None = None  # over the best single configuration
+    # How far the members' disagreement finds the errors (ensemble/predict/review.py review_scores);
+    # None for a one-network ensemble.
+    review: dict | None = None
 
     def ablation_score(self, variant: str) -> float:
         return next(r.score for r in self.ablation if r.variant == variant)
@@ -330,6 +333,9 @@ class EnsembleManifest:
 class Evaluation:
     rows: dict                   # variant -> [{case_day, case, class, sums (metrics.ScoreSums)}]
     clinical: list[dict]         # the final variant per (case_day, class): dice_3d, hd95_mm, assd_mm, voxels
+    # The final variant per case-day: the members' review figures (case_day_review) with, per slice,
+    # the voxels its masks get wrong (`slice_errors`) and the area they cover (`slice_area_mm2`).
+    review: list[dict] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

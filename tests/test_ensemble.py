@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_config
 
 from ensemble.model import EnsembleModel
+from ensemble.predict.review import Votes, case_day_review, slice_rows
 from ensemble.predict.tree import predict_tree
 from ensemble.selection.build import build_ensemble
 from ensemble.selection.evaluate import FINAL, GATE_OFF, NO_TTA, TUNED_NO_TTA, TUNED_SINGLE, VARIANTS, scores_from_rows
@@ -32,7 +33,7 @@ from ensemble.selection.members import (
 from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
 from gitseg.checkpoint import load_checkpoint, model_from_checkpoint
-from gitseg.data.cache import Cache
+from gitseg.data.cache import Cache, preprocess_volume
 from gitseg.data.uwmgi import CLASSES, index_root, load_volume, rle_decode
 from gitseg.files import CorruptFileError, FolderInUse, folder_lock, save_compressed
 from gitseg.infer import predict_volume
@@ -43,6 +44,7 @@ from gitseg.records import (
     REFIT_RECORD,
     SEARCH_RECORD,
     EnsembleManifest,
+    Evaluation,
     RefitModel,
     RefitRecord,
     SearchRecord,
@@ -240,6 +242,16 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     assert [r.organ for r in holdout.per_class] == list(CLASSES)
     for name in ("ablation.csv", "holdout_per_class.csv", "holdout_per_case.csv", "evaluation.json"):
         assert (out / name).is_file()
+    # The review list's figures: every holdout case-day, each slice's errors and disputed area.
+    review, ev = holdout.review, records.load(Evaluation, out / "evaluation.json")
+    assert review["case_days"] == len(holdout.case_days) and review["members"] == 4
+    assert all(0 <= review[k] <= 1 for k in ("auroc_worst_quarter", "error_share_flagged",
+                                             "error_share_by_predicted_area", "error_share_at_random"))
+    assert [r["case_day"] for r in ev.review] == holdout.case_days
+    entries = Cache(train_cache).entries
+    assert all(len(r["slice_errors"]) == len(r["slice_disputed_mm2"]) == entries[r["case_day"]]["slices"]
+               for r in ev.review)
+    assert review["slices"] == sum(len(r["slice_errors"]) for r in ev.review)
     steps = on_disk.scores.oof.tuning_steps
     assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"]
     assert not list(out.parent.glob(".ensemble.tmp-*"))
@@ -574,7 +586,8 @@ def test_cli_ensemble_and_predict(refit_run, synth_root, tmp_path, capfd):
     assert main(["ensemble", "--run", str(tmp_path / "p"), "--topk", "1"]) == 2
     _, err = capfd.readouterr()
     assert "refit.json" in err and "is in" not in err
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["predict.json", "predict.log", "submission.csv"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["predict.json", "predict.log", "review.csv",
+                                                                   "review_slices.csv", "submission.csv"]
     assert set(Path(tempfile.gettempdir()).glob("gitseg-ensemble-*.log")) == temporary
     # A folder that is not an ensemble: a clear error, and nothing is written.
     assert main(["predict", "--ensemble", str(tmp_path / "nope"), "--data", str(synth_root),
@@ -691,6 +704,12 @@ def test_predict_a_dicom_series_and_a_nifti_volume(clinical, tmp_path):
     assert all(m.any() for m in masks)
     assert np.array_equal(seg_masks(out / "seg.dcm", series), masks)
     assert (rtstruct_masks(out / "rtstruct.dcm", series) == masks).mean() > 0.98
+    # The review list beside the RT Structure Set: the most disputed slices with their table positions.
+    review = (out / "review.txt").read_text()
+    assert timings["review"]["members"] == 4 and "slices to review first" in review
+    first = re.search(r"slice (\d+) of 12, z = (-?[\d.]+) mm", review)
+    z = int(first.group(1)) - 1
+    assert float(first.group(2)) == pytest.approx(float(series.datasets[z].ImagePositionPatient[2]))
     labels = nib.load(out / "labels.nii.gz")
     assert labels.header["descrip"].tobytes().rstrip(b"\0").decode() == "Research use only; not for clinical use."
 
@@ -704,6 +723,56 @@ def test_predict_a_dicom_series_and_a_nifti_volume(clinical, tmp_path):
     assert (tmp_path / "nifti" / "labels.ctbl").is_file()
     assert main(["predict", "--ensemble", str(folder), "--dicom", str(series_dir), "--data", str(root),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_members_vote_in_the_ensembles_own_passes_and_predict_writes_the_review_list(clinical, tmp_path):
+    """The votes come from the passes that make the ensemble's masks (which they leave unchanged), each
+    member's own masks at the ensemble's thresholds; predict's review tables hold them; a one-network
+    ensemble writes none."""
+    root, series_dir, scan, folder = clinical
+    model = EnsembleModel.load(folder)
+    _, plain = model.predict_scan(scan.image)
+    votes = Votes(model.post.thresholds, scan.image.shape)
+    _, masks = model.predict_scan(scan.image, votes=votes)
+    assert np.array_equal(masks, plain) and votes.members == len(model.members) == 4
+    inputs = {size: preprocess_volume(scan.image, size) for size in model.sizes}
+    thresholds = np.asarray(model.post.thresholds, np.float32).reshape(3, 1, 1, 1)
+    # Each member alone: its votes add up to the group's, and they are its own probabilities at the
+    # thresholds (which, alone, are rounded to float16 first: voxels within that rounding may differ).
+    own, alone_votes = np.zeros_like(votes.counts), np.zeros_like(votes.counts)
+    near = np.zeros(votes.counts.shape, bool)
+    for m in model.members:
+        single = Votes(model.post.thresholds, scan.image.shape)
+        p = model.probs(inputs, scan.image.shape[1:], members=[m], votes=single)
+        alone_votes += single.counts
+        own += p >= thresholds
+        near |= np.abs(p - thresholds) <= 3e-4
+    assert np.array_equal(alone_votes, votes.counts)
+    assert np.array_equal(own[~near], votes.counts[~near]) and (~near).mean() > 0.5
+    assert ((votes.counts > 0) & (votes.counts < 4)).any() and (votes.counts == 4).any()
+
+    result = predict_tree(folder, root, tmp_path / "pred", **QUIET)
+    case_day = series_dir.name
+    assert list(result["review"]) == result["written"] == [case_day]
+    review = case_day_review(votes.counts, 4, scan.spacing)
+    assert result["review"][case_day] == pytest.approx(review["disagreement"])
+    table = pd.read_csv(tmp_path / "pred" / "review.csv")
+    assert list(table["case_day"]) == [case_day] and table["rank"].tolist() == [1]
+    slices = pd.read_csv(tmp_path / "pred" / "review_slices.csv", keep_default_na=False)
+    expected = pd.DataFrame(slice_rows(case_day, review, votes.counts, 4, scan.slice_ids))
+    assert slices[["slice", "id", "organ"]].values.tolist() == expected[["slice", "id", "organ"]].values.tolist()
+    assert np.allclose(slices["disputed_mm2"], expected["disputed_mm2"])
+    top = [int(z) for z in str(table["slices_to_review"][0]).split()]
+    assert top[0] == int(np.argmax(review["slice_disputed_mm2"])) + 1
+
+    one = tmp_path / "one"
+    shutil.copytree(folder, one)
+    manifest = json.loads((one / ENSEMBLE_MANIFEST).read_text())
+    manifest["members"] = manifest["members"][:1]
+    (one / ENSEMBLE_MANIFEST).write_text(json.dumps(manifest))
+    alone_result = predict_tree(one, root, tmp_path / "pred", **QUIET)  # into the same folder
+    assert alone_result["review"] is None and alone_result["written"] == [case_day]
+    assert not (tmp_path / "pred" / "review.csv").exists() and not (tmp_path / "pred" / "review_slices.csv").exists()
 
 
 def test_a_folder_of_nifti_volumes_in_any_axis_order_predicts_on_each_volumes_own_grid(clinical, tmp_path):

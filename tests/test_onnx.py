@@ -14,6 +14,7 @@ import pytest
 from conftest import ENV
 
 from ensemble.deploy.runtime import ONNX_MANIFEST, OnnxEnsemble, load_engine
+from ensemble.predict.review import votes_for
 from gitseg.data.uwmgi import index_root, volume_from_rows
 
 pytestmark = pytest.mark.slow
@@ -54,15 +55,18 @@ def test_onnx_runtime_gives_the_float32_pytorch_engines_masks(exported):
     slices, _ = index_root(out / "data", "test")
     case_day = slices["case_day"].iloc[0]
     image = volume_from_rows(slices[slices["case_day"] == case_day]).image
-    probs_o, masks_o = onnx.predict_scan(image)
+    probs_o, masks_o = onnx.predict_scan(image, votes=(votes_o := votes_for(onnx, image.shape)))
     probs_t, masks_t = ensemble.predict_scan(image)
     ensemble.amp = False
-    probs_f, masks_f = ensemble.predict_scan(image)
+    probs_f, masks_f = ensemble.predict_scan(image, votes=(votes_f := votes_for(ensemble, image.shape)))
     assert probs_o.shape == probs_t.shape and masks_o.shape == masks_t.shape and masks_f.any()
     assert np.abs(probs_o.astype(np.float32) - probs_f.astype(np.float32)).max() < FP32_PROB_TOLERANCE
     for c in range(3):
         assert dice(masks_o[c], masks_f[c]) >= FP32_MASK_AGREEMENT, (c, dice(masks_o[c], masks_f[c]))
     assert np.abs(probs_o.astype(np.float32) - probs_t.astype(np.float32)).max() < BF16_PROB_TOLERANCE
+    # The review list's votes: the same members' own masks on both engines.
+    assert votes_o.members == votes_f.members == len(ensemble.members) and votes_f.counts.any()
+    assert (votes_o.counts == votes_f.counts).mean() >= FP32_MASK_AGREEMENT
 
 
 def test_predict_runtime_onnx_writes_the_submission_without_importing_torch(exported, tmp_path):

@@ -28,7 +28,7 @@ from gitseg.records import REFIT_RECORD, SEARCH_RECORD, RefitRecord, SearchRecor
 
 pytestmark = pytest.mark.slow
 SECTIONS = ("Data", "Search", "Cross-validation of the refit configurations", "Ensemble", "Holdout evaluation",
-            "Overlays", "Reproducibility")
+            "Overlays", "Review list", "Reproducibility")
 
 
 def test_shortened_demo_runs_every_stage(small_demo):
@@ -75,7 +75,8 @@ def test_report_has_every_section_and_no_network_reference(small_demo):
         if not ref.startswith("#"):
             assert (report / ref).is_file(), ref
     assert not re.search(r"https?://|@import|<script", page)
-    for fig in ("learning_curves", "best_so_far", "anytime", "parameter_effects", "overlay_worst", "overlay_best"):
+    for fig in ("learning_curves", "best_so_far", "anytime", "parameter_effects", "overlay_worst", "overlay_best",
+                "review_scatter", "review_overlay"):
         assert (report / "figures" / f"{fig}.png").is_file(), fig
     md = (report / "report.md").read_text()
     assert all(f"## {heading}" in md for heading in SECTIONS)

@@ -159,9 +159,9 @@ class OnnxEnsemble:
         return outputs[0], (outputs[1] if self.onnx[member.file].gate else None)
 
     def _group(self, group: list[Member], volume: np.ndarray, channels: int, stride: int, tta: str,
-               out_size) -> tuple[np.ndarray, np.ndarray | None]:
+               out_size, votes=None) -> tuple[np.ndarray, np.ndarray | None]:
         """One window group's weighted mean probabilities float16 `(3, D, H, W)` and gates `(3, D)`:
-        gitseg.infer.predict_volume_sets for one TTA set."""
+        gitseg.infer.predict_volume_sets for one TTA set (`votes` too)."""
         views = TTA_SETS[tta]
         weights = [m.weight for m in group]
         norm = float(sum(weights))
@@ -173,14 +173,22 @@ class OnnxEnsemble:
         gates = np.empty((3, depth), dtype=np.float16)
         has_gate = all(self.onnx[m.file].gate for m in group)
         batch_size = windows_per_forward(size, gpu=self.providers[0] == "CUDAExecutionProvider")
+        if votes is not None:
+            thresholds = votes.thresholds.reshape(1, -1, 1, 1)
+            votes.members += len(group)
         for start in range(0, depth, batch_size):
             x = slices[windows[start:start + batch_size]]  # (B, C, S, S)
             batch = np.ascontiguousarray(np.concatenate([flip(x, v) for v in views]))
             total, gate_total = None, None
             for member, weight in zip(group, weights):
                 logits, gate_logits = self._forward(member, batch)
-                per_view = np.split(sigmoid(logits), len(views))
-                p = [weight * flip(q, v) for v, q in zip(views, per_view)]
+                own = [flip(q, v) for v, q in zip(views, np.split(sigmoid(logits), len(views)))]
+                if votes is not None:  # this member's mean over the views, resized, thresholded
+                    mine = sum(own) / len(views)
+                    if (out_h, out_w) != (size, size):
+                        mine = resize_bilinear(np.ascontiguousarray(mine, dtype=np.float32), out_h, out_w)
+                    votes.add(start, (mine >= thresholds).transpose(1, 0, 2, 3))
+                p = [weight * q for q in own]
                 total = p if total is None else [t + q for t, q in zip(total, p)]
                 if has_gate:
                     g = [weight * q for q in np.split(sigmoid(gate_logits), len(views))]
@@ -195,22 +203,22 @@ class OnnxEnsemble:
         return probs, gates if has_gate else None
 
     def predict(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None,
-                members=None) -> tuple[np.ndarray, np.ndarray | None]:
+                members=None, votes=None) -> tuple[np.ndarray, np.ndarray | None]:
         """As `EnsembleModel.predict`: probabilities float32 `(3, D, H, W)` and gates `(3, D)` or None."""
         members = self.members if members is None else members
         tta = self.tta if tta is None else tta
         if tta not in TTA_SETS:
             raise ValueError(f"unknown TTA set {tta!r}; choose one of {', '.join(TTA_SETS)}")
         return combine_groups(members, inputs, lambda group, volume, channels, stride: self._group(
-            group, volume, channels, stride, tta, out_size))
+            group, volume, channels, stride, tta, out_size, votes))
 
     def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
         return self.predict(inputs, out_size, tta, members)[0]
 
-    def predict_scan(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_scan(self, image: np.ndarray, votes=None) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`."""
         inputs = {size: preprocess_volume(image, size) for size in self.sizes}
-        probs, gate = self.predict(inputs, out_size=image.shape[1:])
+        probs, gate = self.predict(inputs, out_size=image.shape[1:], votes=votes)
         return probs.astype(np.float16), apply(probs, self.post, gate)
 
 

@@ -22,6 +22,9 @@ let through.
 - `labels.nii.gz`: the labels 1..3 (where organs overlap, the more probable one), with the affine
   of the DICOM geometry converted to NIfTI's RAS (gitseg/data/nifti.py, the same writer as the
   Kaggle path's): any viewer overlays it on the series; the label tables name the organs.
+- `review.txt` (an ensemble of two or more networks): where its members disagree, the slices to
+  check first with their table positions (ensemble/predict/review.py); `<name>.review.txt` beside
+  each volume's labels for NIfTI input.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 
 from ensemble.deploy.runtime import load_engine
 from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
+from ensemble.predict.review import case_day_review, review_text, votes_for
 from gitseg import RESEARCH_USE, __version__
 from gitseg.data.dicom import Series, read_series
 from gitseg.data.geometry import axis_codes, nifti_reorientation, spacing_of
@@ -268,7 +272,8 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
         model.load_networks()
     models_s = time.perf_counter() - start
     start = time.perf_counter()
-    probs, masks = model.predict_scan(image)
+    votes = votes_for(model, image.shape)
+    probs, masks = model.predict_scan(image, votes=votes)
     infer_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -286,6 +291,13 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
         files["seg"], files["rtstruct"] = out / "seg.dcm", out / "rtstruct.dcm"
         write_seg(files["seg"], masks, series, warnings)
         contours = write_rtstruct(files["rtstruct"], masks, series, warnings)
+    review = None
+    if votes is not None:
+        review = case_day_review(votes.counts, votes.members, spacing)
+        files["review"] = out / labels_name.replace(".nii.gz", ".review.txt") if series is None else out / "review.txt"
+        # The table position of each slice along the scan's axis, as the planning system shows it.
+        positions = [float((affine @ [0, 0, z, 1])[2]) for z in range(image.shape[0])] if series is not None else None
+        write_text_atomic(files["review"], review_text(name, review, positions))
     write_s = time.perf_counter() - start
     empty = empty_organs(masks, spacing, training)
     for line in empty:
@@ -295,6 +307,7 @@ def predict_series(ensemble_dir, out, dicom=None, nifti_in=None, device=None, fo
                "axes": "".join(axis_codes(affine)), "device": str(model.device), "contours": contours,
                "voxels": {cls: int(masks[c].sum()) for c, cls in enumerate(CLASSES)},
                "warnings": warnings, "empty_organs": empty, "notice": RESEARCH_USE,
+               "review": None if review is None else {k: review[k] for k in ("disagreement", "agreement", "members")},
                "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()}}
     if timings_name:
         write_text_atomic(out / timings_name, json.dumps(timings, indent=1))

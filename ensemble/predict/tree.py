@@ -9,34 +9,43 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ensemble.deploy.runtime import load_engine
 from ensemble.predict.input_checks import InputRefused, empty_organs, output_description, refuse_or_warn, scan_problems
+from ensemble.predict.review import Votes, case_day_review, review_order, slice_rows, top_slices, votes_for
 from gitseg import RESEARCH_USE
 from gitseg.data.geometry import axial_affine
 from gitseg.data.nifti import SLICER_TABLE, label_volume, write_label_table, write_volume
 from gitseg.data.uwmgi import CLASSES, DataFormatError, index_root, problems_by_case_day, rle_encode, volume_from_rows
 from gitseg.files import scratch_folder, write_text_atomic
 from gitseg.progress import bar, say
+from gitseg.tables import csv_text
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
+REVIEW_SLICE_COLUMNS = ("case_day", "slice", "id", "organ", "agreement", "disputed_mm2")
 
 
-def predict_case_day(model, image: np.ndarray,
-                     with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Masks bool `(3, D, H, W)` and, if asked, the NIfTI label volume of one raw scan (`model`: an
-    `EnsembleModel` or an `OnnxEnsemble`)."""
-    probs, masks = model.predict_scan(image)
-    return masks, (label_volume(probs, masks) if with_labels else None)
+def predict_case_day(model, image: np.ndarray, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None, Votes | None]:
+    """Masks bool `(3, D, H, W)`, if asked the NIfTI label volume, and the members' votes (None for a
+    one-network ensemble) of one raw scan (`model`: an `EnsembleModel` or an `OnnxEnsemble`)."""
+    votes = votes_for(model, image.shape)
+    probs, masks = model.predict_scan(image, votes=votes)
+    return masks, (label_volume(probs, masks) if with_labels else None), votes
 
 
 def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", device=None, ray_address=None,
                  force: bool = False, log=say, runtime: str = "auto") -> dict:
     """Predict every case-day of `data_root/<split>`; returns {written: [...], failed: {case_day: [problems]},
-    warnings, empty_organs, submission}, also saved as OUT/predict.json.
+    warnings, empty_organs, submission, review}, also saved as OUT/predict.json.
+
+    An ensemble of two or more networks also writes the review list (ensemble/predict/review.py):
+    OUT/review.csv, the case-days by the members' disagreement (most first), and
+    OUT/review_slices.csv, every (slice, organ) a member marks with the members' agreement and the
+    disputed area.
 
     A case-day unlike the ensemble's training scans (ensemble/predict/input_checks.py) fails with the reason,
     unless `force`: then it is predicted and its warnings are recorded. `ray_address` ("auto" for a
@@ -81,12 +90,20 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
         results = ((cd, v, v if isinstance(v, Exception)
                     else _guard(predict_case_day, model, v.image, nifti is not None))
                    for cd, v in volumes())
-    written, empty = [], {}
+    written, empty, reviews = [], {}, {}
+    review_slices = out / "review_slices.csv"
+    reviewing = len(model.members) >= 2
+    if not reviewing:
+        for stale in (review_slices, out / "review.csv"):  # a folder used before by a larger ensemble
+            stale.unlink(missing_ok=True)
     # Streamed row by row, not through tables.csv_text: the whole submission of the real test set
-    # never sits in memory, and a later failure keeps the volumes already written.
-    with open(submission, "w", newline="") as f:
-        writer = csv.writer(f)
+    # never sits in memory, and a later failure keeps the volumes already written. The review's slice
+    # rows likewise (for a one-network ensemble there are none: its writer goes to os.devnull).
+    with open(submission, "w", newline="") as f, \
+            (open(review_slices, "w", newline="") if reviewing else open(os.devnull, "w")) as r:
+        writer, review_writer = csv.writer(f), csv.DictWriter(r, REVIEW_SLICE_COLUMNS)
         writer.writerow(SUBMISSION_COLUMNS)
+        review_writer.writeheader()
         f.flush()
         progress = bar(len(case_days), "predict", unit="case-day")
         for case_day, volume, result in results:
@@ -96,10 +113,15 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
                 if not isinstance(result, InputRefused):  # said once, with the problems below
                     log(f"predict: {case_day} failed: {result}")
                 continue
-            masks, labels = result
+            masks, labels, votes = result
             writer.writerows((sid, cls, rle_encode(masks[c, z]))
                              for z, sid in enumerate(volume.slice_ids) for c, cls in enumerate(CLASSES))
             f.flush()
+            if votes is not None:
+                reviews[case_day] = case_day_review(votes.counts, votes.members, volume.spacing)
+                review_writer.writerows(slice_rows(case_day, reviews[case_day], votes.counts, votes.members,
+                                                   volume.slice_ids))
+                r.flush()
             if nifti:
                 affine = axial_affine(volume.spacing)
                 description = output_description(bool(warnings.get(case_day)))
@@ -115,11 +137,29 @@ def predict_tree(ensemble_dir, data_root, out, nifti=None, split: str = "test", 
             log(f"predict: problem in {case_day}: {msg}")
     log(f"predict: {submission}: {len(written)} case-day(s)" + (f"; {len(failed)} failed" if failed else "")
         + (f"; NIfTI in {nifti} (label names in {SLICER_TABLE})" if nifti else ""))
+    if reviewing:
+        write_text_atomic(out / "review.csv", csv_text(review_table(reviews)))
+        if reviews:
+            first = review_order(reviews)[0]
+            log(f"predict: review list in {out / 'review.csv'} (case-days by the members' disagreement; most: "
+                f"{first}, {reviews[first]['disagreement']:.3f}) and {review_slices}")
     result = {"written": written, "failed": failed, "submission": str(submission),
               "warnings": {cd: w for cd, w in warnings.items() if w},
-              "empty_organs": {cd: e for cd, e in empty.items() if e}, "notice": RESEARCH_USE}
+              "empty_organs": {cd: e for cd, e in empty.items() if e},
+              "review": {cd: reviews[cd]["disagreement"] for cd in review_order(reviews)} if reviewing else None,
+              "notice": RESEARCH_USE}
     write_text_atomic(out / "predict.json", json.dumps(result, indent=1))
     return result
+
+
+def review_table(reviews: dict[str, dict], slices: int = 5) -> list[dict]:
+    """review.csv: one row per case-day, most disagreement first, with its organs' agreement and its
+    most disputed slices (numbered from 1, largest disputed area first)."""
+    return [{"rank": i + 1, "case_day": cd, "disagreement": round(reviews[cd]["disagreement"], 4),
+             **{f"agreement/{cls}": round(v, 4) for cls, v in reviews[cd]["agreement"].items()},
+             "disputed_mm2": round(float(sum(reviews[cd]["slice_disputed_mm2"])), 1),
+             "slices_to_review": " ".join(str(z + 1) for z in top_slices(reviews[cd], slices))}
+            for i, cd in enumerate(review_order(reviews))]
 
 
 def _guard(fn, *args):

@@ -113,11 +113,15 @@ def parameter_effects(rows: list[TrialRow]):
     return fig, table
 
 
-def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str):
-    """Scan slice with ground-truth (solid) and predicted (dashed) contours per class."""
+def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, shade: np.ndarray | None = None):
+    """Scan slice with ground-truth (solid) and predicted (dashed) contours per class; `shade` (bool
+    `(H, W)`), if given, drawn in translucent yellow (where the members disagree)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(image, cmap="gray")
+    if shade is not None and shade.any():
+        yellow = plt.matplotlib.colors.ListedColormap(["#ffe119"])
+        ax.imshow(np.ma.masked_where(~shade, shade.astype(np.float32)), cmap=yellow, alpha=0.5, vmin=0, vmax=1)
     for c, cls in enumerate(CLASSES):
         if gt[c].any():
             ax.contour(gt[c], levels=[0.5], colors=COLOURS[cls], linewidths=1.5)
@@ -183,4 +187,19 @@ def robustness(table: list[dict], clean: float):
     ax.set_title("Robustness: score under MRI corruptions")
     ax.legend(fontsize=6, ncol=2, loc="lower left")
     fig.tight_layout()
+    return fig
+
+
+def review_scatter(disagreement: list[float], scores: list[float], worst: list[bool], auroc: float):
+    """Each holdout case-day's disagreement of the members against its true score; the worst quarter
+    (by true score) marked: a useful review list puts them at the right."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    d, s, w = np.asarray(disagreement), np.asarray(scores), np.asarray(worst, dtype=bool)
+    ax.scatter(d[~w], s[~w], s=22, color="#4363d8", label="other case-days")
+    ax.scatter(d[w], s[w], s=30, color="#e6194b", marker="s", label="worst quarter (true score)")
+    ax.set_xlabel("members' disagreement (1 - pooled pairwise Dice)")
+    ax.set_ylabel("holdout score of the case-day")
+    ax.set_title(f"Disagreement against the true score (AUROC for the worst quarter {auroc:.2f})", fontsize=9)
+    ax.legend(fontsize=7)
     return fig

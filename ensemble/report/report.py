@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.model import EnsembleModel
+from ensemble.predict.review import Votes, disputed, review_order, top_slices
 from ensemble.report.figures import (
     anytime_curve,
     best_so_far,
@@ -23,6 +24,7 @@ from ensemble.report.figures import (
     learning_curves,
     overlay,
     parameter_effects,
+    review_scatter,
     search_front,
 )
 from ensemble.report.render import Report
@@ -305,7 +307,57 @@ def _ensemble_sections(rep: Report, manifest: EnsembleManifest, ensemble_dir: Pa
     per_case = per_case_table(final_rows)
     rep.table("holdout_per_case", per_case, "Per case-day, worst first")
     _overlays(rep, manifest, ensemble_dir, cache, per_case)
+    _review_section(rep, holdout.review, evaluation, per_case, ensemble_dir, cache)
     _robustness_section(rep, ensemble_dir)
+
+
+def _review_section(rep: Report, review: dict | None, evaluation: Evaluation, per_case: list[dict],
+                    ensemble_dir: Path, cache: Cache) -> None:
+    """The review list on the holdout: how well the members' disagreement finds the errors, the
+    case-days and slices it would send a reviewer to first, and the most disputed slice drawn."""
+    import cv2  # heavy: loaded where an image is resized
+
+    if not review or not evaluation.review:
+        return
+    rep.section("Review list")
+    rep.text("Where the ensemble's members disagree is where `gitseg predict` sends a reviewer first (review.csv "
+             "and review_slices.csv beside the submission, review.txt beside rtstruct.dcm): each member votes at "
+             "the ensemble's thresholds; a case-day's disagreement is 1 - the members' pooled pairwise Dice, "
+             "a slice's the area some members mark and others do not. On this holdout ("
+             f"{review['case_days']} case-days, {review['members']} members): the disagreement finds the worst "
+             f"quarter of case-days with AUROC {review['auroc_worst_quarter']:.2f} (0.5: chance); the "
+             f"{review['flagged_slices']} most disputed of {review['slices']} slices hold "
+             f"{review['error_share_flagged']:.0%} of the error voxels, against "
+             f"{review['error_share_by_predicted_area']:.0%} for as many slices with the most predicted organ and "
+             f"{review['error_share_at_random']:.0%} at random.")
+    reviews = {r["case_day"]: r for r in evaluation.review}
+    true = {r["case_day"]: r["score"] for r in per_case}
+    worst = set(review["worst_case_days"])
+    order = review_order(reviews)
+    by_score = sorted(true, key=lambda cd: (true[cd], cd))
+    rep.table("review", [{"review rank": i + 1, "case_day": cd, "disagreement": reviews[cd]["disagreement"],
+                          "holdout score": true[cd], "score rank (worst 1)": by_score.index(cd) + 1,
+                          "worst quarter": cd in worst,
+                          "slices to review": " ".join(str(z + 1) for z in top_slices(reviews[cd], 5))}
+                         for i, cd in enumerate(order)], "Holdout case-days in the order the review list gives them "
+              "(most disagreement first), with their true score")
+    rep.figure(review_scatter([reviews[cd]["disagreement"] for cd in order], [true[cd] for cd in order],
+                              [cd in worst for cd in order], review["auroc_worst_quarter"]),
+               "review_scatter", "Disagreement against the true score per holdout case-day")
+    case_day = order[0]
+    z = (top_slices(reviews[case_day], 1) or [0])[0]
+    model = EnsembleModel.load(ensemble_dir)
+    entry = cache.entries[case_day]
+    out_size = (entry["height"], entry["width"])
+    votes = Votes(model.post.thresholds, (entry["slices"], *out_size))
+    probs, gate = model.predict({cache.size: cache.image(case_day)}, out_size, votes=votes)
+    pred, gt = apply(probs, model.post, gate), cache.original_masks(case_day)
+    image = cv2.resize(np.asarray(cache.image(case_day)[z], np.float32), (out_size[1], out_size[0]))
+    shade = disputed(votes.counts[:, z], votes.members).any(axis=0)
+    rep.figure(overlay(image, gt[:, z], pred[:, z], f"{case_day}, slice {z + 1}: the most disputed", shade),
+               "review_overlay", f"The first slice the review list names: {case_day} (the most disagreement), slice "
+               f"{z + 1} ({reviews[case_day]['slice_disputed_mm2'][z]:.0f} mm2 disputed, yellow); truth solid, "
+               f"prediction dashed")
 
 
 def _robustness_section(rep: Report, ensemble_dir: Path) -> None:

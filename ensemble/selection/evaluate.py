@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.model import EnsembleModel, Member, member_from_checkpoint
+from ensemble.predict.review import case_day_review, review_scores
 from ensemble.selection.members import Configuration
 from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
@@ -129,6 +130,11 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
             by_key[key(m)] = m
             if (source, m.weight) not in uses.setdefault((key(m), tta), []):
                 uses[(key(m), tta)].append((source, m.weight))
+    # The final variant's members also vote, each at its thresholds, for the review list's figures.
+    final_members, final_tta, final_post = variants[final]
+    voters = {key(m) for m in final_members} if len(final_members) >= 2 else set()
+    thresholds = np.asarray(final_post.thresholds, dtype=np.float32).reshape(-1, 1, 1, 1)
+    reviews = []
     progress = bar(len(case_days), "ensemble: holdout", unit="case-day")
     for case_day in case_days:
         entry = cache.entries[case_day]
@@ -136,8 +142,11 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
         gt = cache.original_masks(case_day)
         sums: dict = {}
         gates: dict = {}  # source -> summed gate probabilities; None once a member has no gate head
+        votes = np.zeros(gt.shape, dtype=np.uint8)
         for (member_key, tta), targets in uses.items():
             p, g = model.predict(inputs, out_size, tta=tta, members=[by_key[member_key]])
+            if member_key in voters and tta == final_tta:
+                votes += p >= thresholds
             for source, weight in targets:
                 sums[source] = sums.get(source, 0.0) + weight * p
                 before = gates.get(source, 0.0)
@@ -155,9 +164,14 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
                                      "dice_3d": dice_3d(masks[c], gt[c]), "hd95_mm": hd95_mm(masks[c], gt[c], spacing),
                                      "assd_mm": assd_mm(masks[c], gt[c], spacing),
                                      "gt_voxels": int(gt[c].sum()), "pred_voxels": int(masks[c].sum())})
+            if name == final and voters:
+                spacing = entry["spacing"]
+                reviews.append({"case_day": case_day, **case_day_review(votes, len(voters), spacing),
+                                "slice_errors": (masks != gt).sum(axis=(0, 2, 3)).tolist(),
+                                "slice_area_mm2": (masks.sum(axis=(0, 2, 3)) * spacing[1] * spacing[2]).tolist()})
         progress.update()
     progress.close()
-    return Evaluation(rows=rows, clinical=clinical)
+    return Evaluation(rows=rows, clinical=clinical, review=reviews)
 
 
 GAIN_RESAMPLES = 1000
@@ -255,8 +269,19 @@ def holdout_ablation(model: EnsembleModel, cache: Cache, configs: list[Configura
                            best_single_fold_model=f"{best_fold[0].name} fold {best_fold[1].fold}",
                            best_single_configuration=best_conf.name, final=final,
                            ensemble_gain=paired_gain(ev.rows[final], ev.rows[TUNED_CONFIGURATION],
-                                                     over=TUNED_CONFIGURATION))
+                                                     over=TUNED_CONFIGURATION),
+                           review=holdout_review(ev, final))
     return result, ev
+
+
+def holdout_review(ev: Evaluation, final: str) -> dict | None:
+    """The review list's figures on the holdout (review_scores), or None for a one-network ensemble."""
+    if not ev.review:
+        return None
+    true = {r["case_day"]: r["score"] for r in per_case_table(ev.rows[final])}
+    reviews = {r["case_day"]: r for r in ev.review}
+    return review_scores(reviews, true, {cd: r["slice_errors"] for cd, r in reviews.items()},
+                         {cd: r["slice_area_mm2"] for cd, r in reviews.items()}) or None
 
 
 def write_holdout_files(folder: Path, scores: HoldoutScores, ev: Evaluation) -> None:
@@ -279,4 +304,16 @@ def holdout_lines(holdout: HoldoutScores) -> list[str]:
         lines.append(f"ensemble: what the ensemble adds over the {gain.over}: {gain.gain:+.4f}, 95% interval "
                      f"[{gain.ci95[0]:+.4f}, {gain.ci95[1]:+.4f}] (paired bootstrap over {gain.cases} "
                      f"holdout cases" + (": too few to mean much" if gain.cases < FEW_CASES else "") + ")")
+    if holdout.review:
+        lines.append(review_line(holdout.review))
     return lines
+
+
+def review_line(review: dict) -> str:
+    """What the review list is worth on the holdout, in one line."""
+    return (f"ensemble: review list on {review['case_days']} holdout case-days: the members' disagreement finds "
+            f"the worst quarter with AUROC {review['auroc_worst_quarter']:.2f} (0.5: chance); the "
+            f"{review['flagged_slices']} most disputed slices of {review['slices']} hold "
+            f"{review['error_share_flagged']:.0%} of the error voxels (the same number of slices with the most "
+            f"predicted organ: {review['error_share_by_predicted_area']:.0%}; at random: "
+            f"{review['error_share_at_random']:.0%})")
