@@ -56,9 +56,13 @@ def test_an_ensemble_manifest_written_before_the_typed_records_still_reads():
     assert holdout.ablation_score(holdout.final) == holdout.score
     assert manifest.latency.ensemble_ms_per_slice == old["latency"]["ensemble_ms_per_slice"]
     assert [c.on_front for c in manifest.latency.candidates] == [c["on_front"] for c in old["latency"]["candidates"]]
-    # Written again, every key it had keeps its value (the file's keys, not the fields' names).
+    # Written again, every key it had keeps its value (the file's keys, not the fields' names), and the
+    # fields added since (the review list's figures) are empty.
     again = json.loads(records.to_json(manifest))
-    assert again["scores"]["holdout"] == old["scores"]["holdout"] and again["latency"] == old["latency"]
+    holdout_again = again["scores"]["holdout"]
+    assert {k: holdout_again[k] for k in old["scores"]["holdout"]} == old["scores"]["holdout"]
+    assert set(holdout_again) - set(old["scores"]["holdout"]) == {"review"} and holdout_again["review"] is None
+    assert again["latency"] == old["latency"]
     assert again["selection"] == old["selection"] and again["scores"]["oof"]["selected_at_0.5"] == old["scores"][
         "oof"]["selected_at_0.5"]
     # A distilled student's manifest held {} where it had no latency table and no machine.
