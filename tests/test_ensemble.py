@@ -252,6 +252,14 @@ def test_ensemble_manifest_holds_everything_and_evaluates_the_holdout(built, tra
     assert all(len(r["slice_errors"]) == len(r["slice_disputed_mm2"]) == entries[r["case_day"]]["slices"]
                for r in ev.review)
     assert review["slices"] == sum(len(r["slice_errors"]) for r in ev.review)
+    # Each case-day's error voxels and predicted area agree with its clinical rows (voxel counts, 3D Dice).
+    for r in ev.review:
+        rows = [c for c in ev.clinical if c["case_day"] == r["case_day"]]
+        both = [(c["pred_voxels"], c["gt_voxels"], c["dice_3d"]) for c in rows]
+        wrong = sum(p + g - (0 if p + g == 0 else round(d * (p + g))) for p, g, d in both)
+        spacing = entries[r["case_day"]]["spacing"]
+        assert sum(r["slice_errors"]) == wrong
+        assert sum(r["slice_area_mm2"]) == pytest.approx(sum(p for p, _, _ in both) * spacing[1] * spacing[2])
     steps = on_disk.scores.oof.tuning_steps
     assert [s["step"] for s in steps] == ["thresholds", "min_size", "min_pixels"]
     assert not list(out.parent.glob(".ensemble.tmp-*"))

@@ -212,8 +212,9 @@ class OnnxEnsemble:
         return combine_groups(members, inputs, lambda group, volume, channels, stride: self._group(
             group, volume, channels, stride, tta, out_size, votes))
 
-    def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None) -> np.ndarray:
-        return self.predict(inputs, out_size, tta, members)[0]
+    def probs(self, inputs: dict[int, np.ndarray], out_size, tta: str | None = None, members=None,
+              votes=None) -> np.ndarray:
+        return self.predict(inputs, out_size, tta, members, votes)[0]
 
     def predict_scan(self, image: np.ndarray, votes=None) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities float16 and masks bool, both `(3, D, H, W)`, for a raw uint16 scan `(D, H, W)`."""

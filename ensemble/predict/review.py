@@ -48,6 +48,18 @@ class Votes:
         self.counts[:, start:start + masks.shape[1]] += masks
 
 
+def pixel_mm2(spacing) -> float:
+    """A pixel's area in mm^2 from a (slice, row, column) spacing in mm, as the cache and the readers
+    give it."""
+    return float(spacing[1]) * float(spacing[2])
+
+
+def largest_first(values) -> np.ndarray:
+    """Indices of `values` from the largest down; ties in index order."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.lexsort((np.arange(len(values)), -values))
+
+
 def pooled_agreement(counts: np.ndarray, members: int, axis=None) -> np.ndarray:
     """Pooled pairwise Dice of `members` members from their vote `counts`, reduced over `axis` (1 where
     no member marks anything there). NaN for fewer than two members: one network cannot disagree."""
@@ -68,10 +80,9 @@ def disputed(counts: np.ndarray, members: int) -> np.ndarray:
 def case_day_review(counts: np.ndarray, members: int, spacing) -> dict:
     """One case-day's review figures: disagreement (1 - mean organ agreement), each organ's agreement,
     and per slice the disputed area in mm^2 (all organs; `slice_disputed_mm2`) and per organ.
-    `spacing`: (slice, row, column) in mm, as the cache and the readers give it."""
-    pixel_mm2 = float(spacing[1]) * float(spacing[2])
+    `spacing`: (slice, row, column) in mm."""
     organ = pooled_agreement(counts, members, axis=(1, 2, 3))  # (3,)
-    per_slice = disputed(counts, members).sum(axis=(2, 3)) * pixel_mm2  # (3, D)
+    per_slice = disputed(counts, members).sum(axis=(2, 3)) * pixel_mm2(spacing)  # (3, D)
     return {"disagreement": float(1.0 - np.mean(organ)) if members >= 2 else math.nan,
             "agreement": {cls: float(organ[c]) for c, cls in enumerate(CLASSES)},
             "slice_disputed_mm2": per_slice.sum(axis=0).round(2).tolist(),
@@ -109,9 +120,8 @@ def review_order(reviews: dict[str, dict]) -> list[str]:
 
 def top_slices(review: dict, n: int) -> list[int]:
     """The `n` slices of a case-day with the largest disputed area (ties: lower slice first)."""
-    area = np.asarray(review["slice_disputed_mm2"])
-    order = np.lexsort((np.arange(len(area)), -area))
-    return [int(z) for z in order[:n] if area[z] > 0]
+    area = review["slice_disputed_mm2"]
+    return [int(z) for z in largest_first(area)[:n] if area[z] > 0]
 
 
 def auroc(scores, positive) -> float:
@@ -148,9 +158,8 @@ def review_scores(reviews: dict[str, dict], true_scores: dict[str, float], slice
     flagged_n = max(1, math.ceil(FLAGGED_SLICES * len(area)))
     predicted = np.concatenate([np.asarray(slice_areas[cd], dtype=np.float64) for cd in case_days])
 
-    def share(ranking) -> float:  # error voxels in the flagged_n slices ranked first, ties in slice order
-        order = np.lexsort((np.arange(len(ranking)), -ranking))
-        return float(errors[order[:flagged_n]].sum() / total_errors) if total_errors else math.nan
+    def share(ranking) -> float:  # error voxels in the flagged_n slices ranked first
+        return float(errors[largest_first(ranking)[:flagged_n]].sum() / total_errors) if total_errors else math.nan
 
     total_errors = float(errors.sum())
     return {"case_days": len(case_days), "worst_case_days": sorted(worst), "slices": int(len(area)),
@@ -180,3 +189,13 @@ def review_text(case_day: str, review: dict, positions_mm=None, n: int = 10) -> 
     if len(lines) == 4:
         lines.append("  none: the members mark the same voxels on every slice")
     return "\n".join(lines) + "\n"
+
+
+def review_summary(review: dict) -> str:
+    """What the review list is worth on a holdout (`review_scores`), in one sentence."""
+    return (f"on {review['case_days']} case-days ({review['members']} members) the disagreement finds the worst "
+            f"quarter of case-days with AUROC {review['auroc_worst_quarter']:.2f} (0.5: chance); the "
+            f"{review['flagged_slices']} most disputed of {review['slices']} slices hold "
+            f"{review['error_share_flagged']:.0%} of the error voxels, against "
+            f"{review['error_share_by_predicted_area']:.0%} for as many slices with the most predicted organ and "
+            f"{review['error_share_at_random']:.0%} at random")

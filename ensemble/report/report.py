@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.model import EnsembleModel
-from ensemble.predict.review import Votes, disputed, review_order, top_slices
+from ensemble.predict.review import Votes, disputed, review_order, review_summary, top_slices
 from ensemble.report.figures import (
     anytime_curve,
     best_so_far,
@@ -323,13 +323,8 @@ def _review_section(rep: Report, review: dict | None, evaluation: Evaluation, pe
     rep.text("Where the ensemble's members disagree is where `gitseg predict` sends a reviewer first (review.csv "
              "and review_slices.csv beside the submission, review.txt beside rtstruct.dcm): each member votes at "
              "the ensemble's thresholds; a case-day's disagreement is 1 - the members' pooled pairwise Dice, "
-             "a slice's the area some members mark and others do not. On this holdout ("
-             f"{review['case_days']} case-days, {review['members']} members): the disagreement finds the worst "
-             f"quarter of case-days with AUROC {review['auroc_worst_quarter']:.2f} (0.5: chance); the "
-             f"{review['flagged_slices']} most disputed of {review['slices']} slices hold "
-             f"{review['error_share_flagged']:.0%} of the error voxels, against "
-             f"{review['error_share_by_predicted_area']:.0%} for as many slices with the most predicted organ and "
-             f"{review['error_share_at_random']:.0%} at random.")
+             "a slice's the area some members mark and others do not. On this holdout, "
+             + review_summary(review) + ".")
     reviews = {r["case_day"]: r for r in evaluation.review}
     true = {r["case_day"]: r["score"] for r in per_case}
     worst = set(review["worst_case_days"])

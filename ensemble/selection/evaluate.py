@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.model import EnsembleModel, Member, member_from_checkpoint
-from ensemble.predict.review import case_day_review, review_scores
+from ensemble.predict.review import case_day_review, pixel_mm2, review_scores, review_summary
 from ensemble.selection.members import Configuration
 from ensemble.selection.postprocess import PostProcess, apply
 from gitseg import records
@@ -142,7 +142,7 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
         gt = cache.original_masks(case_day)
         sums: dict = {}
         gates: dict = {}  # source -> summed gate probabilities; None once a member has no gate head
-        votes = np.zeros(gt.shape, dtype=np.uint8)
+        votes = np.zeros(gt.shape, dtype=np.uint8) if voters else None
         for (member_key, tta), targets in uses.items():
             p, g = model.predict(inputs, out_size, tta=tta, members=[by_key[member_key]])
             if member_key in voters and tta == final_tta:
@@ -168,7 +168,7 @@ def evaluate_holdout(model: EnsembleModel, cache: Cache, variants: dict, log=say
                 spacing = entry["spacing"]
                 reviews.append({"case_day": case_day, **case_day_review(votes, len(voters), spacing),
                                 "slice_errors": (masks != gt).sum(axis=(0, 2, 3)).tolist(),
-                                "slice_area_mm2": (masks.sum(axis=(0, 2, 3)) * spacing[1] * spacing[2]).tolist()})
+                                "slice_area_mm2": (masks.sum(axis=(0, 2, 3)) * pixel_mm2(spacing)).tolist()})
         progress.update()
     progress.close()
     return Evaluation(rows=rows, clinical=clinical, review=reviews)
@@ -305,15 +305,5 @@ def holdout_lines(holdout: HoldoutScores) -> list[str]:
                      f"[{gain.ci95[0]:+.4f}, {gain.ci95[1]:+.4f}] (paired bootstrap over {gain.cases} "
                      f"holdout cases" + (": too few to mean much" if gain.cases < FEW_CASES else "") + ")")
     if holdout.review:
-        lines.append(review_line(holdout.review))
+        lines.append(f"ensemble: review list: {review_summary(holdout.review)}")
     return lines
-
-
-def review_line(review: dict) -> str:
-    """What the review list is worth on the holdout, in one line."""
-    return (f"ensemble: review list on {review['case_days']} holdout case-days: the members' disagreement finds "
-            f"the worst quarter with AUROC {review['auroc_worst_quarter']:.2f} (0.5: chance); the "
-            f"{review['flagged_slices']} most disputed slices of {review['slices']} hold "
-            f"{review['error_share_flagged']:.0%} of the error voxels (the same number of slices with the most "
-            f"predicted organ: {review['error_share_by_predicted_area']:.0%}; at random: "
-            f"{review['error_share_at_random']:.0%})")
